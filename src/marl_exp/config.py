@@ -1,0 +1,242 @@
+"""Typed schemas for every config group, their ConfigStore registration, and ``validate(cfg)``.
+
+Each YAML file under ``conf/<group>/`` extends the schema registered here as ``<group>/<name>_schema``
+(or ``<group>/schema``), so OmegaConf type-checks every value on load and rejects unknown keys.
+Cross-field rules live in ``validate`` and run before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A bad config value. The message is one line naming the key, the value and the fix."""
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class TinyArchConfig:
+    """Architecture of the built-in random-init Llama (only used when ``model.path=builtin:tiny``)."""
+
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 128
+    init_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # A hub id, a local directory, or ``builtin:tiny`` (built deterministically on first use).
+    path: str = "builtin:tiny"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # Offline machines can only use models already in the local HF cache.
+    local_files_only: bool = False
+    tiny: TinyArchConfig = field(default_factory=TinyArchConfig)
+
+
+# --------------------------------------------------------------------------------------------- quant
+QUANT_MODES = ("fp32", "bf16", "8bit", "4bit")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class QuantConfig:
+    mode: str = "fp32"
+    # 4-bit only (bitsandbytes names): nf4 | fp4, nested quantization, dtype of the matmuls.
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "float32"
+
+
+# ------------------------------------------------------------------------------------------- adapter
+@dataclass
+class AdapterConfig:
+    """A LoRA adapter; keys are peft's ``LoraConfig`` names."""
+
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    # ``all-linear`` = every linear layer except the output head (peft's shorthand).
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    bias: str = "none"
+
+
+# -------------------------------------------------------------------------------------------- stages
+@dataclass
+class SFTStageConfig:
+    name: str = "sft"
+    finetune: str = "full"  # full | lora (lora uses the `adapter` group)
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_scheduler_type: str = "cosine"
+    num_train_epochs: float = 2.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_length: int = 64
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+
+
+@dataclass
+class RewardStageConfig:
+    name: str = "reward"
+    # SFT model directory or hub id; empty = run (or reuse) the SFT stage through the stage cache.
+    sft_model: Optional[str] = None
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_scheduler_type: str = "cosine"
+    num_train_epochs: float = 2.0
+    max_steps: int = -1
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_length: int = 64
+    center_rewards_coefficient: Optional[float] = 0.01
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+
+
+@dataclass
+class PPOStageConfig:
+    name: str = "ppo"
+    sft_model: Optional[str] = None
+    reward_adapter: Optional[str] = None
+
+
+STAGE_SCHEMAS = {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig}
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    name: str = "reviews"
+    seed: int = 1234  # the task itself is fixed by this seed, independent of the run's seed
+    num_sft_train: int = 4000
+    num_sft_eval: int = 400
+    num_pairs_train: int = 3000
+    num_pairs_eval: int = 400
+    # Preference pairs differ by at least this much oracle score (ambiguous pairs teach nothing).
+    pair_min_gap: float = 0.25
+
+
+# -------------------------------------------------------------------------------------------- logger
+LOGGER_NAMES = ("wandb", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    project: str = "marl-exp"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    # auto = online when W&B credentials exist, otherwise offline.
+    mode: str = "auto"
+
+
+# ------------------------------------------------------------------------------------------- primary
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    quant: QuantConfig = MISSING
+    adapter: AdapterConfig = MISSING
+    stage: Any = MISSING  # one of STAGE_SCHEMAS, typed by its own group schema
+    data: DataConfig = MISSING
+    logger: LoggerConfig = MISSING
+    seed: int = 0
+    # Root of every output: run dirs, multiruns and the stage cache.
+    output_dir: str = "outputs"
+    run_name: Optional[str] = None
+    device: str = "auto"  # auto | cpu | cuda
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="quant", name="schema", node=QuantConfig)
+    cs.store(group="adapter", name="schema", node=AdapterConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="logger", name="schema", node=LoggerConfig)
+    for name, schema in STAGE_SCHEMAS.items():
+        cs.store(group="stage", name=f"{name}_schema", node=schema)
+
+
+# ---------------------------------------------------------------------------------------- validation
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, f"{key}={value!r} is not valid; use one of {', '.join(map(str, choices))}")
+
+
+def _positive(key: str, value: float, fix: str = "") -> None:
+    _check(value > 0, f"{key}={value!r} must be > 0{'; ' + fix if fix else ''}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check cross-field rules before anything is loaded; raise ``ConfigError`` on the first problem."""
+    _one_of("quant.mode", cfg.quant.mode, QUANT_MODES)
+    _one_of("quant.bnb_4bit_quant_type", cfg.quant.bnb_4bit_quant_type, ("nf4", "fp4"))
+    _one_of("quant.bnb_4bit_compute_dtype", cfg.quant.bnb_4bit_compute_dtype, COMPUTE_DTYPES)
+    _positive("adapter.r", cfg.adapter.r, "a LoRA rank such as 8 or 16")
+    _positive("adapter.lora_alpha", cfg.adapter.lora_alpha)
+    _check(0 <= cfg.adapter.lora_dropout < 1,
+           f"adapter.lora_dropout={cfg.adapter.lora_dropout!r} must be in [0, 1)")
+    _one_of("adapter.bias", cfg.adapter.bias, ("none", "all", "lora_only"))
+    _check(len(cfg.adapter.target_modules) > 0,
+           "adapter.target_modules is empty; name modules (e.g. [q_proj,v_proj]) or use [all-linear]")
+    _one_of("logger.name", cfg.logger.name, LOGGER_NAMES)
+    _one_of("logger.mode", cfg.logger.mode, WANDB_MODES)
+    _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
+    _check(cfg.model.trust_remote_code is False or os.environ.get("MARL_EXP_ALLOW_REMOTE_CODE") == "1",
+           "model.trust_remote_code=true runs code from the hub; set MARL_EXP_ALLOW_REMOTE_CODE=1 to allow it")
+
+    stage = cfg.stage
+    _one_of("stage.name", stage.name, tuple(STAGE_SCHEMAS))
+    if stage.name in ("sft", "reward"):
+        for key in ("learning_rate", "batch_size", "eval_batch_size", "max_length", "logging_steps"):
+            _positive(f"stage.{key}", stage[key])
+        _check(stage.max_steps > 0 or stage.num_train_epochs > 0,
+               "stage.num_train_epochs must be > 0 unless stage.max_steps > 0")
+        _check(stage.weight_decay >= 0, f"stage.weight_decay={stage.weight_decay!r} must be >= 0")
+        _check(0 <= stage.warmup_ratio < 1, f"stage.warmup_ratio={stage.warmup_ratio!r} must be in [0, 1)")
+    if stage.name == "sft":
+        _one_of("stage.finetune", stage.finetune, ("full", "lora"))
+        _check(not (stage.finetune == "full" and cfg.quant.mode in ("8bit", "4bit")),
+               f"stage.finetune=full cannot train {cfg.quant.mode} quantized weights; "
+               "use stage.finetune=lora or quant=fp32")
+    for key in ("sft_model", "reward_adapter"):
+        path = stage.get(key)
+        if path and _looks_local(path):
+            _check(os.path.isdir(path), f"stage.{key}={path!r} does not exist; give an existing directory or hub id")
+
+    data = cfg.data
+    for key in ("num_sft_train", "num_sft_eval", "num_pairs_train", "num_pairs_eval"):
+        _positive(f"data.{key}", data[key])
+    _check(0 <= data.pair_min_gap < 1, f"data.pair_min_gap={data.pair_min_gap!r} must be in [0, 1)")
+
+
+def _looks_local(path: str) -> bool:
+    # Hub ids look like "org/name"; anything else with a separator or a leading dot is a path.
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

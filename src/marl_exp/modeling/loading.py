@@ -1,0 +1,157 @@
+"""Loading a base model and tokenizer from a hub id, a local directory or ``builtin:tiny``.
+
+One code path for all three: the built-in model is materialised on disk first and then loaded with
+``from_pretrained`` like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from marl_exp.modeling.tiny import BUILTIN_PREFIX, builtin_model_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says which and how to fix it."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def resolve_model_path(model_cfg) -> str:
+    """A loadable path or hub id for ``model.path`` (building the tiny model if needed)."""
+    path = model_cfg.path
+    if path == f"{BUILTIN_PREFIX}tiny":
+        return str(builtin_model_dir(model_cfg.tiny))
+    if path.startswith(BUILTIN_PREFIX):
+        raise ModelLoadError(f"model.path={path!r} is not a built-in model; the only one is 'builtin:tiny'")
+    return path
+
+
+def quantization_config(quant_cfg) -> BitsAndBytesConfig | None:
+    if quant_cfg.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant_cfg.mode == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_cfg.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=quant_cfg.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=DTYPES[quant_cfg.bnb_4bit_compute_dtype],
+        )
+    return None
+
+
+def weights_dtype(quant_cfg) -> torch.dtype:
+    """dtype of the non-quantized weights (and of adapters/heads: they train in full precision)."""
+    return torch.bfloat16 if quant_cfg.mode == "bf16" else torch.float32
+
+
+def load_tokenizer(path: str, model_cfg=None) -> PreTrainedTokenizerBase:
+    kwargs = _hub_kwargs(model_cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_load_hint("tokenizer", path, err)) from err
+    if tokenizer.pad_token is None:  # e.g. gpt2 and llama: pad with EOS, masked out everywhere
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, model_cfg, quant_cfg, device: torch.device, task: str = "causal-lm",
+               num_labels: int = 1) -> PreTrainedModel:
+    """Load the base for ``task`` = causal-lm or seq-cls, quantized as ``quant_cfg`` says."""
+    auto = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}[task]
+    kwargs = dict(_hub_kwargs(model_cfg), dtype=weights_dtype(quant_cfg))
+    if task == "seq-cls":
+        kwargs["num_labels"] = num_labels
+    quant = quantization_config(quant_cfg)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device}
+    try:
+        model = auto.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(_load_hint("model", path, err)) from err
+    if quant is None:
+        model.to(device)
+    return model
+
+
+def _hub_kwargs(model_cfg) -> dict:
+    if model_cfg is None:
+        return {}
+    return {
+        "revision": model_cfg.revision,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "local_files_only": model_cfg.local_files_only,
+    }
+
+
+def _load_hint(what: str, path: str, err: Exception) -> str:
+    if Path(path).exists():
+        return f"could not load the {what} from local path {path!r}: {err}"
+    return (f"could not load the {what} {path!r}: it is not a local directory and not in the Hugging Face "
+            f"cache, and the hub is unreachable or the id is wrong; on an offline machine download it first "
+            f"(`hf download {path}`) or set model.path to a local directory ({type(err).__name__})")
+
+
+# ------------------------------------------------------------------------------------ fingerprints
+_FULL_HASH_LIMIT = 64 * 2**20  # hash whole files up to this size, sample bigger ones
+_SAMPLE_CHUNKS, _CHUNK = 64, 2**16
+
+
+def fingerprint(model_dir: str | Path) -> str:
+    """A short hash of a checkpoint's config and weight files, to tell two bases apart cheaply.
+
+    Small files are hashed whole; big ones by size plus evenly spaced chunks (a 7B model in ~1 s).
+    """
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    config = json.loads((model_dir / "config.json").read_text())
+    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    weight_files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    for file in weight_files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as handle:
+            if size <= _FULL_HASH_LIMIT:
+                digest.update(handle.read())
+                continue
+            for i in range(_SAMPLE_CHUNKS):
+                handle.seek(i * (size - _CHUNK) // (_SAMPLE_CHUNKS - 1))
+                digest.update(handle.read(_CHUNK))
+    return digest.hexdigest()[:16]
+
+
+def local_model_dir(path: str, model_cfg=None) -> Path | None:
+    """The on-disk directory of a local path or a cached hub snapshot (None when not available)."""
+    if Path(path).is_dir():
+        return Path(path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        revision = getattr(model_cfg, "revision", None) if model_cfg is not None else None
+        return Path(snapshot_download(path, revision=revision, local_files_only=True))
+    except Exception:  # not cached: no fingerprint, the guard then compares names only
+        return None

@@ -1,0 +1,84 @@
+"""What the SFT and reward stages share: trainer arguments, LoRA configs and output records."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+
+from marl_exp.io import atomic_write_json
+from marl_exp.modeling.loading import fingerprint
+
+BASE_RECORD = "marl_exp_base.json"  # written into every adapter dir: which base it was trained on
+TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
+                    "hydra-core", "omegaconf", "wandb")
+
+
+def lora_config(adapter_cfg, task_type: str) -> LoraConfig:
+    targets = list(adapter_cfg.target_modules)
+    return LoraConfig(
+        r=adapter_cfg.r,
+        lora_alpha=adapter_cfg.lora_alpha,
+        lora_dropout=adapter_cfg.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        bias=adapter_cfg.bias,
+        task_type=task_type,
+    )
+
+
+def trainer_kwargs(cfg, output_dir: Path, device: torch.device) -> dict:
+    """Arguments shared by TRL's SFTConfig and RewardConfig, from the stage config."""
+    stage = cfg.stage
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=stage.learning_rate,
+        weight_decay=stage.weight_decay,
+        warmup_steps=float(stage.warmup_ratio),  # transformers 5: a float < 1 is a ratio of all steps
+        lr_scheduler_type=stage.lr_scheduler_type,
+        num_train_epochs=stage.num_train_epochs,
+        max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.batch_size,
+        per_device_eval_batch_size=stage.eval_batch_size,
+        max_length=stage.max_length,
+        logging_steps=stage.logging_steps,
+        gradient_checkpointing=stage.gradient_checkpointing,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=device.type == "cpu",
+        bf16=cfg.quant.mode == "bf16" and device.type == "cuda",
+        report_to="none",  # our TrackerCallback forwards logs to W&B and metrics.jsonl
+        save_strategy="no",  # the stage saves its own output; checkpoints are its own business
+        eval_strategy="no",
+        dataloader_pin_memory=device.type == "cuda",
+        disable_tqdm=False,
+    )
+
+
+def write_base_record(adapter_dir: Path, base_path: str, base_dir: Path | None, base_name: str) -> dict:
+    record = {
+        "base_model": base_path,
+        "base_model_name": base_name,
+        "fingerprint": fingerprint(base_dir) if base_dir is not None else None,
+    }
+    atomic_write_json(Path(adapter_dir) / BASE_RECORD, record)
+    return record
+
+
+def environment_record() -> dict:
+    versions = {}
+    for package in TRACKED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions}
+
+
+def count_parameters(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params/total": total, "params/trainable": trainable}

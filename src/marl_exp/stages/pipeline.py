@@ -1,0 +1,120 @@
+"""Runs a stage after resolving the stages it needs, through a cache of upstream outputs.
+
+An upstream stage (SFT for reward, SFT + reward for PPO) that the user did not give a path for is
+run with the *same* model, data and seed and that stage's defaults, into
+``<output_dir>/cache/<stage>-<hash>``, where ``hash`` is taken over the config that produced it.
+A later run with the same upstream config finds it there and reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from marl_exp.config import AdapterConfig, Config, QuantConfig, STAGE_SCHEMAS, to_yaml
+from marl_exp.io import atomic_write_json
+from marl_exp.stages.common import environment_record
+from marl_exp.tracking import Tracker
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when a stage's output format changes so stale caches are not reused
+COMPLETE_MARKER = "summary.json"  # written last by every stage
+OUTPUT_SUBDIR = {"sft": "model", "reward": "reward_adapter", "ppo": "policy_adapter"}
+
+
+def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run ``cfg.stage`` in ``run_dir`` (upstream stages first, when needed) and return its summary."""
+    run_dir = Path(run_dir)
+    inputs = resolve_inputs(cfg)
+    save_run_record(cfg, run_dir, inputs)
+    with Tracker(cfg, run_dir, job_type=cfg.stage.name) as tracker:
+        started = time.perf_counter()
+        summary = _runner(cfg.stage.name)(cfg, run_dir, tracker, **inputs)
+        tracker.update_summary({"time/total_s": time.perf_counter() - started})
+    return {**summary, "time/total_s": tracker.summary["time/total_s"]}
+
+
+def _runner(stage: str):
+    if stage == "sft":
+        from marl_exp.stages import sft
+        return lambda cfg, run_dir, tracker: sft.run(cfg, run_dir, tracker)
+    if stage == "reward":
+        from marl_exp.stages import reward
+        return reward.run
+    from marl_exp.stages import ppo
+    return ppo.run
+
+
+def resolve_inputs(cfg: DictConfig) -> dict:
+    """Paths of the upstream outputs ``cfg.stage`` needs, running upstream stages when not given."""
+    stage = cfg.stage.name
+    if stage == "sft":
+        return {}
+    sft_model = cfg.stage.sft_model or str(cached_output(upstream_config(cfg, "sft")))
+    if stage == "reward":
+        return {"sft_model": sft_model}
+    reward_adapter = cfg.stage.reward_adapter or str(cached_output(upstream_config(cfg, "reward")))
+    return {"sft_model": sft_model, "reward_adapter": reward_adapter}
+
+
+def upstream_config(cfg: DictConfig, stage: str) -> DictConfig:
+    """The config an upstream ``stage`` runs with: this run's model, data and seed, that stage's defaults.
+
+    Full-finetune SFT trains in fp32 (quantized weights cannot be trained); the reward adapter uses
+    this run's quantization, the one PPO will use it under.
+    """
+    stage_node = OmegaConf.structured(STAGE_SCHEMAS[stage])
+    if stage == "reward":
+        stage_node.sft_model = cfg.stage.get("sft_model")
+    quant = cfg.quant if stage == "reward" else OmegaConf.structured(QuantConfig)
+    node = {
+        "model": cfg.model, "data": cfg.data, "logger": cfg.logger, "seed": cfg.seed, "device": cfg.device,
+        "output_dir": cfg.output_dir, "quant": quant, "adapter": OmegaConf.structured(AdapterConfig),
+        "stage": stage_node,
+    }
+    return OmegaConf.merge(OmegaConf.structured(Config), node)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of everything that determines a stage's output (not where it is logged or written)."""
+    keys = ("model", "data", "seed", "quant", "adapter", "stage")
+    container = OmegaConf.to_container(cfg, resolve=True)
+    content = {key: container[key] for key in keys}
+    content["cache_version"] = CACHE_VERSION
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir) / "cache" / f"{cfg.stage.name}-{config_hash(cfg)}"
+
+
+def cached_output(cfg: DictConfig) -> Path:
+    """Output of the stage ``cfg`` describes: reused from the cache, or produced now and cached."""
+    target = cache_dir(cfg)
+    output = target / OUTPUT_SUBDIR[cfg.stage.name]
+    if (target / COMPLETE_MARKER).exists() and output.exists():
+        log.info("reusing cached %s stage output %s (same upstream config)", cfg.stage.name, output)
+        return output
+    log.info("no cached %s output for this config: running the %s stage into %s",
+             cfg.stage.name, cfg.stage.name, target)
+    # Build beside the target and rename, so an interrupted build is never mistaken for a result.
+    building = target.with_name(f".{target.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    run_stage(cfg, building)
+    shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete dir from an older crash
+    os.replace(building, target)
+    return output
+
+
+def save_run_record(cfg: DictConfig, run_dir: Path, inputs: dict) -> None:
+    """The resolved config, upstream inputs and environment, so a run can be traced and repeated."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "resolved_config.yaml").write_text(to_yaml(cfg))
+    atomic_write_json(run_dir / "run_record.json", {"inputs": inputs, **environment_record()})

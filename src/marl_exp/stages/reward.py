@@ -1,0 +1,74 @@
+"""Stage 2, the reward adapter: TRL's RewardTrainer with a LoRA config on the SFT model.
+
+Output: ``<run_dir>/reward_adapter`` — a PEFT adapter dir whose score head (``score``) is saved with
+it (peft's ``modules_to_save``), plus ``marl_exp_base.json`` recording the base it was trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import prepare_model_for_kbit_training
+from trl import RewardConfig, RewardTrainer
+
+from marl_exp.data import build_task
+from marl_exp.modeling.loading import load_model, load_tokenizer, local_model_dir, resolve_device
+from marl_exp.stages.common import count_parameters, lora_config, trainer_kwargs, write_base_record
+from marl_exp.tracking import Tracker, TrackerCallback
+
+log = logging.getLogger(__name__)
+ADAPTER_SUBDIR = "reward_adapter"
+
+
+def run(cfg, run_dir: Path, tracker: Tracker, sft_model: str) -> dict:
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(sft_model, cfg.model)
+    model = load_model(sft_model, cfg.model, cfg.quant, device, task="seq-cls", num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the classifier pools at the last non-pad token
+    if cfg.quant.mode in ("8bit", "4bit"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.stage.gradient_checkpointing)
+    task = build_task(cfg.data)
+
+    args = RewardConfig(**trainer_kwargs(cfg, run_dir / "trainer", device),
+                        center_rewards_coefficient=cfg.stage.center_rewards_coefficient)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=task.pairs_train, eval_dataset=task.pairs_eval,
+                            processing_class=tokenizer, peft_config=lora_config(cfg.adapter, task_type="SEQ_CLS"),
+                            callbacks=[TrackerCallback(tracker)])
+    params = count_parameters(trainer.model)
+    trainer.train()
+    metrics = trainer.evaluate()
+    accuracy = pairwise_accuracy(trainer.model, tokenizer, task.pairs_eval, cfg.stage.eval_batch_size)
+
+    out = run_dir / ADAPTER_SUBDIR
+    trainer.save_model(str(out))
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run dir has the config already
+    tokenizer.save_pretrained(out)
+    write_base_record(out, sft_model, local_model_dir(sft_model, cfg.model), cfg.model.name)
+    summary = {**params, "eval/loss": metrics["eval_loss"], "eval/pairwise_accuracy": accuracy,
+               "eval/margin": metrics.get("eval_margin"), "train/steps": trainer.state.global_step}
+    log.info("reward adapter saved to %s (held-out pairwise accuracy %.3f)", out, accuracy)
+    tracker.update_summary(summary)
+    return summary
+
+
+@torch.no_grad()
+def sequence_scores(model, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
+    """Reward of each text (EOS appended, as RewardTrainer trains it) from a sequence classifier."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(texts), batch_size):
+        batch = [t + tokenizer.eos_token for t in texts[start:start + batch_size]]
+        inputs = tokenizer(batch, return_tensors="pt", padding=True).to(device)
+        scores.append(model(**inputs).logits[:, 0].float().cpu())
+    model.train(was_training)
+    return torch.cat(scores)
+
+
+def pairwise_accuracy(model, tokenizer, pairs, batch_size: int) -> float:
+    chosen = sequence_scores(model, tokenizer, list(pairs["chosen"]), batch_size)
+    rejected = sequence_scores(model, tokenizer, list(pairs["rejected"]), batch_size)
+    return (chosen > rejected).float().mean().item()

@@ -1,0 +1,79 @@
+"""Stage 1, supervised fine-tuning with TRL's SFTTrainer (full or LoRA, any quant mode).
+
+Output: ``<run_dir>/model`` — a standalone model + tokenizer (LoRA is merged into an fp32 copy of
+the base, so later stages always start from a plain checkpoint), and ``adapter/`` for LoRA runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from peft import PeftModel, prepare_model_for_kbit_training
+from trl import SFTConfig, SFTTrainer
+
+from marl_exp.data import build_task
+from marl_exp.modeling.loading import load_model, load_tokenizer, resolve_device, resolve_model_path
+from marl_exp.stages.common import count_parameters, lora_config, trainer_kwargs
+from marl_exp.tracking import Tracker, TrackerCallback
+
+log = logging.getLogger(__name__)
+MODEL_SUBDIR = "model"
+
+
+def run(cfg, run_dir: Path, tracker: Tracker) -> dict:
+    device = resolve_device(cfg.device)
+    base_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(base_path, cfg.model)
+    model = load_model(base_path, cfg.model, cfg.quant, device)
+    task = build_task(cfg.data)
+
+    peft_config = None
+    if cfg.stage.finetune == "lora":
+        peft_config = lora_config(cfg.adapter, task_type="CAUSAL_LM")
+        if cfg.quant.mode in ("8bit", "4bit"):
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.stage.gradient_checkpointing)
+
+    args = SFTConfig(**trainer_kwargs(cfg, run_dir / "trainer", device), packing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=task.sft_train, eval_dataset=task.sft_eval,
+                         processing_class=tokenizer, peft_config=peft_config,
+                         callbacks=[TrackerCallback(tracker)])
+    params = count_parameters(trainer.model)
+    log.info("SFT: %d parameters, %d trainable", params["params/total"], params["params/trainable"])
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    metrics = trainer.evaluate()
+    summary = {
+        **params,
+        "eval/loss_before": before,
+        "eval/loss": metrics["eval_loss"],
+        "eval/perplexity": math.exp(metrics["eval_loss"]),
+        "train/steps": trainer.state.global_step,
+    }
+    _save(trainer.model, tokenizer, run_dir, base_path, cfg)
+    tracker.update_summary(summary)
+    return summary
+
+
+def _save(model, tokenizer, run_dir: Path, base_path: str, cfg) -> None:
+    out = run_dir / MODEL_SUBDIR
+    if isinstance(model, PeftModel):
+        model.save_pretrained(run_dir / "adapter")
+        tokenizer.save_pretrained(run_dir / "adapter")
+        # Merge into a full-precision copy of the base: merging into quantized weights would round them.
+        base = load_model(base_path, cfg.model, _fp32(cfg.quant), torch.device("cpu"))
+        model = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log.info("SFT model saved to %s", out)
+
+
+def _fp32(quant_cfg):
+    from omegaconf import OmegaConf
+
+    quant = OmegaConf.to_container(quant_cfg)
+    quant["mode"] = "fp32"
+    return OmegaConf.create(quant)

@@ -1,0 +1,129 @@
+"""Run tracking: W&B (optional) plus local ``metrics.jsonl`` and ``summary.json`` in every run dir.
+
+The local files are written whatever the logger, so runs can be compared without a W&B account.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
+
+from marl_exp.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(configured: str) -> str:
+    """``auto`` → online with credentials, else offline. An explicit WANDB_MODE env var wins."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if configured != "auto":
+        return configured
+    return "online" if wandb_has_credentials() else "offline"
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Tracker:
+    """One run's metrics sink. Use as a context manager so the W&B run is always finished."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, job_type: str, name: str | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.summary: dict[str, Any] = {}
+        self.wandb_run = None
+        if cfg.logger.name == "wandb":
+            self.wandb_run = self._init_wandb(cfg, job_type, name)
+
+    def _init_wandb(self, cfg: DictConfig, job_type: str, name: str | None):
+        import wandb
+
+        mode = resolve_wandb_mode(cfg.logger.mode)
+        run = wandb.init(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=cfg.logger.group,
+            job_type=job_type,
+            name=name or cfg.run_name or self.run_dir.name,
+            tags=list(cfg.logger.tags),
+            dir=str(self.run_dir),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            mode=mode,
+            reinit="finish_previous",
+        )
+        if mode == "offline":
+            log.info("W&B is offline (no credentials found); upload later with: wandb sync %s", run.dir.rsplit("/files", 1)[0])
+        return run
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def update_summary(self, metrics: dict[str, Any]) -> None:
+        self.summary.update({k: _jsonable(v) for k, v in metrics.items()})
+        atomic_write_json(self.run_dir / "summary.json", self.summary)
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(metrics)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run = None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)
+
+
+# Hugging Face Trainer log keys → our path-like names.
+_HF_KEY_RENAMES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
+                   "epoch": "train/epoch"}
+
+
+def hf_to_metric_name(key: str) -> str:
+    if key in _HF_KEY_RENAMES:
+        return _HF_KEY_RENAMES[key]
+    if key.startswith("eval_"):
+        return "eval/" + key[len("eval_"):]
+    return "train/" + key
+
+
+class TrackerCallback(TrainerCallback):
+    """Forwards TRL/HF Trainer logs into our tracker, so trainers report into the same W&B run."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            self.tracker.log({hf_to_metric_name(k): v for k, v in logs.items()}, step=state.global_step)
