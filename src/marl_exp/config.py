@@ -76,7 +76,8 @@ class AdapterConfig:
 @dataclass
 class SFTStageConfig:
     name: str = "sft"
-    finetune: str = "full"  # full | lora (lora uses the `adapter` group)
+    # full | lora (with the `adapter` group) | auto = full, or lora when the base is quantized
+    finetune: str = "auto"
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
@@ -218,7 +219,7 @@ def validate(cfg: DictConfig) -> None:
         _check(stage.weight_decay >= 0, f"stage.weight_decay={stage.weight_decay!r} must be >= 0")
         _check(0 <= stage.warmup_ratio < 1, f"stage.warmup_ratio={stage.warmup_ratio!r} must be in [0, 1)")
     if stage.name == "sft":
-        _one_of("stage.finetune", stage.finetune, ("full", "lora"))
+        _one_of("stage.finetune", stage.finetune, ("auto", "full", "lora"))
         _check(not (stage.finetune == "full" and cfg.quant.mode in ("8bit", "4bit")),
                f"stage.finetune=full cannot train {cfg.quant.mode} quantized weights; "
                "use stage.finetune=lora or quant=fp32")
@@ -231,6 +232,13 @@ def validate(cfg: DictConfig) -> None:
     for key in ("num_sft_train", "num_sft_eval", "num_pairs_train", "num_pairs_eval"):
         _positive(f"data.{key}", data[key])
     _check(0 <= data.pair_min_gap < 1, f"data.pair_min_gap={data.pair_min_gap!r} must be in [0, 1)")
+
+
+def sft_finetune_mode(cfg: DictConfig) -> str:
+    """``stage.finetune`` with ``auto`` resolved: quantized weights can only be trained through LoRA."""
+    if cfg.stage.finetune != "auto":
+        return cfg.stage.finetune
+    return "lora" if cfg.quant.mode in ("8bit", "4bit") else "full"
 
 
 def _looks_local(path: str) -> bool:

@@ -10,10 +10,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from marl_exp.io import atomic_write_json
-from marl_exp.modeling.loading import fingerprint
 
-BASE_RECORD = "marl_exp_base.json"  # written into every adapter dir: which base it was trained on
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
                     "hydra-core", "omegaconf", "wandb")
 
@@ -58,15 +55,6 @@ def trainer_kwargs(cfg, output_dir: Path, device: torch.device) -> dict:
     )
 
 
-def write_base_record(adapter_dir: Path, base_path: str, base_dir: Path | None, base_name: str) -> dict:
-    record = {
-        "base_model": base_path,
-        "base_model_name": base_name,
-        "fingerprint": fingerprint(base_dir) if base_dir is not None else None,
-    }
-    atomic_write_json(Path(adapter_dir) / BASE_RECORD, record)
-    return record
-
 
 def environment_record() -> dict:
     versions = {}
@@ -82,3 +70,11 @@ def count_parameters(model) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"params/total": total, "params/trainable": trainable}
+
+
+def upcast_trainable_to_fp32(model) -> None:
+    """TRL casts trainable weights of quantized models to bf16; keep adapters and heads in fp32,
+    the dtype of the hidden states they receive on CPU (and the precision LoRA training wants)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()

@@ -15,7 +15,8 @@ from trl import RewardConfig, RewardTrainer
 
 from marl_exp.data import build_task
 from marl_exp.modeling.loading import load_model, load_tokenizer, local_model_dir, resolve_device
-from marl_exp.stages.common import count_parameters, lora_config, trainer_kwargs, write_base_record
+from marl_exp.modeling.multi_adapter import write_base_record
+from marl_exp.stages.common import count_parameters, lora_config, trainer_kwargs, upcast_trainable_to_fp32
 from marl_exp.tracking import Tracker, TrackerCallback
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ def run(cfg, run_dir: Path, tracker: Tracker, sft_model: str) -> dict:
     trainer = RewardTrainer(model=model, args=args, train_dataset=task.pairs_train, eval_dataset=task.pairs_eval,
                             processing_class=tokenizer, peft_config=lora_config(cfg.adapter, task_type="SEQ_CLS"),
                             callbacks=[TrackerCallback(tracker)])
+    upcast_trainable_to_fp32(trainer.model)  # before train(): the optimizer is created there
     params = count_parameters(trainer.model)
     trainer.train()
     metrics = trainer.evaluate()
@@ -45,7 +47,7 @@ def run(cfg, run_dir: Path, tracker: Tracker, sft_model: str) -> dict:
     trainer.save_model(str(out))
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run dir has the config already
     tokenizer.save_pretrained(out)
-    write_base_record(out, sft_model, local_model_dir(sft_model, cfg.model), cfg.model.name)
+    write_base_record(out, sft_model, cfg.model.name, local_model_dir(sft_model, cfg.model))
     summary = {**params, "eval/loss": metrics["eval_loss"], "eval/pairwise_accuracy": accuracy,
                "eval/margin": metrics.get("eval_margin"), "train/steps": trainer.state.global_step}
     log.info("reward adapter saved to %s (held-out pairwise accuracy %.3f)", out, accuracy)

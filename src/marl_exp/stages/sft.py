@@ -14,9 +14,10 @@ import torch
 from peft import PeftModel, prepare_model_for_kbit_training
 from trl import SFTConfig, SFTTrainer
 
+from marl_exp.config import sft_finetune_mode
 from marl_exp.data import build_task
 from marl_exp.modeling.loading import load_model, load_tokenizer, resolve_device, resolve_model_path
-from marl_exp.stages.common import count_parameters, lora_config, trainer_kwargs
+from marl_exp.stages.common import count_parameters, lora_config, trainer_kwargs, upcast_trainable_to_fp32
 from marl_exp.tracking import Tracker, TrackerCallback
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def run(cfg, run_dir: Path, tracker: Tracker) -> dict:
     task = build_task(cfg.data)
 
     peft_config = None
-    if cfg.stage.finetune == "lora":
+    if sft_finetune_mode(cfg) == "lora":
         peft_config = lora_config(cfg.adapter, task_type="CAUSAL_LM")
         if cfg.quant.mode in ("8bit", "4bit"):
             model = prepare_model_for_kbit_training(
@@ -41,6 +42,7 @@ def run(cfg, run_dir: Path, tracker: Tracker) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=task.sft_train, eval_dataset=task.sft_eval,
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[TrackerCallback(tracker)])
+    upcast_trainable_to_fp32(trainer.model)  # before train(): the optimizer is created there
     params = count_parameters(trainer.model)
     log.info("SFT: %d parameters, %d trainable", params["params/total"], params["params/trainable"])
     before = trainer.evaluate()["eval_loss"]

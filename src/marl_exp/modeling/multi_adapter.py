@@ -1,0 +1,396 @@
+"""One base causal LM serving every role of RLHF: policies, reference and reward.
+
+* **policy** ``name``: a trainable LoRA adapter plus its own value head;
+* **reference**: the same base with every adapter disabled;
+* **reward**: a frozen LoRA adapter (trained as a sequence classifier) plus its score head.
+
+Every role switch goes through ``_role`` which restores, on exit, the active adapter, each
+parameter's ``requires_grad`` and each module's train/eval mode exactly as they were: peft's
+``set_adapter`` and ``disable_adapter`` both rewrite ``requires_grad`` (peft #2759, #3447).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from marl_exp.io import atomic_write_json
+from marl_exp.modeling.loading import fingerprint, local_model_dir
+
+log = logging.getLogger(__name__)
+
+BASE_RECORD = "marl_exp_base.json"
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class BaseMismatchError(ValueError):
+    """The reward adapter was trained on a different base than the one loaded."""
+
+
+@dataclass
+class PolicyOutput:
+    logits: torch.Tensor  # [B, T, V]
+    values: torch.Tensor  # [B, T], float32
+    hidden_states: torch.Tensor  # [B, T, H], last layer after the final norm
+
+
+class ValueHead(nn.Module):
+    """Scalar value per token from the last hidden state; kept in float32 whatever the base dtype."""
+
+    def __init__(self, hidden_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(hidden_size, 1)
+        # Small init: the first value estimates are ~0, so early advantages are the rewards themselves.
+        nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1))
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(self.dropout(hidden.to(self.summary.weight.dtype))).squeeze(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them (as in generate)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row; correct for left, right and no padding."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+class MultiAdapterModel(nn.Module):
+    """A ``PeftModel`` with policy adapters + value heads, a frozen reward adapter + score head."""
+
+    def __init__(self, peft_model: PeftModel, policy_names: list[str], value_heads: nn.ModuleDict,
+                 reward_adapter_name: str | None = None, score_head: nn.Linear | None = None,
+                 reward_label_index: int = 0):
+        super().__init__()
+        self.peft_model = peft_model
+        self.policy_names = list(policy_names)
+        self.value_heads = value_heads
+        self.reward_adapter_name = reward_adapter_name
+        self.score_head = score_head
+        self.reward_label_index = reward_label_index
+        self.activate_policy(self.policy_names[0])
+
+    # ------------------------------------------------------------------------------- construction
+    @classmethod
+    def build(cls, base: nn.Module, policy_config: LoraConfig | None = None, policy_name: str = "policy",
+              policy_adapter: str | None = None, reward_adapter: str | None = None,
+              reward_adapter_name: str = "reward", reward_label_index: int | None = None,
+              base_path: str | None = None, allow_base_mismatch: bool = False,
+              gradient_checkpointing: bool = False, value_head_dropout: float = 0.0) -> "MultiAdapterModel":
+        """Wrap a loaded base causal LM (or a ``PeftModel``) with its policy and reward adapters.
+
+        ``policy_adapter`` loads an existing trained policy (adapter dir with a value head); otherwise
+        ``policy_config`` creates a fresh one. ``base_path`` (the base's path or hub id) lets the
+        same-base guard compare the reward adapter's recorded base with this one.
+        """
+        if isinstance(base, PeftModel):
+            peft_model, policy_names = base, list(base.peft_config)
+        else:
+            if getattr(base, "is_loaded_in_8bit", False) or getattr(base, "is_loaded_in_4bit", False):
+                # Casts norms/embeddings to fp32 for stable training and makes inputs require grad.
+                base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+            elif gradient_checkpointing:
+                base.gradient_checkpointing_enable()
+                base.enable_input_require_grads()
+            if policy_adapter is not None:
+                peft_model = PeftModel.from_pretrained(base, policy_adapter, adapter_name=policy_name,
+                                                       is_trainable=True)
+            else:
+                peft_model = get_peft_model(base, policy_config or LoraConfig(task_type="CAUSAL_LM"),
+                                            adapter_name=policy_name)
+            policy_names = [policy_name]
+        hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
+        device = peft_model.get_base_model().get_input_embeddings().weight.device
+        value_heads = nn.ModuleDict(
+            {name: ValueHead(hidden_size, value_head_dropout).to(device) for name in policy_names})
+        if policy_adapter is not None and (Path(policy_adapter) / VALUE_HEAD_FILE).exists():
+            value_heads[policy_name].load_state_dict(load_file(Path(policy_adapter) / VALUE_HEAD_FILE))
+
+        score_head, label_index = None, 0
+        if reward_adapter is not None:
+            check_same_base(reward_adapter, base_path, allow_base_mismatch)
+            score_head, label_index = _load_reward_adapter(peft_model, reward_adapter, reward_adapter_name,
+                                                           reward_label_index, device)
+        return cls(peft_model, policy_names, value_heads,
+                   reward_adapter_name if reward_adapter is not None else None, score_head, label_index)
+
+    def add_policy(self, name: str, config: LoraConfig | None = None, adapter_dir: str | None = None) -> None:
+        """Add another trainable policy adapter (fresh from ``config`` or loaded from ``adapter_dir``)."""
+        if name in self.peft_model.peft_config:
+            raise ValueError(f"adapter name {name!r} is already taken; choose another policy name")
+        with self._role(name):  # keeps the current policy active afterwards
+            if adapter_dir is not None:
+                self.peft_model.load_adapter(adapter_dir, adapter_name=name, is_trainable=True)
+            else:
+                self.peft_model.add_adapter(name, config or LoraConfig(task_type="CAUSAL_LM"))
+        hidden_size = self.config.get_text_config().hidden_size
+        head = ValueHead(hidden_size, self._value_head_dropout()).to(self.device)
+        if adapter_dir is not None and (Path(adapter_dir) / VALUE_HEAD_FILE).exists():
+            head.load_state_dict(load_file(Path(adapter_dir) / VALUE_HEAD_FILE))
+        self.value_heads[name] = head
+        self.policy_names.append(name)
+        self._apply_trainable(self.active_policy)
+
+    # ---------------------------------------------------------------------------------- properties
+    @property
+    def config(self):
+        return self.peft_model.get_base_model().config
+
+    @property
+    def device(self) -> torch.device:
+        return self.peft_model.get_base_model().get_input_embeddings().weight.device
+
+    @property
+    def active_policy(self) -> str:
+        return self._active_policy
+
+    def _value_head_dropout(self) -> float:
+        return next(iter(self.value_heads.values())).dropout.p if len(self.value_heads) else 0.0
+
+    # ------------------------------------------------------------------------------ role switching
+    def activate_policy(self, name: str) -> None:
+        """Make ``name`` the active (and only trainable) policy adapter with its value head."""
+        if name not in self.policy_names:
+            raise ValueError(f"unknown policy adapter {name!r}; known: {', '.join(self.policy_names)}")
+        self.peft_model.set_adapter(name)
+        self._active_policy = name
+        self._apply_trainable(name)
+
+    def _apply_trainable(self, active: str) -> None:
+        # Gradients flow only into the active policy's LoRA weights and value head; never the
+        # base, the other policies or the reward adapter.
+        for param_name, param in self.peft_model.named_parameters():
+            param.requires_grad = _adapter_of(param_name) == active
+        for name, head in self.value_heads.items():
+            head.requires_grad_(name == active)
+        if self.score_head is not None:
+            self.score_head.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def _role(self, adapter: str | None, eval_mode: bool = False):
+        """Run with ``adapter`` active (None = all adapters disabled); restore everything on exit."""
+        saved_active = self._active_policy
+        saved_grad = [(p, p.requires_grad) for p in self.parameters()]
+        saved_modes = [(m, m.training) for m in self.modules()]
+        try:
+            if eval_mode:
+                self.eval()
+            if adapter is None:
+                with self.peft_model.disable_adapter():
+                    yield
+            else:
+                self.peft_model.set_adapter(adapter)
+                yield
+        finally:
+            self.peft_model.set_adapter(saved_active)
+            self._active_policy = saved_active
+            for param, flag in saved_grad:
+                param.requires_grad = flag
+            for module, training in saved_modes:
+                module.training = training
+
+    # -------------------------------------------------------------------------------- forward passes
+    def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden state from the backbone alone (no LM head): the reward and value heads need only this."""
+        causal_lm = self.peft_model.get_base_model()
+        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.peft_model.get_base_model().get_output_embeddings()(hidden)
+
+    def policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       adapter: str | None = None) -> PolicyOutput:
+        """Logits and values of policy ``adapter`` (default: the active one), with gradients."""
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        adapter = adapter or self._active_policy
+        if adapter != self._active_policy:
+            self.activate_policy(adapter)
+        hidden = self._hidden_states(input_ids, attention_mask)
+        return PolicyOutput(self._lm_logits(hidden), self.value_heads[adapter](hidden), hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> PolicyOutput:
+        return self.policy_forward(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the base model alone (every adapter disabled): the KL reference."""
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        with self._role(None, eval_mode=True):
+            return self._lm_logits(self._hidden_states(input_ids, attention_mask))
+
+    @torch.no_grad()
+    def compute_reward_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                             ppo_adapter_name: str | None = None, return_all_tokens: bool = False,
+                             reward_label_index: int | None = None, **_) -> torch.Tensor:
+        """Reward of each sequence [B], read at its last real token (left or right padding).
+
+        ``return_all_tokens=True`` gives the score at every position [B, T] instead.
+        ``ppo_adapter_name`` names the policy adapter to leave active afterwards (default: the one
+        active before the call).
+        """
+        if self.score_head is None:
+            raise ValueError("this model has no reward adapter; load one with reward_adapter=<dir or hub id>")
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        label = self.reward_label_index if reward_label_index is None else reward_label_index
+        with self._role(self.reward_adapter_name, eval_mode=True):
+            hidden = self._hidden_states(input_ids, attention_mask)
+            scores = self.score_head(hidden.to(self.score_head.weight.dtype))[..., label]
+        if ppo_adapter_name is not None:
+            self.activate_policy(ppo_adapter_name)
+        if return_all_tokens:
+            return scores
+        return scores[torch.arange(scores.shape[0], device=scores.device), last_token_index(attention_mask)]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter: str | None = None,
+                 **generate_kwargs) -> torch.Tensor:
+        """Sample from policy ``adapter`` (default: the active one) with the model's KV cache."""
+        with self._role(adapter or self._active_policy, eval_mode=True):
+            return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+
+    # ---------------------------------------------------------------------------------- inspection
+    def trainable_parameters(self, adapter: str | None = None) -> list[nn.Parameter]:
+        """The LoRA weights and value head of policy ``adapter`` (default: the active one)."""
+        adapter = adapter or self._active_policy
+        params = [p for n, p in self.peft_model.named_parameters() if _adapter_of(n) == adapter]
+        return params + list(self.value_heads[adapter].parameters())
+
+    def memory_footprint(self) -> dict[str, int]:
+        """Bytes held by base weights, adapters (all LoRA weights) and heads (value + score)."""
+        sizes = {"base_weights": 0, "adapters": 0, "heads": 0}
+        seen: set[int] = set()
+        for name, tensor in list(self.named_parameters()) + list(self.named_buffers()):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            nbytes = tensor.numel() * tensor.element_size() + _quant_state_bytes(tensor)
+            if name.startswith(("value_heads.", "score_head.")):
+                sizes["heads"] += nbytes
+            elif _adapter_of(name) is not None:
+                sizes["adapters"] += nbytes
+            else:
+                sizes["base_weights"] += nbytes
+        sizes["total"] = sum(sizes.values())
+        return sizes
+
+    # --------------------------------------------------------------------------------------- saving
+    def save_policy(self, directory: str | Path, adapter: str | None = None, base_record: dict | None = None) -> Path:
+        """Save policy ``adapter`` so that plain peft loads it: adapter files at the top of ``directory``
+        (not in a per-adapter subfolder), plus ``value_head.safetensors``."""
+        adapter = adapter or self._active_policy
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(self.peft_model, adapter_name=adapter)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, directory / "adapter_model.safetensors")
+        self.peft_model.peft_config[adapter].save_pretrained(directory)
+        head_state = {k: v.detach().contiguous().cpu() for k, v in self.value_heads[adapter].state_dict().items()}
+        save_file(head_state, directory / VALUE_HEAD_FILE)
+        if base_record is not None:
+            atomic_write_json(directory / BASE_RECORD, base_record)
+        return directory
+
+
+def _adapter_of(param_name: str) -> str | None:
+    """Adapter name of a LoRA parameter (``...lora_A.<name>.weight``), None for anything else."""
+    parts = param_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("lora_"):
+            return parts[i + 1]
+    return None
+
+
+def _quant_state_bytes(tensor: torch.Tensor) -> int:
+    state = getattr(tensor, "quant_state", None)  # bitsandbytes 4-bit: absmax etc. live beside the weight
+    if state is None:
+        return 0
+    total = state.absmax.numel() * state.absmax.element_size()
+    if getattr(state, "state2", None) is not None:
+        total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------------------ reward adapter
+def _load_reward_adapter(peft_model: PeftModel, source: str, name: str, label_index: int | None,
+                         device: torch.device) -> tuple[nn.Linear, int]:
+    """Load a reward adapter (LoRA weights + score head) frozen onto the causal-LM ``peft_model``.
+
+    Adapters from TRL's RewardTrainer are sequence-classification adapters: their score head is
+    stored with the LoRA weights (as ``...score.weight`` and maybe ``...score.bias``). peft would
+    drop it silently on a causal LM, so the head is read here into its own frozen layer.
+    """
+    config = PeftConfig.from_pretrained(source)
+    config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, True
+    weights = load_peft_weights(source, device="cpu")  # safetensors or the old adapter_model.bin
+    score = {k.rsplit(".", 1)[1]: v for k, v in weights.items() if k.endswith(("score.weight", "score.bias"))}
+    if "weight" not in score:
+        raise ValueError(f"reward adapter {source!r} has no score head (no key ending in 'score.weight'); "
+                         "train it with stage=reward or TRL's RewardTrainer")
+    lora_weights = {k: v for k, v in weights.items() if "score." not in k}
+    peft_model.add_adapter(name, config)
+    result = set_peft_model_state_dict(peft_model, lora_weights, adapter_name=name)
+    missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"reward adapter {source!r} does not fit this base: {len(missing)} missing, "
+                         f"{len(result.unexpected_keys)} unexpected LoRA weights; was it trained on another architecture?")
+
+    num_labels, hidden = score["weight"].shape
+    if label_index is None:
+        label_index = 0
+    if not 0 <= label_index < num_labels:
+        raise ValueError(f"reward_label_index={label_index} is out of range for a score head with {num_labels} labels")
+    head = nn.Linear(hidden, num_labels, bias="bias" in score)
+    head.load_state_dict({k: v.float() for k, v in score.items()})
+    head.requires_grad_(False)
+    return head.to(device), label_index
+
+
+def write_base_record(adapter_dir: Path, base_path: str, base_name: str, base_dir: Path | None) -> dict:
+    """Record in an adapter dir which base it was trained on (read back by ``check_same_base``)."""
+    record = {"base_model": base_path, "base_model_name": base_name,
+              "fingerprint": fingerprint(base_dir) if base_dir is not None else None}
+    atomic_write_json(Path(adapter_dir) / BASE_RECORD, record)
+    return record
+
+
+def reward_base_record(reward_adapter: str) -> dict | None:
+    path = Path(reward_adapter) / BASE_RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_same_base(reward_adapter: str, base_path: str | None, allow_mismatch: bool) -> None:
+    """Refuse a reward adapter trained on another base (it would score nonsense without an error)."""
+    record = reward_base_record(reward_adapter)
+    if record is None or base_path is None:
+        return  # adapters from elsewhere carry no record; nothing reliable to compare
+    base_dir = local_model_dir(base_path)
+    ours = fingerprint(base_dir) if base_dir is not None else None
+    theirs = record.get("fingerprint")
+    if ours is not None and theirs is not None:
+        same = ours == theirs
+    else:
+        same = Path(str(record.get("base_model"))).name == Path(base_path).name
+    if same:
+        return
+    message = (f"reward adapter {reward_adapter!r} was trained on base {record.get('base_model')!r} "
+               f"(fingerprint {theirs}), but the loaded base is {base_path!r} (fingerprint {ours}); "
+               "use the same model in stages 2 and 3, or set allow_base_mismatch=true if you know why")
+    if not allow_mismatch:
+        raise BaseMismatchError(message)
+    log.warning("%s (allowed by allow_base_mismatch)", message)
