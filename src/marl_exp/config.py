@@ -112,9 +112,69 @@ class RewardStageConfig:
 
 @dataclass
 class PPOStageConfig:
+    """PPO on the multi-adapter model. Defaults suit the built-in task on a CPU; names follow TRL."""
+
     name: str = "ppo"
+    # Upstream outputs; empty = run (or reuse) the SFT and reward stages through the stage cache.
     sft_model: Optional[str] = None
     reward_adapter: Optional[str] = None
+    reward_label_index: Optional[int] = None  # which output of a multi-label score head is the reward
+    allow_base_mismatch: bool = False  # experts only: use a reward adapter trained on another base
+    policies: List[str] = field(default_factory=lambda: ["policy"])  # >1 trains several on one base
+    critic: str = "value_head"  # value_head (on the policy adapter) | adapter (own LoRA + value head)
+    sharing: str = "shared"  # shared (one base) | separate (own reference and reward model instances)
+
+    # ---- schedule
+    steps: int = 120  # PPO iterations (rollout + optimisation)
+    batch_size: int = 64  # prompts per rollout
+    mini_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    ppo_epochs: int = 4
+
+    # ---- rollout (sampling)
+    max_new_tokens: int = 24
+    min_new_tokens: int = 1
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+
+    # ---- reward
+    kl_penalty: str = "kl"  # kl | abs | mse | full
+    kl_estimator: str = "k1"  # k1 | k3 (for kl_penalty=kl)
+    adaptive_kl: bool = True
+    init_kl_coef: float = 0.1
+    target_kl: float = 4.0  # nats per response, for the adaptive controller
+    kl_horizon: int = 2000
+    score_scale: float = 1.0
+    score_clip: Optional[float] = None
+    whiten_scores: bool = False  # normalise scores by their running mean/std
+    missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses without EOS
+
+    # ---- optimisation
+    learning_rate: float = 3e-3
+    lr_scheduler: str = "constant"  # constant | linear | cosine
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | adamw_8bit (bitsandbytes)
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    max_grad_norm: float = 1.0
+    whiten_advantages: bool = True
+    early_stop_kl: Optional[float] = None  # stop the epochs of a step when approx-KL exceeds this
+    ratio_threshold: float = 10.0  # skip a mini-batch whose mean ratio exceeds this
+    disable_dropout: bool = True  # dropout would make old and new log-probs differ at ratio 1
+    gradient_checkpointing: bool = False
+
+    # ---- evaluation, logging, checkpoints
+    eval_every: int = 20
+    eval_samples: int = 96  # responses sampled over the held-out prompts
+    log_every: int = 1
+    samples_every: int = 20  # W&B table of samples
+    save_every: int = 50
+    resume: Optional[str] = None  # a checkpoint dir, or "auto" = the latest complete one in the run dir
 
 
 STAGE_SCHEMAS = {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig}

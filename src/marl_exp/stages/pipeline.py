@@ -26,7 +26,7 @@ from marl_exp.tracking import Tracker
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when a stage's output format changes so stale caches are not reused
 COMPLETE_MARKER = "summary.json"  # written last by every stage
-OUTPUT_SUBDIR = {"sft": "model", "reward": "reward_adapter", "ppo": "policy_adapter"}
+OUTPUT_SUBDIR = {"sft": "model", "reward": "reward_adapter", "ppo": "policies"}
 
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> dict:

@@ -1,0 +1,268 @@
+"""The PPO loop for RLHF on a multi-adapter model (Ziegler et al. 2019; Stiennon et al. 2020).
+
+One ``step`` = for every policy adapter: sample responses to a batch of prompts (rollout), score
+them (old log-probs and values, reference log-probs, reward), turn scores into per-token rewards with
+a KL penalty, estimate advantages with GAE, then run ``ppo_epochs`` epochs of clipped-surrogate
+updates over shuffled mini-batches. The math itself lives in ``marl_exp.ppo.core``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import get_scheduler
+
+from marl_exp.ppo import core
+from marl_exp.ppo.roles import SharedRoles, critic_name
+from marl_exp.ppo.rollout import Rollout, response_slice, sample, score
+
+
+class RunningMoments:
+    """Running mean/std of scores over all steps so far (Chan et al. parallel update)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        n, mean, var = x.numel(), x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = mean - self.mean
+        self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 1e-8))
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+@dataclass
+class PolicyState:
+    """What each trained policy carries across steps: its optimizer and LR schedule."""
+
+    name: str
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: list = field(default_factory=list)
+
+
+class PPOTrainer:
+    def __init__(self, roles: SharedRoles, tokenizer, cfg, prompts: list[str], seed: int):
+        self.roles, self.model, self.tokenizer, self.cfg = roles, roles.model, tokenizer, cfg
+        self.prompts = prompts
+        self.kl_ctl = core.make_kl_controller(cfg.adaptive_kl, cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+        self.score_moments = RunningMoments()
+        self.prompt_rng = random.Random(seed)  # which prompts each step sees
+        self.shuffle_gen = torch.Generator().manual_seed(seed)  # mini-batch order
+        self.step_count = 0
+        updates = cfg.steps * cfg.ppo_epochs * math.ceil(cfg.batch_size / cfg.mini_batch_size)
+        self.policies = {name: self._policy_state(name, updates) for name in cfg.policies}
+
+    def _policy_state(self, name: str, updates: int) -> PolicyState:
+        params = self.model.trainable_parameters(name)
+        if self.cfg.critic == "adapter":
+            params += self.model.trainable_parameters(critic_name(name))
+        optimizer = _make_optimizer(self.cfg, params)
+        scheduler = get_scheduler(self.cfg.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=updates)
+        return PolicyState(name, optimizer, scheduler, params)
+
+    # ------------------------------------------------------------------------------------ one step
+    def step(self) -> dict:
+        cfg = self.cfg
+        prompts = [self.prompt_rng.choice(self.prompts) for _ in range(cfg.batch_size)]
+        timings = {}
+        t0 = time.perf_counter()
+        rollouts = {name: sample(self.model, self.tokenizer, prompts, name, cfg) for name in self.policies}
+        timings["time/rollout"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        for name, rollout in rollouts.items():
+            score(self.roles, rollout, name, cfg.critic, cfg)
+            rollout.scores = self._shape_scores(rollout)
+        timings["time/score"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        stats = {}
+        for name, rollout in rollouts.items():
+            policy_stats = self._optimize(self.policies[name], rollout)
+            prefix = "" if len(self.policies) == 1 else f"{name}/"
+            stats.update({prefix + k: v for k, v in policy_stats.items()})
+        timings["time/optimize"] = time.perf_counter() - t0
+
+        mean_kl = sum(s for k, s in stats.items() if k.endswith("objective/kl")) / len(self.policies)
+        self.kl_ctl.update(mean_kl, cfg.batch_size * len(self.policies))
+        self.step_count += 1
+        tokens = sum(int(r.response_mask.sum()) for r in rollouts.values())
+        timings["time/step"] = sum(timings.values())
+        stats.update(timings)
+        stats["perf/tokens_per_s"] = tokens / max(timings["time/step"], 1e-9)
+        stats["perf/rollout_tokens_per_s"] = tokens / max(timings["time/rollout"], 1e-9)
+        stats["objective/kl_coef"] = self.kl_ctl.value
+        self.last_rollouts = rollouts
+        return stats
+
+    def _shape_scores(self, rollout: Rollout) -> torch.Tensor:
+        """Score options, in the order applied: missing-EOS penalty, running whitening, scale, clip."""
+        cfg, scores = self.cfg, rollout.raw_scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~rollout.has_eos).float()
+        if cfg.whiten_scores:
+            self.score_moments.update(scores)
+            scores = (scores - self.score_moments.mean) / self.score_moments.std
+        scores = scores * cfg.score_scale
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        return scores
+
+    def _optimize(self, policy: PolicyState, rollout: Rollout) -> dict:
+        cfg, mask = self.cfg, rollout.response_mask
+        # Per-token rewards: -β·KL on every response token, the score added at the last one.
+        rewards, non_score = core.compute_rewards(rollout.scores, rollout.kl, mask, self.kl_ctl.value)
+        advantages, returns = core.compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = core.masked_whiten(advantages, mask)
+
+        epoch_stats: list[dict] = []
+        batch = rollout.query_ids.shape[0]
+        micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
+        stopped_early = False
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(batch, generator=self.shuffle_gen)
+            for start in range(0, batch, cfg.mini_batch_size):
+                mb = order[start:start + cfg.mini_batch_size]
+                policy.optimizer.zero_grad(set_to_none=True)
+                mb_stats = []
+                for m_start in range(0, len(mb), micro):
+                    rows = mb[m_start:m_start + micro]
+                    weight = len(rows) / len(mb)  # gradient accumulation averages over the mini-batch
+                    s = self._loss_backward(policy.name, rollout.select(rows), advantages[rows], returns[rows], weight)
+                    mb_stats.append(s)
+                skipped = any(s.pop("skipped") for s in mb_stats)
+                if not skipped:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, cfg.max_grad_norm)
+                    policy.optimizer.step()
+                    policy.scheduler.step()
+                    mb_stats[0]["ppo/grad_norm"] = float(grad_norm)
+                epoch_stats.extend(mb_stats)
+                epoch_stats[-1]["ppo/skipped_batches"] = float(skipped)
+            approxkl = _mean([s["ppo/policy/approxkl"] for s in epoch_stats])
+            if cfg.early_stop_kl is not None and approxkl > cfg.early_stop_kl:
+                stopped_early = True  # the policy moved too far from the rollout policy
+                break
+        policy.optimizer.zero_grad(set_to_none=True)
+
+        keys = sorted(set().union(*epoch_stats))
+        stats = {k: _mean([s[k] for s in epoch_stats if k in s]) for k in keys}
+        kl_sum = core.masked_sum(rollout.kl, mask, dim=1)
+        stats.update({
+            "objective/kl": kl_sum.mean().item(),
+            "objective/kl_per_token": core.masked_mean(rollout.kl, mask).item(),
+            "objective/entropy_sampled": -core.masked_sum(rollout.logprobs, mask, dim=1).mean().item(),
+            "objective/rlhf_reward": (rollout.scores - self.kl_ctl.value * kl_sum).mean().item(),
+            "env/reward_mean": rollout.raw_scores.mean().item(),
+            "env/reward_std": rollout.raw_scores.std().item(),
+            "env/score_mean": rollout.scores.mean().item(),
+            "env/response_length": mask.sum(1).float().mean().item(),
+            "env/eos_fraction": rollout.has_eos.float().mean().item(),
+            "ppo/returns/mean": core.masked_mean(returns, mask).item(),
+            "ppo/advantages/mean": core.masked_mean(advantages, mask).item(),
+            "ppo/val/mean": core.masked_mean(rollout.values, mask).item(),
+            "ppo/mean_non_score_reward": core.masked_sum(non_score, mask, dim=1).mean().item(),
+            "ppo/early_stop": float(stopped_early),
+            "ppo/learning_rate": policy.scheduler.get_last_lr()[0],
+        })
+        return stats
+
+    def _loss_backward(self, name: str, mb: Rollout, advantages, returns, weight: float) -> dict:
+        cfg, mask = self.cfg, mb.response_mask
+        window = response_slice(mb.query_ids.shape[1], mb.response_ids.shape[1])
+        out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name)
+        logits = out.logits[:, window].float() / cfg.temperature
+        logprobs = core.logprobs_from_logits(logits, mb.response_ids)
+        # Guard: a mini-batch whose probability ratio exploded would only produce a destructive update.
+        if core.is_ratio_extreme(logprobs.detach(), mb.logprobs, mask, cfg.ratio_threshold):
+            return {"skipped": True}
+        pg_loss, pg_stats = core.policy_loss(logprobs, mb.logprobs, advantages, mask, cfg.cliprange)
+        entropy = core.masked_mean(core.entropy_from_logits(logits), mask)
+        loss = pg_loss - cfg.entropy_coef * entropy
+        if cfg.critic == "adapter":
+            # The critic is its own adapter: backward the policy part first, then run the critic.
+            (loss * weight).backward()
+            values = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=critic_name(name)).values
+            self.model.activate_policy(name)
+            loss = torch.zeros((), device=logits.device)
+        else:
+            values = out.values
+        vpred = values[:, window].float()
+        vf_loss, vf_stats = core.value_loss(vpred, mb.values, returns, mask, cfg.cliprange_value)
+        ((loss + cfg.vf_coef * vf_loss) * weight).backward()
+        return {
+            "skipped": False,
+            "ppo/loss/policy": pg_loss.item(),
+            "ppo/loss/value": vf_loss.item(),
+            "ppo/loss/total": (pg_loss + cfg.vf_coef * vf_loss).item(),
+            "ppo/policy/entropy": entropy.item(),
+            "objective/entropy": entropy.item(),
+            "ppo/policy/approxkl": pg_stats["approxkl"].item(),
+            "ppo/policy/approxkl_k3": pg_stats["approxkl_k3"].item(),
+            "ppo/policy/clipfrac": pg_stats["clipfrac"].item(),
+            "ppo/policy/ratio_mean": pg_stats["ratio_mean"].item(),
+            "ppo/policy/ratio_max": pg_stats["ratio_max"].item(),
+            "ppo/val/vpred": vf_stats["vpred"].item(),
+            "ppo/val/error": vf_stats["error"].item(),
+            "ppo/val/clipfrac": vf_stats["clipfrac"].item(),
+        }
+
+    # ----------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step_count,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "prompt_rng": self.prompt_rng.getstate(),
+            "shuffle_gen": self.shuffle_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "optimizers": {n: p.optimizer.state_dict() for n, p in self.policies.items()},
+            "schedulers": {n: p.scheduler.state_dict() for n, p in self.policies.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = state["step"]
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.prompt_rng.setstate(_as_tuple(state["prompt_rng"]))
+        self.shuffle_gen.set_state(state["shuffle_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        for name, policy in self.policies.items():
+            policy.optimizer.load_state_dict(state["optimizers"][name])
+            policy.scheduler.load_state_dict(state["schedulers"][name])
+
+
+def _make_optimizer(cfg, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _as_tuple(state):
+    """random.Random state comes back from torch.load with lists where tuples were."""
+    return tuple(_as_tuple(s) if isinstance(s, list) else s for s in state)
