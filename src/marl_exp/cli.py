@@ -16,7 +16,7 @@ from marl_exp.modeling.loading import ModelLoadError
 
 log = logging.getLogger("marl_exp")
 FAILURE_MARKER = "FAILED"
-# The metric an optimizing sweeper maximizes, per stage.
+# The metric returned to an optimizing sweeper, per stage (minimize eval/loss, maximize the others).
 OBJECTIVE = {"sft": "eval/loss", "reward": "eval/pairwise_accuracy", "ppo": "eval/after/oracle_score"}
 
 
@@ -45,7 +45,8 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         _mark_failed(run_dir, err)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"marl-exp: error: {err}", file=sys.stderr, flush=True)
+        message = " ".join(str(err).split())  # one line, whatever the message
+        print(f"marl-exp: error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
     except BaseException as err:
         _mark_failed(run_dir, err)
@@ -62,9 +63,13 @@ def _mark_failed(run_dir: Path, err: BaseException) -> None:
 
 def _setup_logging() -> None:
     logger = logging.getLogger("marl_exp")
+    logger.setLevel(logging.INFO)
+    if logging.getLogger().handlers:
+        # Under @hydra.main the root logger writes to the console and to <run_dir>/train.log (and
+        # under pytest it is captured): propagate to it, so our messages end up in train.log too.
+        return
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s] %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
         logger.propagate = False

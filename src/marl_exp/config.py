@@ -125,7 +125,7 @@ class PPOStageConfig:
     sharing: str = "shared"  # shared (one base) | separate (own reference and reward model instances)
 
     # ---- schedule
-    steps: int = 120  # PPO iterations (rollout + optimisation)
+    steps: int = 100  # PPO iterations (rollout + optimisation)
     batch_size: int = 64  # prompts per rollout
     mini_batch_size: int = 16
     gradient_accumulation_steps: int = 1
@@ -151,7 +151,7 @@ class PPOStageConfig:
     missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses without EOS
 
     # ---- optimisation
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     lr_scheduler: str = "constant"  # constant | linear | cosine
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | adamw_8bit (bitsandbytes)
@@ -283,6 +283,8 @@ def validate(cfg: DictConfig) -> None:
         _check(not (stage.finetune == "full" and cfg.quant.mode in ("8bit", "4bit")),
                f"stage.finetune=full cannot train {cfg.quant.mode} quantized weights; "
                "use stage.finetune=lora or quant=fp32")
+    if stage.name == "ppo":
+        _validate_ppo(stage)
     for key in ("sft_model", "reward_adapter"):
         path = stage.get(key)
         if path and _looks_local(path):
@@ -292,6 +294,45 @@ def validate(cfg: DictConfig) -> None:
     for key in ("num_sft_train", "num_sft_eval", "num_pairs_train", "num_pairs_eval"):
         _positive(f"data.{key}", data[key])
     _check(0 <= data.pair_min_gap < 1, f"data.pair_min_gap={data.pair_min_gap!r} must be in [0, 1)")
+
+
+def _validate_ppo(stage: DictConfig) -> None:
+    for key in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
+                "max_new_tokens", "temperature", "cliprange", "cliprange_value", "max_grad_norm", "eval_samples",
+                "log_every"):
+        _positive(f"stage.{key}", stage[key])
+    _check(stage.learning_rate > 0, f"stage.learning_rate={stage.learning_rate!r} must be > 0")
+    _check(stage.mini_batch_size <= stage.batch_size,
+           f"stage.mini_batch_size={stage.mini_batch_size} is larger than stage.batch_size={stage.batch_size}; "
+           "lower it or raise the batch size")
+    _check(stage.mini_batch_size % stage.gradient_accumulation_steps == 0,
+           f"stage.mini_batch_size={stage.mini_batch_size} is not divisible by "
+           f"stage.gradient_accumulation_steps={stage.gradient_accumulation_steps}")
+    _check(0 < stage.top_p <= 1, f"stage.top_p={stage.top_p!r} must be in (0, 1]")
+    _check(stage.top_k >= 0, f"stage.top_k={stage.top_k!r} must be >= 0 (0 turns it off)")
+    _check(0 <= stage.min_new_tokens <= stage.max_new_tokens,
+           f"stage.min_new_tokens={stage.min_new_tokens} must be in [0, stage.max_new_tokens={stage.max_new_tokens}]")
+    _check(0 <= stage.gamma <= 1 and 0 <= stage.lam <= 1,
+           f"stage.gamma={stage.gamma!r} and stage.lam={stage.lam!r} must be in [0, 1]")
+    _one_of("stage.kl_penalty", stage.kl_penalty, ("kl", "abs", "mse", "full"))
+    _one_of("stage.kl_estimator", stage.kl_estimator, ("k1", "k3"))
+    _check(stage.init_kl_coef >= 0, f"stage.init_kl_coef={stage.init_kl_coef!r} must be >= 0")
+    if stage.adaptive_kl:
+        _positive("stage.target_kl", stage.target_kl, "or set stage.adaptive_kl=false")
+        _positive("stage.kl_horizon", stage.kl_horizon, "or set stage.adaptive_kl=false")
+    _one_of("stage.critic", stage.critic, ("value_head", "adapter"))
+    _one_of("stage.sharing", stage.sharing, ("shared", "separate"))
+    _one_of("stage.optimizer", stage.optimizer, ("adamw", "adamw_8bit"))
+    _one_of("stage.lr_scheduler", stage.lr_scheduler, ("constant", "linear", "cosine"))
+    policies = list(stage.policies)
+    _check(len(policies) > 0 and len(set(policies)) == len(policies) and all(policies),
+           f"stage.policies={policies} must be a non-empty list of distinct names")
+    _check(not any(p.endswith("_critic") or p in ("reward", "__base__") for p in policies),
+           f"stage.policies={policies}: names ending in _critic, 'reward' and '__base__' are reserved")
+    _check(stage.ratio_threshold > 1, f"stage.ratio_threshold={stage.ratio_threshold!r} must be > 1")
+    if stage.resume not in (None, "auto"):
+        _check(os.path.isdir(stage.resume), f"stage.resume={stage.resume!r} does not exist; "
+               "give a checkpoints/step-* dir or use stage.resume=auto")
 
 
 def sft_finetune_mode(cfg: DictConfig) -> str:

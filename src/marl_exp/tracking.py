@@ -41,8 +41,11 @@ def resolve_wandb_mode(configured: str) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
+    if hasattr(value, "item"):  # tensors and numpy scalars
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):  # more than one element
+            return value.tolist() if hasattr(value, "tolist") else str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
@@ -77,13 +80,13 @@ class Tracker:
             reinit="finish_previous",
         )
         if mode == "offline":
-            log.info("W&B is offline (no credentials found); upload later with: wandb sync %s", run.dir.rsplit("/files", 1)[0])
+            log.info("W&B is offline; upload later with: wandb sync %s", Path(run.dir).parent)
         return run
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(record, default=str) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 

@@ -57,11 +57,13 @@ def openings() -> list[str]:
 def oracle_score(text: str) -> float:
     """Ground-truth sentiment of ``text`` in [0, 1]: the share of polar units that are positive.
 
-    ``not`` flips the next word's polarity; text without any polar word scores 0.5 (neutral).
+    ``not`` flips the polarity of the next polar word; intensifiers between them keep the negation,
+    any other word or punctuation ends it. Text without any polar word scores 0.5 (neutral).
     """
     positive = negative = 0
     negate = False
-    for word in re.findall(r"[a-z']+", text.lower()):
+    # Punctuation is a token too: it ends a negation's scope ("not . great" is not "not great").
+    for word in re.findall(r"[a-z']+|[^\sa-z']", text.lower()):
         if word == NEGATION:
             negate = True
             continue
@@ -129,5 +131,5 @@ class ReviewGenerator:
         while True:
             a, b = self.review(opening), self.review(opening)
             gap = oracle_score(a.text) - oracle_score(b.text)
-            if abs(gap) >= min_gap:
+            if gap != 0 and abs(gap) >= min_gap:  # a tie has no chosen side, even with min_gap=0
                 return (a, b) if gap > 0 else (b, a)

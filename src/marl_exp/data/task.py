@@ -7,6 +7,7 @@ from typing import Callable
 
 from datasets import Dataset
 
+from marl_exp.config import ConfigError
 from marl_exp.data import reviews
 
 
@@ -26,7 +27,7 @@ class Task:
 def build_task(data_cfg) -> Task:
     if data_cfg.name == "reviews":
         return _reviews_task(data_cfg)
-    raise ValueError(f"data.name={data_cfg.name!r} is not a known task; use data=reviews")
+    raise ConfigError(f"data.name={data_cfg.name!r} is not a known task; use data=reviews")
 
 
 def _reviews_task(data_cfg) -> Task:
@@ -40,15 +41,19 @@ def _reviews_task(data_cfg) -> Task:
         chosen, rejected = zip(*(generator.preference_pair(data_cfg.pair_min_gap) for _ in range(n)))
         return Dataset.from_dict({"chosen": [r.text for r in chosen], "rejected": [r.text for r in rejected]})
 
+    # A quarter of the openings is held out of PPO training for evaluation: for each subject one verb,
+    # rotating, so the held-out prompts cover every subject and every verb. (Every fourth opening of
+    # the subject-major list would hold out one verb only: "... seemed" prompts never seen in training.)
     openings = reviews.openings()
+    n_verbs = len(reviews.VERBS)
+    held_out = {i for i in range(len(openings)) if i % n_verbs == (i // n_verbs) % n_verbs}
     return Task(
         name="reviews",
         sft_train=texts(0, data_cfg.num_sft_train),
         sft_eval=texts(1, data_cfg.num_sft_eval),
         pairs_train=pairs(2, data_cfg.num_pairs_train),
         pairs_eval=pairs(3, data_cfg.num_pairs_eval),
-        # Every fourth opening is held out of PPO training for evaluation.
-        prompts_train=[o for i, o in enumerate(openings) if i % 4 != 3],
-        prompts_eval=[o for i, o in enumerate(openings) if i % 4 == 3],
+        prompts_train=[o for i, o in enumerate(openings) if i not in held_out],
+        prompts_eval=[o for i, o in enumerate(openings) if i in held_out],
         oracle=reviews.oracle_score,
     )

@@ -89,7 +89,7 @@ def load_model(path: str, model_cfg, quant_cfg, device: torch.device, task: str 
         kwargs["device_map"] = {"": device}
     try:
         model = auto.from_pretrained(path, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: e.g. a config of an unknown model type
         raise ModelLoadError(_load_hint("model", path, err)) from err
     if quant is None:
         model.to(device)
@@ -107,8 +107,12 @@ def _hub_kwargs(model_cfg) -> dict:
 
 
 def _load_hint(what: str, path: str, err: Exception) -> str:
+    """One line (it is the CLI's whole error message): what failed, why, and how to fix it."""
+    reason = " ".join(str(err).split())  # library messages span several lines
     if Path(path).exists():
-        return f"could not load the {what} from local path {path!r}: {err}"
+        return f"could not load the {what} from local path {path!r}: {type(err).__name__}: {reason}"
+    if not isinstance(err, OSError):  # found, but not loadable (e.g. an unsupported architecture)
+        return f"could not load the {what} {path!r}: {type(err).__name__}: {reason}"
     return (f"could not load the {what} {path!r}: it is not a local directory and not in the Hugging Face "
             f"cache, and the hub is unreachable or the id is wrong; on an offline machine download it first "
             f"(`hf download {path}`) or set model.path to a local directory ({type(err).__name__})")

@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from marl_exp.config import TinyArchConfig
 from marl_exp.data.reviews import ReviewGenerator
+from marl_exp.io import current_umask
 
 BUILTIN_PREFIX = "builtin:"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -39,9 +40,13 @@ def builtin_model_dir(arch: TinyArchConfig) -> Path:
     recipe = {"version": RECIPE_VERSION, **fields}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     target = cache_root() / f"tiny-llama-{key}"
-    if not (target / "config.json").exists():
+    if not _complete(target):
         _build(arch, target)
     return target
+
+
+def _complete(model_dir: Path) -> bool:
+    return all((model_dir / name).exists() for name in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
 def _build(arch: TinyArchConfig, target: Path) -> None:
@@ -49,19 +54,23 @@ def _build(arch: TinyArchConfig, target: Path) -> None:
     # Build in a temp dir and rename, so a crash or a parallel job never leaves a half-written model.
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        tokenizer = train_tokenizer(arch.vocab_size)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only; the cache may be shared
+        tokenizer = train_tokenizer(arch.vocab_size, model_max_length=arch.max_position_embeddings)
         tokenizer.save_pretrained(tmp)
         model = _init_model(arch, tokenizer)
         model.save_pretrained(tmp)
+        if target.exists() and not _complete(target):
+            shutil.rmtree(target, ignore_errors=True)  # left over from a crash of an older version
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first; its copy is identical
-            pass
+            if not _complete(target):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(vocab_size: int, model_max_length: int = 128) -> PreTrainedTokenizerFast:
     """Byte-level BPE on a fixed sample of reviews: lossless round trip, nearly one token per word."""
     generator = ReviewGenerator(seed=0)
     corpus = [generator.review().text for _ in range(TOKENIZER_CORPUS_SIZE)]
@@ -80,7 +89,7 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=128, **SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=model_max_length, **SPECIAL_TOKENS)
 
 
 def _init_model(arch: TinyArchConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -97,5 +106,7 @@ def _init_model(arch: TinyArchConfig, tokenizer: PreTrainedTokenizerFast) -> Lla
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(arch.init_seed)
-    return LlamaForCausalLM(config)
+    # Seed a private copy of the RNG: whether the model was cached must not change the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(arch.init_seed)
+        return LlamaForCausalLM(config)

@@ -155,7 +155,7 @@ class PPOTrainer:
                     mb_stats[0]["ppo/grad_norm"] = float(grad_norm)
                 epoch_stats.extend(mb_stats)
                 epoch_stats[-1]["ppo/skipped_batches"] = float(skipped)
-            approxkl = _mean([s["ppo/policy/approxkl"] for s in epoch_stats])
+            approxkl = _mean([s["ppo/policy/approxkl"] for s in epoch_stats if "ppo/policy/approxkl" in s])
             if cfg.early_stop_kl is not None and approxkl > cfg.early_stop_kl:
                 stopped_early = True  # the policy moved too far from the rollout policy
                 break

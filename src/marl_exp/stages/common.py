@@ -42,7 +42,7 @@ def trainer_kwargs(cfg, output_dir: Path, device: torch.device) -> dict:
         per_device_eval_batch_size=stage.eval_batch_size,
         max_length=stage.max_length,
         logging_steps=stage.logging_steps,
-        gradient_checkpointing=stage.gradient_checkpointing,
+        activation_checkpointing=stage.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=device.type == "cpu",

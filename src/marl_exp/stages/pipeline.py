@@ -8,6 +8,7 @@ A later run with the same upstream config finds it there and reuses it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from marl_exp.config import AdapterConfig, Config, QuantConfig, STAGE_SCHEMAS, to_yaml
-from marl_exp.io import atomic_write_json
+from marl_exp.io import atomic_write_json, atomic_write_text
 from marl_exp.stages.common import environment_record
 from marl_exp.tracking import Tracker
 
@@ -57,11 +58,19 @@ def resolve_inputs(cfg: DictConfig) -> dict:
     stage = cfg.stage.name
     if stage == "sft":
         return {}
-    sft_model = cfg.stage.sft_model or str(cached_output(upstream_config(cfg, "sft")))
+    sft_model = _given(cfg.stage.sft_model) or str(cached_output(upstream_config(cfg, "sft")))
     if stage == "reward":
         return {"sft_model": sft_model}
-    reward_adapter = cfg.stage.reward_adapter or str(cached_output(upstream_config(cfg, "reward")))
+    reward_adapter = _given(cfg.stage.reward_adapter) or str(cached_output(upstream_config(cfg, "reward")))
     return {"sft_model": sft_model, "reward_adapter": reward_adapter}
+
+
+def _given(path: str | None) -> str | None:
+    """A user-given input: local directories made absolute (they are recorded, and read from other
+    working directories later), anything else (a hub id) as is."""
+    if path and Path(path).expanduser().is_dir():
+        return str(Path(path).expanduser().resolve())
+    return path or None
 
 
 def upstream_config(cfg: DictConfig, stage: str) -> DictConfig:
@@ -92,29 +101,66 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def cache_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.output_dir) / "cache" / f"{cfg.stage.name}-{config_hash(cfg)}"
+    # Absolute: the path is recorded in run records and adapter configs, and read from other dirs.
+    return Path(cfg.output_dir).expanduser().resolve() / "cache" / f"{cfg.stage.name}-{config_hash(cfg)}"
 
 
 def cached_output(cfg: DictConfig) -> Path:
-    """Output of the stage ``cfg`` describes: reused from the cache, or produced now and cached."""
+    """Output of the stage ``cfg`` describes: reused from the cache, or produced now and cached.
+
+    Concurrent jobs (e.g. a parallel multirun) that need the same entry build it once: the first
+    takes a lock, the others wait for it and then reuse its result.
+    """
     target = cache_dir(cfg)
     output = target / OUTPUT_SUBDIR[cfg.stage.name]
-    if (target / COMPLETE_MARKER).exists() and output.exists():
+    if _complete(target, output):
         log.info("reusing cached %s stage output %s (same upstream config)", cfg.stage.name, output)
         return output
-    log.info("no cached %s output for this config: running the %s stage into %s",
-             cfg.stage.name, cfg.stage.name, target)
-    # Build beside the target and rename, so an interrupted build is never mistaken for a result.
-    building = target.with_name(f".{target.name}.building-{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
-    run_stage(cfg, building)
-    shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete dir from an older crash
-    os.replace(building, target)
+    with _build_lock(target):
+        if _complete(target, output):
+            log.info("reusing cached %s stage output %s (built by another job)", cfg.stage.name, output)
+            return output
+        log.info("no cached %s output for this config: running the %s stage into %s",
+                 cfg.stage.name, cfg.stage.name, target)
+        # Under the lock nobody else builds this entry: builds left by crashed jobs are garbage.
+        for stale in target.parent.glob(f".{target.name}.building-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        # Build beside the target and rename, so an interrupted build is never mistaken for a result.
+        building = target.with_name(f".{target.name}.building-{os.getpid()}")
+        # Named after the entry, not after the temporary dir (W&B run name); not part of the hash.
+        run_stage(OmegaConf.merge(cfg, {"run_name": cfg.run_name or target.name}), building)
+        shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete dir from an older crash
+        os.replace(building, target)
     return output
+
+
+def _complete(target: Path, output: Path) -> bool:
+    return (target / COMPLETE_MARKER).exists() and output.exists()
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path):
+    """An exclusive lock on one cache entry (a no-op where ``fcntl`` is missing)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(target.with_name(f".{target.name}.lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another job is building %s; waiting for it", target)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def save_run_record(cfg: DictConfig, run_dir: Path, inputs: dict) -> None:
     """The resolved config, upstream inputs and environment, so a run can be traced and repeated."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "resolved_config.yaml").write_text(to_yaml(cfg))
+    atomic_write_text(run_dir / "resolved_config.yaml", to_yaml(cfg))
     atomic_write_json(run_dir / "run_record.json", {"inputs": inputs, **environment_record()})

@@ -52,7 +52,7 @@ def run(cfg, run_dir: Path, tracker: Tracker) -> dict:
         **params,
         "eval/loss_before": before,
         "eval/loss": metrics["eval_loss"],
-        "eval/perplexity": math.exp(metrics["eval_loss"]),
+        "eval/perplexity": math.exp(min(metrics["eval_loss"], 700.0)),  # exp(>709) overflows
         "train/steps": trainer.state.global_step,
     }
     _save(trainer.model, tokenizer, run_dir, base_path, cfg)
