@@ -54,6 +54,10 @@ class AutoModelForCausalLMWithValueHead(MultiAdapterModel):
 
         if _is_adapter_dir(source):  # a trained policy adapter: load its base, then the adapter
             base_path = PeftConfig.from_pretrained(source).base_model_name_or_path
+            if not base_path:
+                raise ValueError(f"the policy adapter in {str(source)!r} does not name its base model "
+                                 "(base_model_name_or_path in adapter_config.json); load the base yourself and "
+                                 "pass it with peft_config, or fix the adapter config")
             base = AutoModelForCausalLM.from_pretrained(base_path, *model_args, **kwargs)
             return cls.build(base, policy_adapter=str(source), base_path=base_path, **common)
 

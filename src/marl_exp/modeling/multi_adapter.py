@@ -12,6 +12,7 @@ parameter's ``requires_grad`` and each module's train/eval mode exactly as they 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -63,6 +64,33 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def keep_4bit_weights_differentiable(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; undo it where it already happened.
+
+    bitsandbytes >= 0.48 on a CPU with AVX512-BF16: the first eval-mode, no-grad forward of a
+    ``Linear4bit`` rewrites its weight *in place* into an inference layout (absmax in bf16, not
+    nested), and from then on every forward, in train mode too, uses ``gemv_4bit``, which has no
+    autograd: backward silently gives no gradient through the base weights (only a UserWarning), and
+    the outputs shift (~7e-3 on the tiny model). A rollout (generate, reward, reference: all eval and
+    no-grad) would thus break every later PPO step. Returns the number of 4-bit layers seen.
+    """
+    seen = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        seen += 1
+        module.support_avx512bf16_for_cpu = False  # bnb checks this before repacking
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            log.warning("a 4-bit layer had been repacked for CPU inference before the model was built; "
+                        "unpacking it (its absmax statistics were rounded to bf16 by the repacking)")
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    return seen
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row; correct for left, right and no padding."""
     positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
@@ -82,6 +110,7 @@ class MultiAdapterModel(nn.Module):
         self.reward_adapter_name = reward_adapter_name
         self.score_head = score_head
         self.reward_label_index = reward_label_index
+        keep_4bit_weights_differentiable(self.peft_model)
         self.activate_policy(self.policy_names[0])
 
     # ------------------------------------------------------------------------------- construction
@@ -129,21 +158,50 @@ class MultiAdapterModel(nn.Module):
                    reward_adapter_name if reward_adapter is not None else None, score_head, label_index)
 
     def add_policy(self, name: str, config: LoraConfig | None = None, adapter_dir: str | None = None) -> None:
-        """Add another trainable policy adapter (fresh from ``config`` or loaded from ``adapter_dir``)."""
-        if name in self.peft_model.peft_config:
+        """Add another trainable policy adapter (fresh from ``config`` or loaded from ``adapter_dir``).
+
+        The active policy stays active; the new adapter and its value head start frozen (they become
+        trainable when activated). Every existing parameter keeps its ``requires_grad`` and the new
+        modules take the model's current train/eval mode.
+        """
+        if name in self.peft_model.peft_config or name in self.value_heads:
             raise ValueError(f"adapter name {name!r} is already taken; choose another policy name")
-        with self._role(name):  # keeps the current policy active afterwards
+        saved_grad = [(p, p.requires_grad) for p in self.parameters()]
+        known_params = {id(p) for p, _ in saved_grad}
+        known_modules = {id(m) for m in self.modules()}
+        added = False
+        try:
             if adapter_dir is not None:
-                self.peft_model.load_adapter(adapter_dir, adapter_name=name, is_trainable=True)
+                self.peft_model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=True)
             else:
-                self.peft_model.add_adapter(name, config or LoraConfig(task_type="CAUSAL_LM"))
-        hidden_size = self.config.get_text_config().hidden_size
-        head = ValueHead(hidden_size, self._value_head_dropout()).to(self.device)
-        if adapter_dir is not None and (Path(adapter_dir) / VALUE_HEAD_FILE).exists():
-            head.load_state_dict(load_file(Path(adapter_dir) / VALUE_HEAD_FILE))
-        self.value_heads[name] = head
-        self.policy_names.append(name)
-        self._apply_trainable(self.active_policy)
+                # A copy: peft keeps (and mutates) the config object, which may be shared with another policy.
+                config = copy.deepcopy(config) if config is not None else LoraConfig(task_type="CAUSAL_LM")
+                self.peft_model.add_adapter(name, config)
+            added = True
+            peft_config = self.peft_model.peft_config[name]
+            if getattr(peft_config, "base_model_name_or_path", None) is None:  # get_peft_model sets it, add_adapter not
+                peft_config.base_model_name_or_path = self.config.name_or_path
+            hidden_size = self.config.get_text_config().hidden_size
+            head = ValueHead(hidden_size, self._value_head_dropout()).to(self.device)
+            if adapter_dir is not None and (Path(adapter_dir) / VALUE_HEAD_FILE).exists():
+                head.load_state_dict(load_file(Path(adapter_dir) / VALUE_HEAD_FILE))
+            self.value_heads[name] = head
+            self.policy_names.append(name)
+        except BaseException:
+            if added and name not in self.policy_names:
+                self.peft_model.delete_adapter(name)
+            raise
+        finally:
+            # peft's load_adapter/add_adapter/set_adapter rewrite requires_grad: put every flag back.
+            self.peft_model.set_adapter(self._active_policy)
+            for param, flag in saved_grad:
+                param.requires_grad = flag
+            for param in self.parameters():
+                if id(param) not in known_params:
+                    param.requires_grad = False  # only the active policy trains
+            for module in self.modules():
+                if id(module) not in known_modules:
+                    module.training = self.training
 
     # ---------------------------------------------------------------------------------- properties
     @property
@@ -217,7 +275,12 @@ class MultiAdapterModel(nn.Module):
 
     def policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        adapter: str | None = None) -> PolicyOutput:
-        """Logits and values of policy ``adapter`` (default: the active one), with gradients."""
+        """Logits and values of policy ``adapter`` (default: the active one), with gradients.
+
+        Naming another policy is a deliberate switch: it becomes the active policy (as with
+        ``activate_policy``) and stays active afterwards, because only the active policy's LoRA
+        weights and value head have ``requires_grad``. Train/eval modes are left untouched.
+        """
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         adapter = adapter or self._active_policy
         if adapter != self._active_policy:
@@ -243,16 +306,20 @@ class MultiAdapterModel(nn.Module):
 
         ``return_all_tokens=True`` gives the score at every position [B, T] instead.
         ``ppo_adapter_name`` names the policy adapter to leave active afterwards (default: the one
-        active before the call).
+        active before the call). Naming another policy switches to it as ``activate_policy`` does;
+        naming the active one (or none) leaves every flag and mode exactly as it was.
         """
         if self.score_head is None:
             raise ValueError("this model has no reward adapter; load one with reward_adapter=<dir or hub id>")
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         label = self.reward_label_index if reward_label_index is None else reward_label_index
+        _check_label_index(label, self.score_head.out_features)
+        if ppo_adapter_name is not None and ppo_adapter_name not in self.policy_names:
+            raise ValueError(f"unknown policy adapter {ppo_adapter_name!r}; known: {', '.join(self.policy_names)}")
         with self._role(self.reward_adapter_name, eval_mode=True):
             hidden = self._hidden_states(input_ids, attention_mask)
             scores = self.score_head(hidden.to(self.score_head.weight.dtype))[..., label]
-        if ppo_adapter_name is not None:
+        if ppo_adapter_name is not None and ppo_adapter_name != self._active_policy:
             self.activate_policy(ppo_adapter_name)
         if return_all_tokens:
             return scores
@@ -261,8 +328,16 @@ class MultiAdapterModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter: str | None = None,
                  **generate_kwargs) -> torch.Tensor:
-        """Sample from policy ``adapter`` (default: the active one) with the model's KV cache."""
-        with self._role(adapter or self._active_policy, eval_mode=True):
+        """Sample from policy ``adapter`` (default: the active one) with the model's KV cache.
+
+        Runs in eval mode with ``adapter`` active, then restores the active policy, every
+        ``requires_grad`` and every train/eval mode. Position ids under left padding are generate's
+        own (``cumsum(attention_mask) - 1``), the same as ``position_ids_from_mask`` gives every forward.
+        """
+        adapter = adapter or self._active_policy
+        if adapter not in self.policy_names:
+            raise ValueError(f"unknown policy adapter {adapter!r}; known: {', '.join(self.policy_names)}")
+        with self._role(adapter, eval_mode=True):
             return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
     # ---------------------------------------------------------------------------------- inspection
@@ -276,11 +351,12 @@ class MultiAdapterModel(nn.Module):
         """Bytes held by base weights, adapters (all LoRA weights) and heads (value + score)."""
         sizes = {"base_weights": 0, "adapters": 0, "heads": 0}
         seen: set[int] = set()
+        seen_storage: set[tuple[int, int]] = set()
         for name, tensor in list(self.named_parameters()) + list(self.named_buffers()):
             if id(tensor) in seen:
                 continue
             seen.add(id(tensor))
-            nbytes = tensor.numel() * tensor.element_size() + _quant_state_bytes(tensor)
+            nbytes = tensor.numel() * tensor.element_size() + _quant_state_bytes(tensor, seen_storage)
             if name.startswith(("value_heads.", "score_head.")):
                 sizes["heads"] += nbytes
             elif _adapter_of(name) is not None:
@@ -316,13 +392,26 @@ def _adapter_of(param_name: str) -> str | None:
     return None
 
 
-def _quant_state_bytes(tensor: torch.Tensor) -> int:
-    state = getattr(tensor, "quant_state", None)  # bitsandbytes 4-bit: absmax etc. live beside the weight
-    if state is None:
-        return 0
-    total = state.absmax.numel() * state.absmax.element_size()
-    if getattr(state, "state2", None) is not None:
-        total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+def _quant_state_bytes(tensor: torch.Tensor, seen: set[tuple[int, int]] | None = None) -> int:
+    """Bytes of the quantization statistics bitsandbytes keeps beside a weight (not parameters or buffers):
+    8-bit ``SCB`` (per-row scales; ``CB`` when it is not the weight itself), 4-bit ``quant_state``
+    (absmax, code, offset and the nested state's absmax and code). Shared tensors count once."""
+    seen = set() if seen is None else seen
+    seen.add((tensor.data_ptr(), tensor.numel()))
+    side = [getattr(tensor, "SCB", None), getattr(tensor, "CB", None)]
+    state = getattr(tensor, "quant_state", None)
+    while state is not None:
+        side += [getattr(state, "absmax", None), getattr(state, "code", None), getattr(state, "offset", None)]
+        state = getattr(state, "state2", None)
+    total = 0
+    for extra in side:
+        if not isinstance(extra, torch.Tensor):
+            continue
+        key = (extra.data_ptr(), extra.numel())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += extra.numel() * extra.element_size()
     return total
 
 
@@ -343,22 +432,37 @@ def _load_reward_adapter(peft_model: PeftModel, source: str, name: str, label_in
         raise ValueError(f"reward adapter {source!r} has no score head (no key ending in 'score.weight'); "
                          "train it with stage=reward or TRL's RewardTrainer")
     lora_weights = {k: v for k, v in weights.items() if "score." not in k}
-    peft_model.add_adapter(name, config)
-    result = set_peft_model_state_dict(peft_model, lora_weights, adapter_name=name)
-    missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"reward adapter {source!r} does not fit this base: {len(missing)} missing, "
-                         f"{len(result.unexpected_keys)} unexpected LoRA weights; was it trained on another architecture?")
-
     num_labels, hidden = score["weight"].shape
-    if label_index is None:
-        label_index = 0
-    if not 0 <= label_index < num_labels:
-        raise ValueError(f"reward_label_index={label_index} is out of range for a score head with {num_labels} labels")
+    label_index = _check_label_index(0 if label_index is None else label_index, num_labels)
+    model_hidden = peft_model.get_base_model().config.get_text_config().hidden_size
+    if hidden != model_hidden:
+        raise ValueError(f"reward adapter {source!r} has a score head for hidden size {hidden}, but the base has "
+                         f"hidden size {model_hidden}; was it trained on another base?")
+    if name in peft_model.peft_config:
+        raise ValueError(f"adapter name {name!r} is already taken; choose another reward_adapter_name")
+    peft_model.add_adapter(name, config)
+    try:
+        result = set_peft_model_state_dict(peft_model, lora_weights, adapter_name=name)
+        missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"reward adapter {source!r} does not fit this base: {len(missing)} missing, "
+                             f"{len(result.unexpected_keys)} unexpected LoRA weights; was it trained on another "
+                             "architecture?")
+    except Exception:
+        peft_model.delete_adapter(name)
+        raise
+
     head = nn.Linear(hidden, num_labels, bias="bias" in score)
     head.load_state_dict({k: v.float() for k, v in score.items()})
     head.requires_grad_(False)
     return head.to(device), label_index
+
+
+def _check_label_index(label_index: int, num_labels: int) -> int:
+    if not 0 <= label_index < num_labels:
+        raise ValueError(f"reward_label_index={label_index} is out of range for a score head with {num_labels} "
+                         f"label{'s' if num_labels != 1 else ''} (valid: 0..{num_labels - 1})")
+    return label_index
 
 
 def write_base_record(adapter_dir: Path, base_path: str, base_name: str, base_dir: Path | None) -> dict:
