@@ -24,12 +24,6 @@ QUANT_KWARGS = {"fp32": {}, "8bit": {"load_in_8bit": True}, "4bit": {"load_in_4b
 SCORE_TOLERANCE = {"fp32": 1e-5, "8bit": 0.03, "4bit": 0.35}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(trained_chain):
-    threads = torch.get_num_threads()  # tiny matrices: one thread, robust to a busy CPU
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

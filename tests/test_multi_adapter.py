@@ -37,14 +37,6 @@ ATOL_REWARD = 1e-5
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(trained_chain):
-    # Tiny matrices: one thread is as fast as two, and far faster when other jobs load the CPU
-    # (measured 100x on a busy 2-core machine). The chain is trained first, with the usual threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,6 @@ from marl_exp.stages.pipeline import cache_dir, resolve_inputs, run_stage, upstr
 QUANTS = ("fp32", "8bit", "4bit")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU spinning threads slow them down a lot."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

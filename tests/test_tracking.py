@@ -17,13 +17,6 @@ from marl_exp.tracking import Tracker, TrackerCallback, hf_to_metric_name, resol
 QUICK_WANDB = tuple(o for o in QUICK if not o.startswith("logger=")) + ("logger=wandb",)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU spinning threads slow them down a lot."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------------------------------ W&B mode

@@ -74,10 +74,9 @@ class AdapterConfig:
 
 # -------------------------------------------------------------------------------------------- stages
 @dataclass
-class SFTStageConfig:
-    name: str = "sft"
-    # full | lora (with the `adapter` group) | auto = full, or lora when the base is quantized
-    finetune: str = "auto"
+class TrainerStageConfig:
+    """Hyper-parameters of the stages that run a TRL trainer (SFT and reward)."""
+
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
@@ -92,22 +91,19 @@ class SFTStageConfig:
 
 
 @dataclass
-class RewardStageConfig:
+class SFTStageConfig(TrainerStageConfig):
+    name: str = "sft"
+    # full | lora (with the `adapter` group) | auto = full, or lora when the base is quantized
+    finetune: str = "auto"
+
+
+@dataclass
+class RewardStageConfig(TrainerStageConfig):
     name: str = "reward"
     # SFT model directory or hub id; empty = run (or reuse) the SFT stage through the stage cache.
     sft_model: Optional[str] = None
     learning_rate: float = 3e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    lr_scheduler_type: str = "cosine"
-    num_train_epochs: float = 2.0
-    max_steps: int = -1
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    max_length: int = 64
     center_rewards_coefficient: Optional[float] = 0.01
-    gradient_checkpointing: bool = False
-    logging_steps: int = 10
 
 
 @dataclass

@@ -7,10 +7,12 @@ One code path for all three: the built-in model is materialised on disk first an
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -22,6 +24,7 @@ from transformers import (
 
 from marl_exp.modeling.tiny import BUILTIN_PREFIX, builtin_model_dir
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -93,7 +96,37 @@ def load_model(path: str, model_cfg, quant_cfg, device: torch.device, task: str 
         raise ModelLoadError(_load_hint("model", path, err)) from err
     if quant is None:
         model.to(device)
+    else:
+        keep_4bit_weights_differentiable(model)
     return model
+
+
+def keep_4bit_weights_differentiable(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; undo it where it already happened.
+
+    bitsandbytes >= 0.48 on a CPU with AVX512-BF16: the first eval-mode, no-grad forward of a
+    ``Linear4bit`` rewrites its weight *in place* into an inference layout (absmax in bf16, not
+    nested), and from then on every forward, in train mode too, uses ``gemv_4bit``, which has no
+    autograd: backward silently gives no gradient through the base weights (only a UserWarning), and
+    the outputs shift (~7e-3 on the tiny model). A rollout (generate, reward, reference: all eval and
+    no-grad) would thus break every later PPO step. Returns the number of 4-bit layers seen.
+    """
+    seen = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        seen += 1
+        module.support_avx512bf16_for_cpu = False  # bnb checks this before repacking
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            log.warning("a 4-bit layer had been repacked for CPU inference before the model was built; "
+                        "unpacking it (its absmax statistics were rounded to bf16 by the repacking)")
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    return seen
+
 
 
 def _hub_kwargs(model_cfg) -> dict:

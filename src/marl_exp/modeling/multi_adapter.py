@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from marl_exp.io import atomic_write_json
-from marl_exp.modeling.loading import fingerprint, local_model_dir
+from marl_exp.modeling.loading import fingerprint, keep_4bit_weights_differentiable, local_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,33 +62,6 @@ class ValueHead(nn.Module):
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left padding does not shift them (as in generate)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def keep_4bit_weights_differentiable(model: nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; undo it where it already happened.
-
-    bitsandbytes >= 0.48 on a CPU with AVX512-BF16: the first eval-mode, no-grad forward of a
-    ``Linear4bit`` rewrites its weight *in place* into an inference layout (absmax in bf16, not
-    nested), and from then on every forward, in train mode too, uses ``gemv_4bit``, which has no
-    autograd: backward silently gives no gradient through the base weights (only a UserWarning), and
-    the outputs shift (~7e-3 on the tiny model). A rollout (generate, reward, reference: all eval and
-    no-grad) would thus break every later PPO step. Returns the number of 4-bit layers seen.
-    """
-    seen = 0
-    for module in model.modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu"):
-            continue
-        seen += 1
-        module.support_avx512bf16_for_cpu = False  # bnb checks this before repacking
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            log.warning("a 4-bit layer had been repacked for CPU inference before the model was built; "
-                        "unpacking it (its absmax statistics were rounded to bf16 by the repacking)")
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-    return seen
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
