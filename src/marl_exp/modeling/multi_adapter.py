@@ -438,10 +438,15 @@ def _check_label_index(label_index: int, num_labels: int) -> int:
     return label_index
 
 
+def base_record(base_path: str, base_name: str, base_dir: Path | None) -> dict:
+    """Which base an adapter was trained on: path or hub id, preset name, weight fingerprint."""
+    return {"base_model": base_path, "base_model_name": base_name,
+            "fingerprint": fingerprint(base_dir) if base_dir is not None else None}
+
+
 def write_base_record(adapter_dir: Path, base_path: str, base_name: str, base_dir: Path | None) -> dict:
     """Record in an adapter dir which base it was trained on (read back by ``check_same_base``)."""
-    record = {"base_model": base_path, "base_model_name": base_name,
-              "fingerprint": fingerprint(base_dir) if base_dir is not None else None}
+    record = base_record(base_path, base_name, base_dir)
     atomic_write_json(Path(adapter_dir) / BASE_RECORD, record)
     return record
 
@@ -462,7 +467,8 @@ def check_same_base(reward_adapter: str, base_path: str | None, allow_mismatch: 
     if ours is not None and theirs is not None:
         same = ours == theirs
     else:
-        same = Path(str(record.get("base_model"))).name == Path(base_path).name
+        # No weights to hash on one side (a hub base not in the local cache): the ids must match.
+        same = str(record.get("base_model")) == str(base_path)
     if same:
         return
     message = (f"reward adapter {reward_adapter!r} was trained on base {record.get('base_model')!r} "

@@ -78,18 +78,45 @@ def sample(model, tokenizer, prompts: list[str], adapter: str, cfg) -> Rollout:
     return Rollout(enc.input_ids, enc.attention_mask, response_ids, response_mask, has_eos=has_eos)
 
 
+def pad_response(rollout: Rollout, length: int, pad_token_id: int) -> None:
+    """Right-pad the response to ``length`` tokens (masked), so rollouts can share one batch."""
+    extra = length - rollout.response_ids.shape[1]
+    if extra > 0:
+        rollout.response_ids = torch.nn.functional.pad(rollout.response_ids, (0, extra), value=pad_token_id)
+        rollout.response_mask = torch.nn.functional.pad(rollout.response_mask, (0, extra), value=0)
+
+
 @torch.no_grad()
 def score(roles, rollout: Rollout, adapter: str, critic: str, cfg) -> Rollout:
-    """Fill in old log-probs, values, reference log-probs, per-token KL and scores."""
-    ids, mask = rollout.input_ids, rollout.attention_mask
-    window = response_slice(rollout.query_ids.shape[1], rollout.response_ids.shape[1])
-    policy = roles.policy_outputs(ids, mask, adapter, critic)
-    logits = policy.logits[:, window].float() / cfg.temperature
-    ref_logits = roles.reference_logits(ids, mask)[:, window].float() / cfg.temperature
-    rollout.logprobs = logprobs_from_logits(logits, rollout.response_ids)
-    rollout.ref_logprobs = logprobs_from_logits(ref_logits, rollout.response_ids)
-    rollout.values = policy.values[:, window].float()
-    rollout.kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, cfg.kl_penalty, cfg.kl_estimator,
-                              logits=logits, ref_logits=ref_logits)
-    rollout.raw_scores = roles.reward_scores(ids, mask, adapter).float()
-    return rollout
+    """Fill in old log-probs, values, reference log-probs, per-token KL and scores of one rollout."""
+    return score_many(roles, {adapter: rollout}, critic, cfg, pad_token_id=0)[adapter]  # one: nothing to pad
+
+
+@torch.no_grad()
+def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, pad_token_id: int) -> dict[str, Rollout]:
+    """Score the rollouts of several policies on the same prompts.
+
+    The reference and reward passes do not depend on the policy, so they run once over all
+    policies' responses stacked in one batch; each policy then gets its own log-probs and values.
+    """
+    length = max(r.response_ids.shape[1] for r in rollouts.values())
+    for rollout in rollouts.values():
+        pad_response(rollout, length, pad_token_id)
+    ids = torch.cat([r.input_ids for r in rollouts.values()])
+    mask = torch.cat([r.attention_mask for r in rollouts.values()])
+    window = response_slice(ids.shape[1] - length, length)
+    ref_logits = (roles.reference_logits(ids, mask)[:, window].float() / cfg.temperature).split(
+        [r.query_ids.shape[0] for r in rollouts.values()])
+    raw_scores = roles.reward_scores(ids, mask, next(iter(rollouts))).float().split(
+        [r.query_ids.shape[0] for r in rollouts.values()])
+
+    for (adapter, rollout), ref, raw in zip(rollouts.items(), ref_logits, raw_scores):
+        policy = roles.policy_outputs(rollout.input_ids, rollout.attention_mask, adapter, critic)
+        logits = policy.logits[:, window].float() / cfg.temperature
+        rollout.logprobs = logprobs_from_logits(logits, rollout.response_ids)
+        rollout.ref_logprobs = logprobs_from_logits(ref, rollout.response_ids)
+        rollout.values = policy.values[:, window].float()
+        rollout.kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, cfg.kl_penalty, cfg.kl_estimator,
+                                  logits=logits, ref_logits=ref)
+        rollout.raw_scores = raw
+    return rollouts

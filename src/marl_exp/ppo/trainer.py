@@ -18,7 +18,7 @@ from transformers import get_scheduler
 
 from marl_exp.ppo import core
 from marl_exp.ppo.roles import SharedRoles, critic_name
-from marl_exp.ppo.rollout import Rollout, response_slice, sample, score
+from marl_exp.ppo.rollout import Rollout, response_slice, sample, score_many
 
 
 class RunningMoments:
@@ -86,8 +86,8 @@ class PPOTrainer:
         timings["time/rollout"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        for name, rollout in rollouts.items():
-            score(self.roles, rollout, name, cfg.critic, cfg)
+        score_many(self.roles, rollouts, cfg.critic, cfg, self.tokenizer.pad_token_id)
+        for rollout in rollouts.values():
             rollout.scores = self._shape_scores(rollout)
         timings["time/score"] = time.perf_counter() - t0
 
@@ -108,7 +108,6 @@ class PPOTrainer:
         stats["perf/tokens_per_s"] = tokens / max(timings["time/step"], 1e-9)
         stats["perf/rollout_tokens_per_s"] = tokens / max(timings["time/rollout"], 1e-9)
         stats["objective/kl_coef"] = self.kl_ctl.value
-        self.last_rollouts = rollouts
         return stats
 
     def _shape_scores(self, rollout: Rollout) -> torch.Tensor:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from marl_exp.data import build_task
 from marl_exp.io import atomic_write_json
 from marl_exp.modeling.loading import load_model, load_tokenizer, local_model_dir, resolve_device
-from marl_exp.modeling.multi_adapter import MultiAdapterModel, check_same_base, write_base_record
+from marl_exp.modeling.multi_adapter import MultiAdapterModel, base_record, check_same_base
 from marl_exp.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from marl_exp.ppo.evaluate import evaluate
 from marl_exp.ppo.roles import SeparateRoles, SharedRoles, critic_name
@@ -109,10 +109,9 @@ def run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: st
     summary.update(after)
     summary["train/steps"] = trainer.step_count
     save_checkpoint(run_dir, trainer.step_count, model, saved_adapters, trainer.state_dict(), summary)
-    record = write_base_record(run_dir, sft_model, cfg.model.name, local_model_dir(sft_model, cfg.model))
+    record = base_record(sft_model, cfg.model.name, local_model_dir(sft_model, cfg.model))
     for name in saved_adapters:
         model.save_policy(run_dir / POLICIES_SUBDIR / name, adapter=name, base_record=record)
-    (run_dir / "marl_exp_base.json").unlink(missing_ok=True)
     tracker.update_summary(summary)
     return summary
 

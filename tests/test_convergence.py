@@ -1,0 +1,32 @@
+"""A short convergence check of PPO on the built-in task (the full benchmark is bench/convergence.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import compose
+from marl_exp.stages.pipeline import run_stage
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_oracle_score_within_kl_budget(trained_chain, tmp_path):
+    # Default PPO settings, fewer steps than the default run; the SFT model and reward adapter
+    # are the default-config ones from the session fixture.
+    cfg = compose("stage=ppo", "logger=none", f"output_dir={tmp_path}", "stage.steps=40", "stage.eval_every=0",
+                  "stage.save_every=0", f"stage.sft_model={trained_chain['sft_model']}",
+                  f"stage.reward_adapter={trained_chain['reward_adapter']}")
+    summary = run_stage(cfg, tmp_path / "run")
+    before, after = summary["eval/before/oracle_score"], summary["eval/after/oracle_score"]
+    assert after >= 0.8 and after - before >= 0.2, (before, after)
+    assert summary["eval/after/kl"] <= 20.0
+    assert summary["eval/after/reward_score"] > summary["eval/before/reward_score"] + 1.0
+
+
+@pytest.mark.slow
+def test_adamw_8bit_optimizer_runs(trained_chain, tmp_path):
+    cfg = compose("stage=ppo", "logger=none", f"output_dir={tmp_path}", "stage.optimizer=adamw_8bit",
+                  "stage.steps=1", "stage.batch_size=8", "stage.mini_batch_size=4", "stage.eval_samples=8",
+                  "stage.max_new_tokens=8", "stage.eval_every=0", "stage.save_every=0",
+                  f"stage.sft_model={trained_chain['sft_model']}", f"stage.reward_adapter={trained_chain['reward_adapter']}")
+    summary = run_stage(cfg, tmp_path / "run")
+    assert summary["train/steps"] == 1
