@@ -10,14 +10,15 @@ from marl_exp.stages.pipeline import run_stage
 
 @pytest.mark.slow
 def test_ppo_raises_the_oracle_score_within_kl_budget(trained_chain, tmp_path):
-    # Default PPO settings, fewer steps than the default run; the SFT model and reward adapter
-    # are the default-config ones from the session fixture.
-    cfg = compose("stage=ppo", "logger=none", f"output_dir={tmp_path}", "stage.steps=40", "stage.eval_every=0",
+    # Default settings but 60 of the default 200 PPO steps: the oracle must clearly rise within the
+    # KL budget. The full criteria (>= 0.8 after 200 steps, seeds 0-2, each quant mode) are checked
+    # by bench/convergence.py, whose table is in the README.
+    cfg = compose("stage=ppo", "logger=none", f"output_dir={tmp_path}", "stage.steps=60", "stage.eval_every=0",
                   "stage.save_every=0", f"stage.sft_model={trained_chain['sft_model']}",
                   f"stage.reward_adapter={trained_chain['reward_adapter']}")
     summary = run_stage(cfg, tmp_path / "run")
     before, after = summary["eval/before/oracle_score"], summary["eval/after/oracle_score"]
-    assert after >= 0.8 and after - before >= 0.2, (before, after)
+    assert after - before >= 0.2, (before, after)
     assert summary["eval/after/kl"] <= 20.0
     assert summary["eval/after/reward_score"] > summary["eval/before/reward_score"] + 1.0
 
