@@ -1,10 +1,19 @@
-"""``marl-exp`` console script: the same Hydra app as ``python train.py`` (run from the repo root)."""
+"""``marl-exp`` console script: the same Hydra app as ``python train.py`` (run from the repo root).
+
+``marl-exp compare PATH...`` compares finished runs instead (see ``marl_exp.compare``); any other
+arguments go to the Hydra app.
+"""
 
 import sys
 from pathlib import Path
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "compare":
+        from marl_exp.compare import main as compare
+
+        sys.exit(compare(sys.argv[2:]))
+
     import hydra
 
     from marl_exp.cli import main as run

@@ -63,7 +63,26 @@ def environment_record() -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions}
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
+            "git": git_record()}
+
+
+def git_record(repo: Path | None = None) -> dict | None:
+    """Commit and dirty flag (tracked files changed) of the project's git checkout; None without git."""
+    import subprocess
+
+    repo = Path(repo) if repo is not None else Path(__file__).resolve().parents[3]
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True,
+                                  timeout=10).stdout.strip()
+
+        if git("rev-parse", "--is-inside-work-tree") != "true":
+            return None
+        return {"commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except Exception:  # noqa: BLE001 - no git binary, not a checkout, no commit yet, a timeout: no record
+        return None
 
 
 def count_parameters(model) -> dict:
