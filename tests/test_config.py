@@ -13,7 +13,7 @@ from conftest import CONF_DIR, REPO, compose
 from marl_exp.config import ConfigError, validate
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))
-                and p.name not in ("experiment", "debug", "hydra"))
+                and p.name not in ("experiment", "debug", "hydra", "sweep"))
 
 
 def options(group: str) -> list[str]:
@@ -80,4 +80,85 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("marl-exp: error:")]
     assert errors == ["marl-exp: error: adapter.r=0 must be > 0; a LoRA rank such as 8 or 16"]
+    assert "Traceback" not in proc.stderr
+
+
+# One row per bad config: the overrides, then the start of the one-line message (it names key and value).
+BAD_CONFIGS = [
+    (["stage.batch_size=8", "stage.mini_batch_size=16"], "stage.mini_batch_size=16 is larger than stage.batch_size=8"),
+    (["stage.top_p=0"], "stage.top_p=0.0 must be in (0, 1]"),
+    (["stage.top_p=1.5"], "stage.top_p=1.5 must be in (0, 1]"),
+    (["stage.learning_rate=-0.001"], "stage.learning_rate=-0.001 must be > 0"),
+    (["stage.kl_penalty=foo"], "stage.kl_penalty='foo' is not valid; use one of kl, abs, mse, full"),
+    (["stage.policies=[]"], "stage.policies=[] must be a non-empty list of distinct names"),
+    (["stage.policies=[a,a]"], "stage.policies=['a', 'a'] must be a non-empty list of distinct names"),
+    (["stage.policies=[reward]"], "stage.policies=['reward']: names ending in _critic"),
+    (["stage.critic=foo"], "stage.critic='foo' is not valid; use one of value_head, adapter"),
+    (["stage.sharing=foo"], "stage.sharing='foo' is not valid; use one of shared, separate"),
+    (["stage.resume=/nonexistent"], "stage.resume='/nonexistent' does not exist"),
+    (["adapter.r=0"], "adapter.r=0 must be > 0"),
+    (["adapter.lora_dropout=1"], "adapter.lora_dropout=1.0 must be in [0, 1)"),
+    (["stage.max_bad_steps=0"], "stage.max_bad_steps=0 must be > 0"),
+    (["stage.steps=0"], "stage.steps=0 must be > 0"),
+    (["stage.kl_estimator=k2"], "stage.kl_estimator='k2' is not valid"),
+    (["stage.ratio_threshold=1"], "stage.ratio_threshold=1.0 must be > 1"),
+    (["stage.gamma=1.5"], "stage.gamma=1.5 and stage.lam=0.95 must be in [0, 1]"),
+    (["stage.min_new_tokens=30"], "stage.min_new_tokens=30 must be in [0, stage.max_new_tokens=24]"),
+    (["stage.optimizer=sgd"], "stage.optimizer='sgd' is not valid"),
+    (["stage.lr_scheduler=step"], "stage.lr_scheduler='step' is not valid"),
+    (["stage.top_k=-1"], "stage.top_k=-1 must be >= 0"),
+    (["stage.mini_batch_size=6", "stage.gradient_accumulation_steps=4"],
+     "stage.mini_batch_size=6 is not divisible by stage.gradient_accumulation_steps=4"),
+    (["stage.target_kl=0"], "stage.target_kl=0.0 must be > 0"),
+    (["stage=sft", "stage.finetune=half"], "stage.finetune='half' is not valid"),
+    (["stage=reward", "stage.warmup_ratio=1.0"], "stage.warmup_ratio=1.0 must be in [0, 1)"),
+    (["logger.name=tensorboard"], "logger.name='tensorboard' is not valid"),
+    (["model.trust_remote_code=true"], "model.trust_remote_code=true runs code from the hub"),
+    (["device=gpu"], "device='gpu' is not valid"),
+    (["quant=4bit", "quant.bnb_4bit_compute_dtype=bfloat16", "device=cuda"],
+     "quant.bnb_4bit_compute_dtype='bfloat16' does not run on this GPU (compute capability 7.5"),
+    (["quant=bf16", "device=cuda"], "quant.mode='bf16' does not run on this GPU (compute capability 7.5"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS])
+def test_bad_config_table(overrides, message, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("MARL_EXP_ALLOW_REMOTE_CODE", raising=False)
+    if "device=cuda" in overrides:  # a GPU without bfloat16 (a T4): faked, so the rule is tested on any machine
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+    with pytest.raises(ConfigError) as err:
+        validate(compose(*overrides))
+    text = str(err.value)
+    assert text.startswith(message) and "\n" not in text
+    assert "=" in message.split()[0]  # every row's message opens with key=value
+
+
+def test_4bit_float16_compute_and_bf16_run_on_cpu():
+    """On a CPU every compute dtype runs (checked with bitsandbytes' 4-bit CPU kernels), so none is rejected."""
+    for overrides in (["quant=4bit", "quant.bnb_4bit_compute_dtype=float16", "device=cpu"],
+                      ["quant=4bit", "quant.bnb_4bit_compute_dtype=bfloat16", "device=cpu"], ["quant=bf16", "device=cpu"]):
+        validate(compose(*overrides))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_rejected():
+    with pytest.raises(ConfigError, match="device='cuda' but no CUDA device is visible"):
+        validate(compose("device=cuda"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["stage.top_p=1.5"], "stage.top_p=1.5 must be in (0, 1]"),
+    (["stage.kl_penalty=foo"], "stage.kl_penalty='foo' is not valid; use one of kl, abs, mse, full"),
+    (["stage.batch_size=8", "stage.mini_batch_size=16"], "stage.mini_batch_size=16 is larger than stage.batch_size=8"),
+])
+def test_cli_bad_ppo_config_exits_2_with_one_line(tmp_path, overrides, message):
+    proc = subprocess.run([sys.executable, "train.py", *overrides, "logger=none", f"output_dir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("marl-exp: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"marl-exp: error: {message}")
     assert "Traceback" not in proc.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from marl_exp.config import ConfigError, to_yaml, validate
+from marl_exp.interrupt import StageInterrupted, TrainingDiverged
 from marl_exp.io import atomic_write_text
 from marl_exp.modeling.loading import ModelLoadError
 
@@ -31,6 +33,17 @@ def run_dir_from_hydra(cfg: DictConfig) -> Path:
         return Path(cfg.output_dir) / "runs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
 
 
+def in_multirun() -> bool:
+    """True inside a job of a Hydra multirun (``-m``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # not under @hydra.main
+        return False
+
+
 def main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     """Run one job; returns the stage's objective for sweepers. Bad input exits 2 with one line."""
     _setup_logging()
@@ -47,13 +60,56 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
             raise
         message = " ".join(str(err).split())  # one line, whatever the message
         print(f"marl-exp: error: {message}", file=sys.stderr, flush=True)
+        if in_multirun():  # one bad sweep point must not end the sweep (see hydra_callbacks.SweepReport)
+            return None
         sys.exit(2)
+    except StageInterrupted as err:  # SIGINT/SIGTERM: the stage saved what it could; say how to go on
+        message = interrupted_message(cfg, run_dir, err)
+        atomic_write_text(run_dir / INTERRUPTED_MARKER, message + "\n")
+        print(f"marl-exp: {message}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)  # 130 for SIGINT, 143 for SIGTERM
+    except TrainingDiverged as err:  # too many non-finite steps: one line, no traceback
+        _mark_failed(run_dir, err)
+        print(f"marl-exp: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        if in_multirun():  # like any failed job: FAILED is written, the other jobs run
+            return None
+        sys.exit(1)
     except BaseException as err:
         _mark_failed(run_dir, err)
+        if isinstance(err, Exception) and in_multirun():  # FAILED is written; let the other jobs run
+            print(f"marl-exp: error: job {run_dir} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            return None
         raise
+    (run_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)  # an interrupted run, now resumed to the end
     log.info("run finished: %s", run_dir)
     value = summary.get(OBJECTIVE[cfg.stage.name])
     return float(value) if value is not None else None
+
+
+INTERRUPTED_MARKER = "INTERRUPTED"
+
+
+def resume_command(cfg: DictConfig, run_dir: Path) -> str:
+    """``python train.py <same overrides> hydra.run.dir=<run_dir> [stage.resume=auto]``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [shlex.quote(str(o)) for o in HydraConfig.get().overrides.task
+                     if not str(o).lstrip("+~").startswith("stage.resume=")]
+    except ValueError:  # not under @hydra.main: the overrides are unknown
+        overrides = ["<same overrides>"]
+    parts = ["python", "train.py", *overrides, shlex.quote(f"hydra.run.dir={run_dir}")]
+    if cfg.stage.name == "ppo":
+        parts.append("stage.resume=auto")
+    return " ".join(parts)
+
+
+def interrupted_message(cfg: DictConfig, run_dir: Path, err: StageInterrupted) -> str:
+    command = resume_command(cfg, run_dir)
+    if err.checkpoint is not None:
+        return f"{err}. Resume with: {command}"
+    return (f"{err}; the SFT and reward stages keep no checkpoints (they are short): resuming means rerunning, "
+            f"with: {command}")
 
 
 def _mark_failed(run_dir: Path, err: BaseException) -> None:

@@ -164,6 +164,9 @@ class PPOStageConfig:
     whiten_advantages: bool = True
     early_stop_kl: Optional[float] = None  # stop the epochs of a step when approx-KL exceeds this
     ratio_threshold: float = 10.0  # skip a mini-batch whose mean ratio exceeds this
+    # Updates with NaN/inf (logits, scores, losses, gradients) are skipped and counted; this many bad
+    # steps in a row stop the run (the last checkpoint stays intact).
+    max_bad_steps: int = 3
     disable_dropout: bool = True  # dropout would make old and new log-probs differ at ratio 1
     gradient_checkpointing: bool = False
 
@@ -265,6 +268,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of("logger.name", cfg.logger.name, LOGGER_NAMES)
     _one_of("logger.mode", cfg.logger.mode, WANDB_MODES)
     _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
+    _check_device_dtypes(cfg)
     _check(cfg.model.trust_remote_code is False or os.environ.get("MARL_EXP_ALLOW_REMOTE_CODE") == "1",
            "model.trust_remote_code=true runs code from the hub; set MARL_EXP_ALLOW_REMOTE_CODE=1 to allow it")
 
@@ -295,10 +299,34 @@ def validate(cfg: DictConfig) -> None:
     _check(0 <= data.pair_min_gap < 1, f"data.pair_min_gap={data.pair_min_gap!r} must be in [0, 1)")
 
 
+def _check_device_dtypes(cfg: DictConfig) -> None:
+    """The device exists and can compute in the dtypes asked for.
+
+    On a CPU every compute dtype runs (bitsandbytes 4-bit with float32, bfloat16 and float16 compute all
+    do, forward and backward); on a GPU bfloat16 needs compute capability >= 8.0 (Ampere or newer).
+    """
+    quant = cfg.quant
+    bf16 = quant.mode == "bf16" or (quant.mode == "4bit" and quant.bnb_4bit_compute_dtype == "bfloat16")
+    if cfg.device == "cpu" or (cfg.device == "auto" and not bf16):
+        return
+    import torch
+
+    cuda = torch.cuda.is_available()
+    _check(cfg.device != "cuda" or cuda, "device='cuda' but no CUDA device is visible; use device=cpu or device=auto")
+    if not cuda or not bf16 or torch.cuda.is_bf16_supported():
+        return
+    major, minor = torch.cuda.get_device_capability()
+    if quant.mode == "4bit":
+        _check(False, f"quant.bnb_4bit_compute_dtype='bfloat16' does not run on this GPU (compute capability "
+                      f"{major}.{minor}, bfloat16 needs >= 8.0); use quant.bnb_4bit_compute_dtype=float16 or float32")
+    _check(False, f"quant.mode='bf16' does not run on this GPU (compute capability {major}.{minor}, bfloat16 "
+                  "needs >= 8.0); use quant=fp32, or quant=4bit with quant.bnb_4bit_compute_dtype=float16")
+
+
 def _validate_ppo(stage: DictConfig) -> None:
     for key in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
                 "max_new_tokens", "temperature", "cliprange", "cliprange_value", "max_grad_norm", "eval_samples",
-                "log_every"):
+                "log_every", "max_bad_steps"):
         _positive(f"stage.{key}", stage[key])
     _check(stage.learning_rate > 0, f"stage.learning_rate={stage.learning_rate!r} must be > 0")
     _check(stage.mini_batch_size <= stage.batch_size,

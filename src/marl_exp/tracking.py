@@ -51,6 +51,68 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def hydra_job_info() -> dict[str, Any] | None:
+    """This job's Hydra overrides and sweep position, or None outside ``@hydra.main``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return None
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    return {
+        "multirun": multirun,
+        "overrides": [str(o) for o in hydra_cfg.overrides.task],
+        "override_dirname": str(hydra_cfg.job.get("override_dirname") or ""),
+        "job_num": hydra_cfg.job.get("num") if multirun else None,
+        "sweep_dir": str(hydra_cfg.sweep.dir) if multirun else None,
+    }
+
+
+def sweep_group_name(sweep_dir: str) -> str:
+    """W&B group of a multirun: its dir below ``multirun/`` ("2025-01-31_12-00-00_ppo"), else its name."""
+    parts = Path(sweep_dir).parts
+    if "multirun" in parts[:-1]:
+        return "_".join(parts[len(parts) - 1 - parts[::-1].index("multirun") + 1:])
+    return Path(sweep_dir).name
+
+
+def wandb_identity(cfg: DictConfig, run_dir: Path) -> tuple[str | None, str, dict[str, Any] | None]:
+    """(group, default run name, hydra info for the W&B config) of a run.
+
+    In a multirun every job is its own W&B run in one group, the sweep (``logger.group`` wins when
+    set), named ``<job num>:<overrides>`` so the runs of a sweep tell apart at a glance.
+    """
+    info = hydra_job_info()
+    group = cfg.logger.group
+    name = Path(run_dir).name
+    if info and info["multirun"]:
+        group = group or sweep_group_name(info["sweep_dir"])
+        name = f"{info['job_num']}:{info['override_dirname']}" if info["override_dirname"] else f"{group}/{name}"
+    return group, name, info
+
+
+def init_wandb_or_offline(**kwargs):
+    """``wandb.init``; when an online init fails (host unreachable, bad API key, timeout), warn once and
+    log offline instead: a logger problem never stops training."""
+    import wandb
+
+    try:
+        return wandb.init(**kwargs)
+    except Exception as err:  # noqa: BLE001 - wandb raises CommError, AuthenticationError, UsageError, ...
+        if kwargs.get("mode") != "online":
+            raise
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        for secret in (os.environ.get("WANDB_API_KEY"), os.environ.get("HF_TOKEN")):
+            if secret:
+                reason = reason.replace(secret, "***")
+        run = wandb.init(**{**kwargs, "mode": "offline"})
+        log.warning("W&B online init failed (%s); logging offline instead, upload later with: wandb sync %s",
+                    reason[:300], Path(run.dir).parent)
+        return run
+
+
 class Tracker:
     """One run's metrics sink. Use as a context manager so the W&B run is always finished."""
 
@@ -67,15 +129,19 @@ class Tracker:
         import wandb
 
         mode = resolve_wandb_mode(cfg.logger.mode)
-        run = wandb.init(
+        group, default_name, hydra_info = wandb_identity(cfg, self.run_dir)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        if hydra_info:
+            config["hydra"] = hydra_info
+        run = init_wandb_or_offline(
             project=cfg.logger.project,
             entity=cfg.logger.entity,
-            group=cfg.logger.group,
+            group=group,
             job_type=job_type,
-            name=name or cfg.run_name or self.run_dir.name,
+            name=name or cfg.run_name or default_name,
             tags=list(cfg.logger.tags),
             dir=str(self.run_dir),
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=config,
             mode=mode,
             reinit="finish_previous",
         )

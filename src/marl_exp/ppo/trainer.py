@@ -8,6 +8,7 @@ updates over shuffled mini-batches. The math itself lives in ``marl_exp.ppo.core
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -16,10 +17,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import get_scheduler
 
+from marl_exp.interrupt import TrainingDiverged
 from marl_exp.ppo import core
 from marl_exp.ppo.roles import SharedRoles, critic_name
 from marl_exp.ppo.rollout import Rollout, response_slice, sample, score_many
 
+log = logging.getLogger(__name__)
 
 class RunningMoments:
     """Running mean/std of scores over all steps so far (Chan et al. parallel update)."""
@@ -65,6 +68,8 @@ class PPOTrainer:
         self.prompt_rng = random.Random(seed)  # which prompts each step sees
         self.shuffle_gen = torch.Generator().manual_seed(seed)  # mini-batch order
         self.step_count = 0
+        # Steps with non-finite values (their updates are skipped): in a row, and in all.
+        self.bad_steps_in_a_row, self.bad_steps_total = 0, 0
         updates = cfg.steps * cfg.ppo_epochs * math.ceil(cfg.batch_size / cfg.mini_batch_size)
         self.policies = {name: self._policy_state(name, updates) for name in cfg.policies}
 
@@ -82,13 +87,25 @@ class PPOTrainer:
         prompts = [self.prompt_rng.choice(self.prompts) for _ in range(cfg.batch_size)]
         timings = {}
         t0 = time.perf_counter()
-        rollouts = {name: sample(self.model, self.tokenizer, prompts, name, cfg) for name in self.policies}
+        try:
+            rollouts = {name: sample(self.model, self.tokenizer, prompts, name, cfg) for name in self.policies}
+        except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
+            if not _is_nonfinite_error(err):
+                raise
+            return self._skip_step(f"sampling hit non-finite logits ({' '.join(str(err).split())})", timings)
         timings["time/rollout"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         score_many(self.roles, rollouts, cfg.critic, cfg, self.tokenizer.pad_token_id)
+        # Checked before the scores are shaped: NaN must not reach the running score statistics.
+        problem = _nonfinite_rollout(rollouts)
+        if problem is not None:
+            return self._skip_step(problem, timings)
         for rollout in rollouts.values():
             rollout.scores = self._shape_scores(rollout)
+        problem = _nonfinite_rollout(rollouts, fields=("scores",))
+        if problem is not None:
+            return self._skip_step(problem, timings)
         timings["time/score"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -102,6 +119,9 @@ class PPOTrainer:
         mean_kl = sum(s for k, s in stats.items() if k.endswith("objective/kl")) / len(self.policies)
         self.kl_ctl.update(mean_kl, cfg.batch_size * len(self.policies))
         self.step_count += 1
+        skipped = sum(v for k, v in stats.items() if k.endswith("ppo/skipped_nonfinite"))
+        stats.update(self._count_bad_step(
+            f"{int(skipped)} update(s) had non-finite losses or gradients" if skipped else None, stats))
         tokens = sum(int(r.response_mask.sum()) for r in rollouts.values())
         timings["time/step"] = sum(timings.values())
         stats.update(timings)
@@ -109,6 +129,45 @@ class PPOTrainer:
         stats["perf/rollout_tokens_per_s"] = tokens / max(timings["time/rollout"], 1e-9)
         stats["objective/kl_coef"] = self.kl_ctl.value
         return stats
+
+    # ------------------------------------------------------------------------- non-finite values
+    def _updates_per_step(self) -> int:
+        return self.cfg.ppo_epochs * math.ceil(self.cfg.batch_size / self.cfg.mini_batch_size) * len(self.policies)
+
+    def _skip_step(self, problem: str, timings: dict) -> dict:
+        """A step whose rollout had non-finite values: nothing is updated (weights, optimizer, KL
+        controller, score statistics); the step still counts, so the prompt stream moves on."""
+        self.step_count += 1
+        timings["time/step"] = sum(timings.values())
+        stats = {**timings, "ppo/skipped_nonfinite": float(self._updates_per_step()),
+                 "objective/kl_coef": self.kl_ctl.value}
+        stats.update(self._count_bad_step(problem, stats))
+        return stats
+
+    def _count_bad_step(self, problem: str | None, stats: dict) -> dict:
+        """Update the bad-step counters; raise TrainingDiverged after ``max_bad_steps`` in a row."""
+        if problem is None:
+            self.bad_steps_in_a_row = 0
+        else:
+            self.bad_steps_in_a_row += 1
+            self.bad_steps_total += 1
+        counters = {"ppo/nonfinite_step": float(problem is not None),
+                    "ppo/nonfinite_steps_total": float(self.bad_steps_total),
+                    "ppo/nonfinite_steps_in_a_row": float(self.bad_steps_in_a_row)}
+        if problem is None:
+            return counters
+        limit = self.cfg.max_bad_steps
+        log.warning("PPO step %d: %s; its update was skipped (%d bad step(s) in a row, the run stops at %d)",
+                    self.step_count, problem, self.bad_steps_in_a_row, limit)
+        if self.bad_steps_in_a_row >= limit:
+            err = TrainingDiverged(
+                f"PPO stopped at step {self.step_count}: {self.bad_steps_in_a_row} steps in a row had non-finite "
+                f"values (last: {problem}); stage.max_bad_steps={limit}. No update of those steps was applied and "
+                "the last checkpoint is intact; lower stage.learning_rate or check the reward model, then resume "
+                "with stage.resume=auto")
+            err.stats = {**stats, **counters}
+            raise err
+        return counters
 
     def _shape_scores(self, rollout: Rollout) -> torch.Tensor:
         """Score options, in the order applied: missing-EOS penalty, running whitening, scale, clip."""
@@ -135,6 +194,7 @@ class PPOTrainer:
         batch = rollout.query_ids.shape[0]
         micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
         stopped_early = False
+        nonfinite_updates = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(batch, generator=self.shuffle_gen)
             for start in range(0, batch, cfg.mini_batch_size):
@@ -146,12 +206,17 @@ class PPOTrainer:
                     weight = len(rows) / len(mb)  # gradient accumulation averages over the mini-batch
                     s = self._loss_backward(policy.name, rollout.select(rows), advantages[rows], returns[rows], weight)
                     mb_stats.append(s)
-                skipped = any(s.pop("skipped") for s in mb_stats)
+                skipped = any([s.pop("skipped") for s in mb_stats])  # a list: pop from every one
+                nonfinite = any([s.pop("nonfinite", False) for s in mb_stats])
                 if not skipped:
                     grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, cfg.max_grad_norm)
-                    policy.optimizer.step()
-                    policy.scheduler.step()
-                    mb_stats[0]["ppo/grad_norm"] = float(grad_norm)
+                    if math.isfinite(float(grad_norm)):
+                        policy.optimizer.step()
+                        policy.scheduler.step()
+                        mb_stats[0]["ppo/grad_norm"] = float(grad_norm)
+                    else:  # never apply a NaN/inf gradient (the grads are zeroed before the next one)
+                        skipped = nonfinite = True
+                nonfinite_updates += int(nonfinite)
                 epoch_stats.extend(mb_stats)
                 epoch_stats[-1]["ppo/skipped_batches"] = float(skipped)
             approxkl = _mean([s["ppo/policy/approxkl"] for s in epoch_stats if "ppo/policy/approxkl" in s])
@@ -178,6 +243,7 @@ class PPOTrainer:
             "ppo/val/mean": core.masked_mean(rollout.values, mask).item(),
             "ppo/mean_non_score_reward": core.masked_sum(non_score, mask, dim=1).mean().item(),
             "ppo/early_stop": float(stopped_early),
+            "ppo/skipped_nonfinite": float(nonfinite_updates),
             "ppo/learning_rate": policy.scheduler.get_last_lr()[0],
         })
         return stats
@@ -188,12 +254,16 @@ class PPOTrainer:
         out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name)
         logits = out.logits[:, window].float() / cfg.temperature
         logprobs = core.logprobs_from_logits(logits, mb.response_ids)
+        if not _all_finite(logprobs.detach(), mask):  # NaN/inf logits: no backward at all
+            return {"skipped": True, "nonfinite": True}
         # Guard: a mini-batch whose probability ratio exploded would only produce a destructive update.
         if core.is_ratio_extreme(logprobs.detach(), mb.logprobs, mask, cfg.ratio_threshold):
             return {"skipped": True}
         pg_loss, pg_stats = core.policy_loss(logprobs, mb.logprobs, advantages, mask, cfg.cliprange)
         entropy = core.masked_mean(core.entropy_from_logits(logits), mask)
         loss = pg_loss - cfg.entropy_coef * entropy
+        if not torch.isfinite(loss.detach()):
+            return {"skipped": True, "nonfinite": True}
         if cfg.critic == "adapter":
             # The critic is its own adapter: backward the policy part first, then run the critic.
             (loss * weight).backward()
@@ -204,6 +274,8 @@ class PPOTrainer:
             values = out.values
         vpred = values[:, window].float()
         vf_loss, vf_stats = core.value_loss(vpred, mb.values, returns, mask, cfg.cliprange_value)
+        if not torch.isfinite(vf_loss.detach()):
+            return {"skipped": True, "nonfinite": True}
         ((loss + cfg.vf_coef * vf_loss) * weight).backward()
         return {
             "skipped": False,
@@ -234,10 +306,12 @@ class PPOTrainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "optimizers": {n: p.optimizer.state_dict() for n, p in self.policies.items()},
             "schedulers": {n: p.scheduler.state_dict() for n, p in self.policies.items()},
+            "bad_steps": [self.bad_steps_in_a_row, self.bad_steps_total],
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = state["step"]
+        self.bad_steps_in_a_row, self.bad_steps_total = state.get("bad_steps", (0, 0))
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_moments.load_state_dict(state["score_moments"])
         self.prompt_rng.setstate(_as_tuple(state["prompt_rng"]))
@@ -256,6 +330,32 @@ def _make_optimizer(cfg, params) -> torch.optim.Optimizer:
 
         return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+_ROLLOUT_FIELDS = ("raw_scores", "logprobs", "ref_logprobs", "values", "kl")
+
+
+def _all_finite(x: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+    """True when every (unmasked) entry is finite; padded positions may hold anything."""
+    if mask is not None and mask.shape == x.shape:
+        x = x[mask.bool()]
+    return bool(torch.isfinite(x).all())
+
+
+def _nonfinite_rollout(rollouts: dict[str, Rollout], fields=_ROLLOUT_FIELDS) -> str | None:
+    """Which rollout tensor holds NaN/inf (e.g. 'reward scores (raw_scores) of policy'), or None."""
+    for name, rollout in rollouts.items():
+        for field_name in fields:
+            value = getattr(rollout, field_name)
+            if value is not None and not _all_finite(value, rollout.response_mask):
+                what = "reward scores" if "scores" in field_name else "rollout values"
+                return f"non-finite {what} ({field_name}) of policy {name!r}"
+    return None
+
+
+def _is_nonfinite_error(err: RuntimeError) -> bool:
+    message = str(err).lower()
+    return "inf" in message and "nan" in message
 
 
 def _mean(values: list[float]) -> float:

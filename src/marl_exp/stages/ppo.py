@@ -14,6 +14,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 
 from marl_exp.data import build_task
+from marl_exp.interrupt import TrainingDiverged, stop_on_signal
 from marl_exp.io import atomic_write_json
 from marl_exp.modeling.loading import load_model, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.modeling.multi_adapter import MultiAdapterModel, base_record, check_same_base
@@ -56,6 +57,12 @@ def build_roles(cfg, sft_model: str, reward_adapter: str, device: torch.device):
 
 
 def run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: str) -> dict:
+    # SIGINT/SIGTERM: finish the current step, save a checkpoint, then raise StageInterrupted.
+    with stop_on_signal() as stop:
+        return _run(cfg, run_dir, tracker, sft_model, reward_adapter, stop)
+
+
+def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: str, stop) -> dict:
     stage = cfg.stage
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(sft_model, cfg.model)
@@ -90,19 +97,36 @@ def run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: st
         tracker.log(before, step=0)
     tracker.update_summary(summary)
 
+    def interrupt_if_requested() -> None:
+        if stop:
+            step = trainer.step_count
+            checkpoint = save_checkpoint(run_dir, step, model, saved_adapters, trainer.state_dict(), summary)
+            tracker.update_summary({"train/interrupted_at_step": step})
+            stop.raise_if_requested("ppo", step, checkpoint)
+
+    interrupt_if_requested()  # a signal during loading or the first evaluation
     progress = tqdm(range(trainer.step_count, stage.steps), desc="PPO", initial=trainer.step_count,
                     total=stage.steps, dynamic_ncols=True)
     for _ in progress:
-        stats = trainer.step()
+        # Raises TrainingDiverged after stage.max_bad_steps non-finite steps in a row (no checkpoint
+        # is written then: the last one saved stays the last good one).
+        try:
+            stats = trainer.step()
+        except TrainingDiverged as err:
+            tracker.log(getattr(err, "stats", {}), step=trainer.step_count)  # the counters of the last step
+            raise
         step = trainer.step_count
         progress.set_postfix(reward=f"{stats.get('env/reward_mean', float('nan')):.3f}",
                              kl=f"{stats.get('objective/kl', float('nan')):.2f}")
-        if step % stage.log_every == 0:
+        if step % stage.log_every == 0 or stats.get("ppo/nonfinite_step"):
             tracker.log(stats, step=step)
         if stage.eval_every and step % stage.eval_every == 0 and step < stage.steps:
             tracker.log(run_eval("during", step), step=step)
-        if stage.save_every and step % stage.save_every == 0 and step < stage.steps:
+        # Not after a step with non-finite values: the last checkpoint stays the last good one.
+        if stage.save_every and step % stage.save_every == 0 and step < stage.steps and not stats.get("ppo/nonfinite_step"):
             save_checkpoint(run_dir, step, model, saved_adapters, trainer.state_dict(), summary)
+        if step < stage.steps:
+            interrupt_if_requested()
 
     after = run_eval("after", trainer.step_count)
     tracker.log(after, step=trainer.step_count)

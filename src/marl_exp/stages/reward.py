@@ -14,6 +14,7 @@ from peft import prepare_model_for_kbit_training
 from trl import RewardConfig, RewardTrainer
 
 from marl_exp.data import build_task
+from marl_exp.interrupt import StopOnSignalCallback, stop_on_signal
 from marl_exp.modeling.loading import load_model, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.modeling.multi_adapter import write_base_record
 from marl_exp.stages.common import count_parameters, lora_config, trainer_kwargs, upcast_trainable_to_fp32
@@ -24,6 +25,13 @@ ADAPTER_SUBDIR = "reward_adapter"
 
 
 def run(cfg, run_dir: Path, tracker: Tracker, sft_model: str) -> dict:
+    # SIGINT/SIGTERM stop training at the end of the current step; nothing is saved (the stage is
+    # short: resuming it = rerunning it) and StageInterrupted is raised, so no summary marks it done.
+    with stop_on_signal() as stop:
+        return _run(cfg, run_dir, tracker, sft_model, stop)
+
+
+def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, stop) -> dict:
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(sft_model, cfg.model)
     model = load_model(sft_model, cfg.model, cfg.quant, device, task="seq-cls", num_labels=1)
@@ -36,10 +44,11 @@ def run(cfg, run_dir: Path, tracker: Tracker, sft_model: str) -> dict:
                         center_rewards_coefficient=cfg.stage.center_rewards_coefficient)
     trainer = RewardTrainer(model=model, args=args, train_dataset=task.pairs_train, eval_dataset=task.pairs_eval,
                             processing_class=tokenizer, peft_config=lora_config(cfg.adapter, task_type="SEQ_CLS"),
-                            callbacks=[TrackerCallback(tracker)])
+                            callbacks=[TrackerCallback(tracker), StopOnSignalCallback(stop)])
     upcast_trainable_to_fp32(trainer.model)  # before train(): the optimizer is created there
     params = count_parameters(trainer.model)
     trainer.train()
+    stop.raise_if_requested("reward", trainer.state.global_step)
     metrics = trainer.evaluate()
     accuracy = pairwise_accuracy(trainer.model, tokenizer, task.pairs_eval, cfg.stage.eval_batch_size)
 

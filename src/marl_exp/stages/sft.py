@@ -16,6 +16,7 @@ from trl import SFTConfig, SFTTrainer
 
 from marl_exp.config import sft_finetune_mode
 from marl_exp.data import build_task
+from marl_exp.interrupt import StopOnSignalCallback, stop_on_signal
 from marl_exp.modeling.loading import load_model, load_tokenizer, resolve_device, resolve_model_path
 from marl_exp.stages.common import count_parameters, lora_config, trainer_kwargs, upcast_trainable_to_fp32
 from marl_exp.tracking import Tracker, TrackerCallback
@@ -25,6 +26,13 @@ MODEL_SUBDIR = "model"
 
 
 def run(cfg, run_dir: Path, tracker: Tracker) -> dict:
+    # SIGINT/SIGTERM stop training at the end of the current step; nothing is saved (the stage is
+    # short: resuming it = rerunning it) and StageInterrupted is raised, so no summary marks it done.
+    with stop_on_signal() as stop:
+        return _run(cfg, run_dir, tracker, stop)
+
+
+def _run(cfg, run_dir: Path, tracker: Tracker, stop) -> dict:
     device = resolve_device(cfg.device)
     base_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(base_path, cfg.model)
@@ -41,12 +49,13 @@ def run(cfg, run_dir: Path, tracker: Tracker) -> dict:
     args = SFTConfig(**trainer_kwargs(cfg, run_dir / "trainer", device), packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=task.sft_train, eval_dataset=task.sft_eval,
                          processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[TrackerCallback(tracker)])
+                         callbacks=[TrackerCallback(tracker), StopOnSignalCallback(stop)])
     upcast_trainable_to_fp32(trainer.model)  # before train(): the optimizer is created there
     params = count_parameters(trainer.model)
     log.info("SFT: %d parameters, %d trainable", params["params/total"], params["params/trainable"])
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
+    stop.raise_if_requested("sft", trainer.state.global_step)
     metrics = trainer.evaluate()
     summary = {
         **params,
