@@ -153,3 +153,15 @@ def test_prompts_train_and_eval_are_disjoint_openings():
 def test_unknown_task_is_a_config_error():
     with pytest.raises(ConfigError, match="data.name='imdb'"):
         build_task(small_data(name="imdb"))
+
+
+def test_preference_pairs_include_unfinished_reviews_ranked_by_the_oracle():
+    generator = ReviewGenerator(seed=11)
+    pairs = [generator.preference_pair(min_gap=0.25, truncate_prob=0.5) for _ in range(200)]
+    sides = [r for pair in pairs for r in pair]
+    unfinished = [r for r in sides if not r.text.endswith(" .")]
+    assert 0.3 < len(unfinished) / len(sides) < 0.7  # about half of the sides, as asked
+    assert any(r.text == r.opening for r in unfinished)  # cut before the first body word
+    for chosen, rejected in pairs:
+        assert chosen.opening == rejected.opening
+        assert oracle_score(chosen.text) - oracle_score(rejected.text) >= 0.25

@@ -193,6 +193,9 @@ class DataConfig:
     num_pairs_eval: int = 400
     # Preference pairs differ by at least this much oracle score (ambiguous pairs teach nothing).
     pair_min_gap: float = 0.25
+    # Share of pair sides that are unfinished reviews, so the reward model knows where they rank
+    # (without them PPO learned to stop early on a stub the reward model happened to like).
+    pair_truncate_prob: float = 0.2
 
 
 # -------------------------------------------------------------------------------------------- logger
@@ -297,6 +300,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("num_sft_train", "num_sft_eval", "num_pairs_train", "num_pairs_eval"):
         _positive(f"data.{key}", data[key])
     _check(0 <= data.pair_min_gap < 1, f"data.pair_min_gap={data.pair_min_gap!r} must be in [0, 1)")
+    _check(0 <= data.pair_truncate_prob < 1,
+           f"data.pair_truncate_prob={data.pair_truncate_prob!r} must be in [0, 1)")
 
 
 def _check_device_dtypes(cfg: DictConfig) -> None:

@@ -89,7 +89,7 @@ class Review:
 
     @property
     def text(self) -> str:
-        return f"{self.opening} {self.body}"
+        return f"{self.opening} {self.body}".rstrip()
 
 
 class ReviewGenerator:
@@ -125,11 +125,26 @@ class ReviewGenerator:
         body += f" . {self._closing(units[-1])} ."
         return Review(opening, body, sentiment)
 
-    def preference_pair(self, min_gap: float) -> tuple[Review, Review]:
-        """(chosen, rejected) with the same opening; chosen's oracle score exceeds rejected's by ``min_gap``."""
+    def truncated(self, review: Review) -> Review:
+        """The review cut after a random number of body words (possibly none): an unfinished review."""
+        words = review.body.split()
+        return Review(review.opening, " ".join(words[:self.rng.randrange(len(words))]), review.sentiment)
+
+    def preference_pair(self, min_gap: float, truncate_prob: float = 0.0) -> tuple[Review, Review]:
+        """(chosen, rejected) with the same opening; chosen's oracle score exceeds rejected's by ``min_gap``.
+
+        With ``truncate_prob`` each side is an unfinished review instead, judged by the oracle like any
+        text (no polar word = 0.5). A reward model that never saw unfinished reviews scores them
+        arbitrarily, and PPO finds that out: it learns to stop early ("the movie was truly") when such
+        a stub happens to score high. These pairs teach it where stubs rank.
+        """
         opening = self.rng.choice(openings())
         while True:
             a, b = self.review(opening), self.review(opening)
+            if self.rng.random() < truncate_prob:
+                a = self.truncated(a)
+            if self.rng.random() < truncate_prob:
+                b = self.truncated(b)
             gap = oracle_score(a.text) - oracle_score(b.text)
             if gap != 0 and abs(gap) >= min_gap:  # a tie has no chosen side, even with min_gap=0
                 return (a, b) if gap > 0 else (b, a)

@@ -38,7 +38,7 @@ def _reviews_task(data_cfg) -> Task:
 
     def pairs(offset: int, n: int) -> Dataset:
         generator = reviews.ReviewGenerator(data_cfg.seed + offset)
-        chosen, rejected = zip(*(generator.preference_pair(data_cfg.pair_min_gap) for _ in range(n)))
+        chosen, rejected = zip(*(generator.preference_pair(data_cfg.pair_min_gap, data_cfg.pair_truncate_prob) for _ in range(n)))
         return Dataset.from_dict({"chosen": [r.text for r in chosen], "rejected": [r.text for r in rejected]})
 
     # A quarter of the openings is held out of PPO training for evaluation: for each subject one verb,
