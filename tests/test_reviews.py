@@ -165,3 +165,12 @@ def test_preference_pairs_include_unfinished_reviews_ranked_by_the_oracle():
     for chosen, rejected in pairs:
         assert chosen.opening == rejected.opening
         assert oracle_score(chosen.text) - oracle_score(rejected.text) >= 0.25
+
+
+def test_spliced_pairs_go_off_grammar_but_keep_the_oracle_order():
+    generator = ReviewGenerator(seed=12)
+    pairs = [generator.preference_pair(min_gap=0.25, splice_prob=1.0) for _ in range(100)]
+    # Every side got a stretch of another review: longer than any grammatical body of one closing.
+    assert sum(r.text.count(" i ") > 1 or r.text.count(" .") > 2 for pair in pairs for r in pair) > 50
+    for chosen, rejected in pairs:
+        assert oracle_score(chosen.text) - oracle_score(rejected.text) >= 0.25

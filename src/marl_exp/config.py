@@ -196,6 +196,13 @@ class DataConfig:
     # Share of pair sides that are unfinished reviews, so the reward model knows where they rank
     # (without them PPO learned to stop early on a stub the reward model happened to like).
     pair_truncate_prob: float = 0.2
+    # Negated units in the pairs ("not boring"): more than in the SFT corpus (0.15), so the reward
+    # model learns that "not" flips polarity (with 0.15 one seed's reward model did not, and PPO
+    # exploited it with "not great").
+    pair_negation_prob: float = 0.25
+    # Share of pair sides with a stretch of another review spliced in (off-grammar text such as two
+    # closings), so the reward model counts sentiment wherever it stands, not by position.
+    pair_splice_prob: float = 0.2
 
 
 # -------------------------------------------------------------------------------------------- logger
@@ -300,6 +307,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("num_sft_train", "num_sft_eval", "num_pairs_train", "num_pairs_eval"):
         _positive(f"data.{key}", data[key])
     _check(0 <= data.pair_min_gap < 1, f"data.pair_min_gap={data.pair_min_gap!r} must be in [0, 1)")
+    _check(0 <= data.pair_negation_prob <= 1,
+           f"data.pair_negation_prob={data.pair_negation_prob!r} must be in [0, 1]")
+    _check(0 <= data.pair_splice_prob < 1, f"data.pair_splice_prob={data.pair_splice_prob!r} must be in [0, 1)")
     _check(0 <= data.pair_truncate_prob < 1,
            f"data.pair_truncate_prob={data.pair_truncate_prob!r} must be in [0, 1)")
 

@@ -130,13 +130,24 @@ class ReviewGenerator:
         words = review.body.split()
         return Review(review.opening, " ".join(words[:self.rng.randrange(len(words))]), review.sentiment)
 
-    def preference_pair(self, min_gap: float, truncate_prob: float = 0.0) -> tuple[Review, Review]:
+    def spliced(self, review: Review) -> Review:
+        """The review with a stretch of another review's body inserted at a random word: text off
+        the grammar (two closings, a phrase after the closing) whose polar units still count."""
+        words, other = review.body.split(), self.review(review.opening).body.split()
+        start = self.rng.randrange(len(other))
+        piece = other[start:start + self.rng.randint(1, len(other) - start)]
+        cut = self.rng.randint(0, len(words))
+        return Review(review.opening, " ".join(words[:cut] + piece + words[cut:]), review.sentiment)
+
+    def preference_pair(self, min_gap: float, truncate_prob: float = 0.0,
+                        splice_prob: float = 0.0) -> tuple[Review, Review]:
         """(chosen, rejected) with the same opening; chosen's oracle score exceeds rejected's by ``min_gap``.
 
         With ``truncate_prob`` each side is an unfinished review instead, judged by the oracle like any
         text (no polar word = 0.5). A reward model that never saw unfinished reviews scores them
         arbitrarily, and PPO finds that out: it learns to stop early ("the movie was truly") when such
-        a stub happens to score high. These pairs teach it where stubs rank.
+        a stub happens to score high. These pairs teach it where stubs rank. ``splice_prob`` does the
+        same for spliced reviews (PPO otherwise learns "i disliked . i enjoyed it .").
         """
         opening = self.rng.choice(openings())
         while True:
@@ -145,6 +156,10 @@ class ReviewGenerator:
                 a = self.truncated(a)
             if self.rng.random() < truncate_prob:
                 b = self.truncated(b)
+            if self.rng.random() < splice_prob:
+                a = self.spliced(a)
+            if self.rng.random() < splice_prob:
+                b = self.spliced(b)
             gap = oracle_score(a.text) - oracle_score(b.text)
             if gap != 0 and abs(gap) >= min_gap:  # a tie has no chosen side, even with min_gap=0
                 return (a, b) if gap > 0 else (b, a)

@@ -36,14 +36,16 @@ def _reviews_task(data_cfg) -> Task:
         generator = reviews.ReviewGenerator(data_cfg.seed + offset)
         return Dataset.from_dict({"text": [generator.review().text for _ in range(n)]})
 
-    def pairs(offset: int, n: int) -> Dataset:
-        generator = reviews.ReviewGenerator(data_cfg.seed + offset)
-        chosen, rejected = zip(*(generator.preference_pair(data_cfg.pair_min_gap, data_cfg.pair_truncate_prob) for _ in range(n)))
+    def pairs(offset: int, n: int, augmented: bool) -> Dataset:
+        # Training pairs are augmented (unfinished, spliced, more negation: see config.DataConfig);
+        # held-out pairs are the task's own reviews, so accuracy measures the task, not the augmentation.
+        extra = {"negation_prob": data_cfg.pair_negation_prob} if augmented else {}
+        generator = reviews.ReviewGenerator(data_cfg.seed + offset, **extra)
+        truncate, splice = (data_cfg.pair_truncate_prob, data_cfg.pair_splice_prob) if augmented else (0.0, 0.0)
+        chosen, rejected = zip(*(generator.preference_pair(data_cfg.pair_min_gap, truncate, splice)
+                                 for _ in range(n)))
         return Dataset.from_dict({"chosen": [r.text for r in chosen], "rejected": [r.text for r in rejected]})
 
-    # A quarter of the openings is held out of PPO training for evaluation: for each subject one verb,
-    # rotating, so the held-out prompts cover every subject and every verb. (Every fourth opening of
-    # the subject-major list would hold out one verb only: "... seemed" prompts never seen in training.)
     openings = reviews.openings()
     n_verbs = len(reviews.VERBS)
     held_out = {i for i in range(len(openings)) if i % n_verbs == (i // n_verbs) % n_verbs}
@@ -51,8 +53,8 @@ def _reviews_task(data_cfg) -> Task:
         name="reviews",
         sft_train=texts(0, data_cfg.num_sft_train),
         sft_eval=texts(1, data_cfg.num_sft_eval),
-        pairs_train=pairs(2, data_cfg.num_pairs_train),
-        pairs_eval=pairs(3, data_cfg.num_pairs_eval),
+        pairs_train=pairs(2, data_cfg.num_pairs_train, augmented=True),
+        pairs_eval=pairs(3, data_cfg.num_pairs_eval, augmented=False),
         prompts_train=[o for i, o in enumerate(openings) if i not in held_out],
         prompts_eval=[o for i, o in enumerate(openings) if i in held_out],
         oracle=reviews.oracle_score,
