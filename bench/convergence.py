@@ -79,13 +79,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colors = {"fp32": "tab:blue", "8bit": "tab:orange", "4bit": "tab:green", "bf16": "tab:red"}
+    styles = ["-", "--", ":", "-."]
     for r in rows:
         if r["failed"]:
             continue
         c = r["curve"]
         for ax, key in zip(axes, ("oracle", "reward", "kl")):
-            ax.plot(c["step"], c[key], color=colors.get(r["quant"]), alpha=0.8, marker=".",
-                    label=f"{r['quant']} seed {r['seed']}")
+            ax.plot(c["step"], c[key], color=colors.get(r["quant"]), linestyle=styles[r["seed"] % len(styles)],
+                    alpha=0.85, marker=".", label=f"{r['quant']} seed {r['seed']}")
     for ax, title in zip(axes, ("oracle score (held-out prompts)", "reward-model score", "KL to reference (nats)")):
         ax.set_title(title)
         ax.set_xlabel("PPO step")
@@ -105,8 +106,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "convergence")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--png", type=Path, default=REPO / "docs" / "convergence.png")
+    parser.add_argument("--from-json", type=Path, nargs="+",
+                        help="no runs: merge these results files into one table and plot")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides (after --)")
     args = parser.parse_args()
+    if args.from_json:
+        rows = [row for path in args.from_json for row in json.loads(path.read_text())["rows"]]
+        print(markdown(rows))
+        plot(rows, args.png)
+        return
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = []

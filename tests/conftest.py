@@ -50,3 +50,20 @@ def trained_chain(tmp_path_factory):
     assert len(sft_dirs) == 1
     return {"sft_model": sft_dirs[0] / "model", "reward_adapter": out / "reward_run" / "reward_adapter",
             "reward_summary": summary, "sft_summary_path": sft_dirs[0] / "summary.json", "cfg": cfg}
+
+
+@pytest.fixture(scope="session")
+def sft(trained_chain) -> str:
+    return str(trained_chain["sft_model"])
+
+
+@pytest.fixture(scope="session")
+def reward_dir(trained_chain) -> str:
+    return str(trained_chain["reward_adapter"])
+
+
+@pytest.fixture(scope="session")
+def tokenizer(sft):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(sft)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from marl_exp import AutoModelForCausalLMWithValueHead
 from marl_exp.compat import DEFAULT_POLICY_NAME
@@ -17,28 +17,11 @@ from marl_exp.data import reviews
 from marl_exp.modeling.multi_adapter import VALUE_HEAD_FILE, position_ids_from_mask
 
 QUANT_KWARGS = {"fp32": {}, "8bit": {"load_in_8bit": True}, "4bit": {"load_in_4bit": True}}
-# Max |score - fp32 HF reference| over the 48 left-padded texts below, measured on the tiny model
-# (reference scores span [-3.4, 3.2]; mean |diff| in brackets): fp32 0 (bit-identical), 8-bit 0.0139
-# [0.0049], 4-bit 0.1745 [0.042] (load_in_4bit=True means bitsandbytes' default fp4, no double quant).
-# Ranking was unchanged: 24/24 pairs agree in sign with fp32. Tolerances are about 2x the measured max.
-SCORE_TOLERANCE = {"fp32": 1e-5, "8bit": 0.03, "4bit": 0.35}
-
-
-
-
-@pytest.fixture(scope="module")
-def sft(trained_chain) -> str:
-    return str(trained_chain["sft_model"])
-
-
-@pytest.fixture(scope="module")
-def reward_dir(trained_chain) -> str:
-    return str(trained_chain["reward_adapter"])
-
-
-@pytest.fixture(scope="module")
-def tokenizer(sft):
-    return AutoTokenizer.from_pretrained(sft)
+# Max |score - fp32 HF reference| over the 48 left-padded texts below, measured on the tiny model with
+# the default reward adapter (trained on augmented pairs): fp32 0 (bit-identical), 8-bit 0.057, 4-bit
+# 0.70 (load_in_4bit=True means bitsandbytes' default fp4, no double quant; every layer of a 0.76M model
+# is quantized, a worst case). Ranking: at most 1 of 24 pairs flips sign. Tolerances ~2x the measured max.
+SCORE_TOLERANCE = {"fp32": 1e-5, "8bit": 0.12, "4bit": 1.4}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +96,7 @@ def test_seed_snippet(sft, reward_dir, inputs, reference_scores, mode):
     reference_accuracy = (theirs > 0).float().mean().item()
     assert reference_accuracy >= 0.75  # a trained reward model on held-out pairs
     assert abs((ours > 0).float().mean().item() - reference_accuracy) <= 1 / n + 1e-9
-    assert ((ours > 0) == (theirs > 0)).float().mean().item() >= (n - 1) / n
+    assert int(((ours > 0) != (theirs > 0)).sum()) <= 1  # at most one pair flips
 
     # The TRL surface: forward gives (lm_logits, loss, values); v_head and pretrained_model exist.
     lm_logits, loss, values = model(inputs["input_ids"], attention_mask=inputs["attention_mask"])

@@ -19,7 +19,7 @@ import wandb
 from conftest import QUICK, REPO, compose
 from marl_exp import cli
 from marl_exp.config import ConfigError, validate
-from marl_exp.interrupt import StageInterrupted, TrainingDiverged, stop_on_signal
+from marl_exp.interrupt import StageInterrupted, stop_on_signal
 from marl_exp.modeling.loading import load_tokenizer, resolve_device
 from marl_exp.ppo import trainer as trainer_module
 from marl_exp.ppo.checkpoint import is_complete, latest_checkpoint

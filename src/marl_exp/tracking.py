@@ -126,8 +126,6 @@ class Tracker:
             self.wandb_run = self._init_wandb(cfg, job_type, name)
 
     def _init_wandb(self, cfg: DictConfig, job_type: str, name: str | None):
-        import wandb
-
         mode = resolve_wandb_mode(cfg.logger.mode)
         group, default_name, hydra_info = wandb_identity(cfg, self.run_dir)
         config = OmegaConf.to_container(cfg, resolve=True)

@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from marl_exp.data import build_task
 from marl_exp.interrupt import TrainingDiverged, stop_on_signal
-from marl_exp.io import atomic_write_json
 from marl_exp.modeling.loading import load_model, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.modeling.multi_adapter import MultiAdapterModel, base_record, check_same_base
 from marl_exp.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
