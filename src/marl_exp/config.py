@@ -182,11 +182,50 @@ class PPOStageConfig:
 STAGE_SCHEMAS = {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig}
 
 
+@dataclass
+class UpstreamConfig:
+    """How the stage cache builds upstream stages: ``upstream.sft.learning_rate=5e-5`` for a real model."""
+
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    reward: RewardStageConfig = field(default_factory=RewardStageConfig)
+
+
 # ---------------------------------------------------------------------------------------------- data
+DATA_NAMES = ("reviews", "imdb", "hh_rlhf", "local")
+DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class DataColumns:
+    """Which column holds what, for datasets whose names differ (``data.columns.prompt=question``)."""
+
+    text: str = "text"  # SFT texts
+    chosen: str = "chosen"  # preference pairs
+    rejected: str = "rejected"
+    prompt: str = "prompt"  # PPO prompts
+    label: str = "label"  # imdb: sentiment label
+
+
 @dataclass
 class DataConfig:
-    name: str = "reviews"
+    name: str = "reviews"  # reviews (built-in) | imdb | hh_rlhf | local
     seed: int = 1234  # the task itself is fixed by this seed, independent of the run's seed
+
+    # ---- real datasets (imdb, hh_rlhf: a hub id or a local copy of the same schema)
+    path: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    # ---- local files (json, jsonl, csv, parquet); no eval file = hold out eval_fraction of the rows
+    train_file: Optional[str] = None
+    eval_file: Optional[str] = None
+    eval_fraction: float = 0.05
+    columns: DataColumns = field(default_factory=DataColumns)
+    max_train_samples: Optional[int] = None  # cap on rows used per split (None = all)
+    max_eval_samples: Optional[int] = 500
+    positive_label: int = 1  # imdb: the label of positive reviews (chosen side of the pairs)
+    prompt_words: int = 6  # imdb: a PPO prompt is the first words of a review
+    # Rows with empty text or prompts too long for the context: error (default) or skip and count.
+    on_bad_row: str = "error"
     num_sft_train: int = 4000
     num_sft_eval: int = 400
     num_pairs_train: int = 6000
@@ -219,6 +258,10 @@ class LoggerConfig:
     tags: List[str] = field(default_factory=list)
     # auto = online when W&B credentials exist, otherwise offline.
     mode: str = "auto"
+    # Stage outputs as W&B artifacts (lineage): auto = upload files up to artifact_max_upload_mb and
+    # reference bigger ones by file:// + checksum; upload | reference = all files one way; none = off.
+    artifacts: str = "auto"
+    artifact_max_upload_mb: float = 100.0
 
 
 # ------------------------------------------------------------------------------------------- primary
@@ -235,6 +278,8 @@ class Config:
     output_dir: str = "outputs"
     run_name: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda
+    # Settings of the upstream stages a run builds through the stage cache (e.g. SFT for PPO).
+    upstream: UpstreamConfig = field(default_factory=lambda: UpstreamConfig())
 
 
 def register_configs() -> None:
@@ -285,17 +330,10 @@ def validate(cfg: DictConfig) -> None:
     stage = cfg.stage
     _one_of("stage.name", stage.name, tuple(STAGE_SCHEMAS))
     if stage.name in ("sft", "reward"):
-        for key in ("learning_rate", "batch_size", "eval_batch_size", "max_length", "logging_steps"):
-            _positive(f"stage.{key}", stage[key])
-        _check(stage.max_steps > 0 or stage.num_train_epochs > 0,
-               "stage.num_train_epochs must be > 0 unless stage.max_steps > 0")
-        _check(stage.weight_decay >= 0, f"stage.weight_decay={stage.weight_decay!r} must be >= 0")
-        _check(0 <= stage.warmup_ratio < 1, f"stage.warmup_ratio={stage.warmup_ratio!r} must be in [0, 1)")
-    if stage.name == "sft":
-        _one_of("stage.finetune", stage.finetune, ("auto", "full", "lora"))
-        _check(not (stage.finetune == "full" and cfg.quant.mode in ("8bit", "4bit")),
-               f"stage.finetune=full cannot train {cfg.quant.mode} quantized weights; "
-               "use stage.finetune=lora or quant=fp32")
+        _validate_trainer_stage(stage, "stage", cfg.quant.mode)
+    # Upstream stages the stage cache may build are checked now, not after an hour of training.
+    for name in {"reward": ["sft"], "ppo": ["sft", "reward"]}.get(stage.name, []):
+        _validate_trainer_stage(cfg.upstream[name], f"upstream.{name}", cfg.quant.mode)
     if stage.name == "ppo":
         _validate_ppo(stage)
     for key in ("sft_model", "reward_adapter"):
@@ -303,7 +341,28 @@ def validate(cfg: DictConfig) -> None:
         if path and _looks_local(path):
             _check(os.path.isdir(path), f"stage.{key}={path!r} does not exist; give an existing directory or hub id")
 
-    data = cfg.data
+    _validate_data(cfg.data)
+
+
+def _validate_data(data: DictConfig) -> None:
+    _one_of("data.name", data.name, DATA_NAMES)
+    _one_of("data.on_bad_row", data.on_bad_row, ("error", "skip"))
+    if data.name in ("imdb", "hh_rlhf"):
+        _check(bool(data.path), f"data.path is empty; data={data.name} needs a hub id or a local copy")
+    if data.name == "local":
+        _check(bool(data.train_file), "data.train_file is not set; data=local needs data.train_file=<file>")
+        for key in ("train_file", "eval_file"):
+            path = data[key]
+            if path is None:
+                continue
+            _check(os.path.splitext(path)[1].lower() in DATA_FILE_FORMATS,
+                   f"data.{key}={path!r} has an unknown format; use {', '.join(DATA_FILE_FORMATS)}")
+            _check(os.path.isfile(path), f"data.{key}={path!r} does not exist; give an existing file")
+        _check(0 < data.eval_fraction < 1, f"data.eval_fraction={data.eval_fraction!r} must be in (0, 1)")
+    for key in ("max_train_samples", "max_eval_samples"):
+        if data[key] is not None:
+            _positive(f"data.{key}", data[key], "or null for all rows")
+    _positive("data.prompt_words", data.prompt_words)
     for key in ("num_sft_train", "num_sft_eval", "num_pairs_train", "num_pairs_eval"):
         _positive(f"data.{key}", data[key])
     _check(0 <= data.pair_min_gap < 1, f"data.pair_min_gap={data.pair_min_gap!r} must be in [0, 1)")
@@ -312,6 +371,21 @@ def validate(cfg: DictConfig) -> None:
     _check(0 <= data.pair_splice_prob < 1, f"data.pair_splice_prob={data.pair_splice_prob!r} must be in [0, 1)")
     _check(0 <= data.pair_truncate_prob < 1,
            f"data.pair_truncate_prob={data.pair_truncate_prob!r} must be in [0, 1)")
+
+
+def _validate_trainer_stage(stage: DictConfig, prefix: str, quant_mode: str) -> None:
+    for key in ("learning_rate", "batch_size", "eval_batch_size", "max_length", "logging_steps"):
+        _positive(f"{prefix}.{key}", stage[key])
+    _check(stage.max_steps > 0 or stage.num_train_epochs > 0,
+           f"{prefix}.num_train_epochs must be > 0 unless {prefix}.max_steps > 0")
+    _check(stage.weight_decay >= 0, f"{prefix}.weight_decay={stage.weight_decay!r} must be >= 0")
+    _check(0 <= stage.warmup_ratio < 1, f"{prefix}.warmup_ratio={stage.warmup_ratio!r} must be in [0, 1)")
+    if stage.name == "sft":
+        _one_of(f"{prefix}.finetune", stage.finetune, ("auto", "full", "lora"))
+        # Upstream SFT always trains in fp32 (see pipeline.upstream_config); only a direct run is quantized.
+        _check(not (prefix == "stage" and stage.finetune == "full" and quant_mode in ("8bit", "4bit")),
+               f"stage.finetune=full cannot train {quant_mode} quantized weights; "
+               "use stage.finetune=lora or quant=fp32")
 
 
 def _check_device_dtypes(cfg: DictConfig) -> None:

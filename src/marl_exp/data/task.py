@@ -2,32 +2,71 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property, partial
 from typing import Callable
 
 from datasets import Dataset
 
 from marl_exp.config import ConfigError
-from marl_exp.data import reviews
+from marl_exp.data import loaders, reviews
+from marl_exp.data.checks import fit_prompts
 
 
-@dataclass
 class Task:
-    name: str
-    sft_train: Dataset  # column "text"
-    sft_eval: Dataset
-    pairs_train: Dataset  # columns "chosen", "rejected" (full texts)
-    pairs_eval: Dataset
-    prompts_train: list[str]
-    prompts_eval: list[str]
-    # Ground-truth scorer of a full text in [0, 1]; None for real datasets that have none.
-    oracle: Callable[[str], float] | None = None
+    """What each stage reads; a stage only loads (and checks) the parts it uses."""
+
+    def __init__(self, name: str, sft: Callable[[str], Dataset], pairs: Callable[[str], Dataset],
+                 prompts: Callable[[str], tuple[list[str], list[str]]], oracle: Callable[[str], float] | None = None):
+        self.name = name
+        self._sft, self._pairs, self._prompts = sft, pairs, prompts
+        # Ground-truth scorer of a full text in [0, 1]; None for real datasets that have none.
+        self.oracle = oracle
+        self.prompt_origins: dict[str, list[str]] = {}
+
+    @cached_property
+    def sft_train(self) -> Dataset:  # column "text"
+        return self._sft("train")
+
+    @cached_property
+    def sft_eval(self) -> Dataset:
+        return self._sft("eval")
+
+    @cached_property
+    def pairs_train(self) -> Dataset:  # columns "chosen", "rejected" (full texts)
+        return self._pairs("train")
+
+    @cached_property
+    def pairs_eval(self) -> Dataset:
+        return self._pairs("eval")
+
+    @cached_property
+    def prompts_train(self) -> list[str]:
+        return self._load_prompts("train")
+
+    @cached_property
+    def prompts_eval(self) -> list[str]:
+        return self._load_prompts("eval")
+
+    def _load_prompts(self, split: str) -> list[str]:
+        found, self.prompt_origins[split] = self._prompts(split)
+        return found
+
+    def fit_prompts(self, tokenizer, max_prompt_tokens: int, on_bad_row: str) -> None:
+        """Check (or drop, with ``on_bad_row=skip``) prompts that leave no room for the response."""
+        for split in ("train", "eval"):
+            attr = f"prompts_{split}"
+            prompts = getattr(self, attr)
+            self.__dict__[attr] = fit_prompts(prompts, self.prompt_origins[split], tokenizer, max_prompt_tokens,
+                                              on_bad_row, what=f"{self.name} {split} prompts")
 
 
 def build_task(data_cfg) -> Task:
     if data_cfg.name == "reviews":
         return _reviews_task(data_cfg)
-    raise ConfigError(f"data.name={data_cfg.name!r} is not a known task; use data=reviews")
+    if data_cfg.name in ("imdb", "hh_rlhf", "local"):
+        return Task(data_cfg.name, partial(loaders.sft_texts, data_cfg), partial(loaders.preference_pairs, data_cfg),
+                    partial(loaders.prompts, data_cfg))
+    raise ConfigError(f"data.name={data_cfg.name!r} is not a known task; use data=reviews, imdb, hh_rlhf or local")
 
 
 def _reviews_task(data_cfg) -> Task:
@@ -49,13 +88,17 @@ def _reviews_task(data_cfg) -> Task:
     openings = reviews.openings()
     n_verbs = len(reviews.VERBS)
     held_out = {i for i in range(len(openings)) if i % n_verbs == (i // n_verbs) % n_verbs}
+
+    def reviews_prompts(split: str) -> tuple[list[str], list[str]]:
+        chosen = [(i, o) for i, o in enumerate(openings) if (i in held_out) == (split == "eval")]
+        return [o for _, o in chosen], [f"reviews opening {i}" for i, _ in chosen]
+
+    sizes = {"train": (data_cfg.num_sft_train, data_cfg.num_pairs_train),
+             "eval": (data_cfg.num_sft_eval, data_cfg.num_pairs_eval)}
     return Task(
-        name="reviews",
-        sft_train=texts(0, data_cfg.num_sft_train),
-        sft_eval=texts(1, data_cfg.num_sft_eval),
-        pairs_train=pairs(2, data_cfg.num_pairs_train, augmented=True),
-        pairs_eval=pairs(3, data_cfg.num_pairs_eval, augmented=False),
-        prompts_train=[o for i, o in enumerate(openings) if i not in held_out],
-        prompts_eval=[o for i, o in enumerate(openings) if i in held_out],
+        "reviews",
+        sft=lambda split: texts(0 if split == "train" else 1, sizes[split][0]),
+        pairs=lambda split: pairs(2 if split == "train" else 3, sizes[split][1], augmented=split == "train"),
+        prompts=reviews_prompts,
         oracle=reviews.oracle_score,
     )

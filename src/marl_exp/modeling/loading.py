@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -77,6 +78,15 @@ def load_tokenizer(path: str, model_cfg=None) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:  # e.g. gpt2 and llama: pad with EOS, masked out everywhere
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def context_length(path: str, model_cfg=None) -> int | None:
+    """Positions the model can attend over (None when its config does not say)."""
+    try:
+        config = AutoConfig.from_pretrained(path, **_hub_kwargs(model_cfg))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_load_hint("model config", path, err)) from err
+    return getattr(config, "max_position_embeddings", None)
 
 
 def load_model(path: str, model_cfg, quant_cfg, device: torch.device, task: str = "causal-lm",

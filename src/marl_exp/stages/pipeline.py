@@ -74,19 +74,19 @@ def _given(path: str | None) -> str | None:
 
 
 def upstream_config(cfg: DictConfig, stage: str) -> DictConfig:
-    """The config an upstream ``stage`` runs with: this run's model, data and seed, that stage's defaults.
+    """The config an upstream ``stage`` runs with: this run's model, data and seed, ``cfg.upstream.<stage>``.
 
     Full-finetune SFT trains in fp32 (quantized weights cannot be trained); the reward adapter uses
     this run's quantization, the one PPO will use it under.
     """
-    stage_node = OmegaConf.structured(STAGE_SCHEMAS[stage])
+    stage_node = OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[stage]), cfg.get("upstream", {}).get(stage, {}))
     if stage == "reward":
-        stage_node.sft_model = cfg.stage.get("sft_model")
+        stage_node.sft_model = cfg.stage.get("sft_model") or stage_node.sft_model
     quant = cfg.quant if stage == "reward" else OmegaConf.structured(QuantConfig)
     node = {
         "model": cfg.model, "data": cfg.data, "logger": cfg.logger, "seed": cfg.seed, "device": cfg.device,
         "output_dir": cfg.output_dir, "quant": quant, "adapter": OmegaConf.structured(AdapterConfig),
-        "stage": stage_node,
+        "stage": stage_node, "upstream": cfg.get("upstream", {}),
     }
     return OmegaConf.merge(OmegaConf.structured(Config), node)
 

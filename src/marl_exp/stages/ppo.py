@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from marl_exp.data import build_task
 from marl_exp.interrupt import TrainingDiverged, stop_on_signal
-from marl_exp.modeling.loading import load_model, load_tokenizer, local_model_dir, resolve_device
+from marl_exp.modeling.loading import context_length, load_model, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.modeling.multi_adapter import MultiAdapterModel, base_record, check_same_base
 from marl_exp.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from marl_exp.ppo.evaluate import evaluate
@@ -65,10 +65,14 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
     stage = cfg.stage
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(sft_model, cfg.model)
+    task = build_task(cfg.data)
+    # Prompts that leave no room for the response fail (or are skipped) now, before the models load.
+    context = context_length(sft_model, cfg.model)
+    if context:
+        task.fit_prompts(tokenizer, context - stage.max_new_tokens, cfg.data.on_bad_row)
     roles = build_roles(cfg, sft_model, reward_adapter, device)
     model = roles.model
     model.train(not stage.disable_dropout)  # eval mode = no dropout: ratio is exactly 1 at the first epoch
-    task = build_task(cfg.data)
     trainer = PPOTrainer(roles, tokenizer, stage, task.prompts_train, seed=cfg.seed)
     saved_adapters = list(stage.policies) + ([critic_name(n) for n in stage.policies] if stage.critic == "adapter" else [])
 

@@ -1,0 +1,82 @@
+"""Checks on user data that fail with one line naming the file, column and row (or skip and count).
+
+A bad row deep in a dataset would otherwise surface as a tokenizer error or a NaN hours into a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from datasets import Dataset
+
+from marl_exp.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ConfigError):
+    """Bad input data (a user error like a bad config: one line, exit code 2)."""
+
+
+def check_utf8(path: str | Path) -> None:
+    """Text formats must be UTF-8: say which line is not, instead of a decoder traceback."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        return
+    with open(path, "rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: line {line_number} is not UTF-8 (byte 0x{line[err.start]:02x} at column "
+                                f"{err.start + 1}); re-save the file as UTF-8") from None
+
+
+def require_rows(dataset: Dataset, source: str) -> None:
+    if len(dataset) == 0:
+        raise DataError(f"{source} has no rows; give a dataset with data in it")
+
+
+def require_columns(dataset: Dataset, source: str, columns: dict[str, str]) -> None:
+    """``columns`` maps config keys (``data.columns.prompt``) to the column names they ask for."""
+    for key, column in columns.items():
+        if column not in dataset.column_names:
+            raise DataError(f"{source} has no column {column!r} ({key}); its columns are "
+                            f"{', '.join(dataset.column_names)}; set {key}=<one of them>")
+
+
+def drop_empty_rows(dataset: Dataset, source: str, columns: list[str], on_bad_row: str) -> Dataset:
+    """Rows whose text in any of ``columns`` is missing or blank: an error naming the first, or dropped."""
+    bad = []
+    for column in columns:
+        for row, value in enumerate(dataset[column]):
+            if not isinstance(value, str) or not value.strip():
+                bad.append((row, column, value))
+    if not bad:
+        return dataset
+    row, column, value = min(bad)
+    if on_bad_row == "error":
+        raise DataError(f"{source} row {row}, column {column!r} is {'empty' if value is not None else 'missing'} "
+                        f"({len(bad)} empty or missing cells in all); fix the data or set data.on_bad_row=skip")
+    bad_rows = {r for r, _, _ in bad}
+    log.warning("%s: skipped %d rows with empty or missing %s", source, len(bad_rows), "/".join(columns))
+    return dataset.select([i for i in range(len(dataset)) if i not in bad_rows])
+
+
+def fit_prompts(prompts: list[str], origins: list[str], tokenizer, max_prompt_tokens: int, on_bad_row: str,
+                what: str) -> list[str]:
+    """Prompts longer than ``max_prompt_tokens`` (context minus the response): an error, or skipped."""
+    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
+    too_long = [i for i, n in enumerate(lengths) if n > max_prompt_tokens]
+    if not too_long:
+        return prompts
+    first = too_long[0]
+    if on_bad_row == "error" or len(too_long) == len(prompts):
+        raise DataError(f"{origins[first]}: prompt has {lengths[first]} tokens, more than the {max_prompt_tokens} "
+                        f"that fit in the context with the response ({len(too_long)} such prompts in {what}); "
+                        "shorten them, lower stage.max_new_tokens or set data.on_bad_row=skip")
+    log.warning("%s: skipped %d of %d prompts longer than %d tokens", what, len(too_long), len(prompts),
+                max_prompt_tokens)
+    skip = set(too_long)
+    return [p for i, p in enumerate(prompts) if i not in skip]

@@ -1,0 +1,174 @@
+"""Real datasets through ``datasets``: IMDB, Anthropic HH-RLHF, and local files with a column mapping.
+
+Each loader gives the three stages their data the way the classic TRL examples did:
+
+- ``imdb`` (text, label): SFT on the reviews; pairs = a positive review (chosen) against a negative one;
+  PPO prompts = the first ``data.prompt_words`` words of a review.
+- ``hh_rlhf`` (chosen, rejected dialogues): SFT on the chosen dialogues; the pairs as given; PPO
+  prompts = a dialogue up to and including its last ``Assistant:`` turn marker.
+- ``local``: a file per split with ``data.columns`` naming the text / chosen / rejected / prompt columns;
+  only the columns a stage needs must exist.
+
+``data.path`` is a hub id or a local directory of the same schema (``train.jsonl``, ``test.jsonl``, ...),
+loaded by the same ``load_dataset`` call, which is how the tests run these loaders offline.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from marl_exp.config import DATA_FILE_FORMATS
+from marl_exp.data.checks import DataError, check_utf8, drop_empty_rows, require_columns, require_rows
+
+HH_ASSISTANT = "\n\nAssistant:"
+SPLITS = ("train", "eval")
+
+
+class Source:
+    """One split of one dataset, loaded on first use, with a name for error messages."""
+
+    def __init__(self, data_cfg, split: str):
+        self.cfg = data_cfg
+        self.split = split
+        self._dataset: Dataset | None = None
+
+    @property
+    def name(self) -> str:
+        if self.cfg.name == "local":
+            return str(self._file() or f"{self.cfg.train_file} (held-out {self.cfg.eval_fraction:.0%})")
+        return f"{self.cfg.path} [{self._split_name()}]"
+
+    @property
+    def dataset(self) -> Dataset:
+        if self._dataset is None:
+            self._dataset = self._load()
+            require_rows(self._dataset, self.name)
+        return self._dataset
+
+    def columns(self, **keys: str) -> Dataset:
+        """The dataset with the columns ``keys`` (config key suffix → column) checked and blank rows handled."""
+        dataset = self.dataset
+        require_columns(dataset, self.name, {f"data.columns.{k}": c for k, c in keys.items()})
+        text_columns = [c for k, c in keys.items() if k != "label"]
+        dataset = drop_empty_rows(dataset, self.name, text_columns, self.cfg.on_bad_row)
+        require_rows(dataset, self.name)
+        return self._cap(dataset)
+
+    def _split_name(self) -> str:
+        return self.cfg.train_split if self.split == "train" else self.cfg.eval_split
+
+    def _file(self) -> str | None:
+        return self.cfg.train_file if self.split == "train" else self.cfg.eval_file
+
+    def _cap(self, dataset: Dataset) -> Dataset:
+        limit = self.cfg.max_train_samples if self.split == "train" else self.cfg.max_eval_samples
+        if limit is None or len(dataset) <= limit:
+            return dataset
+        # Shuffled first: hub splits are often sorted (IMDB's train split by label).
+        return dataset.shuffle(seed=self.cfg.seed).select(range(limit))
+
+    def _load(self) -> Dataset:
+        if self.cfg.name == "local":
+            return self._load_local()
+        try:
+            return load_dataset(self.cfg.path, split=self._split_name())
+        except (FileNotFoundError, ConnectionError, ValueError, OSError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DataError(f"data.path={self.cfg.path!r} split {self._split_name()!r} could not be loaded "
+                            f"({reason}); check the id/split, or download it while online or give a local "
+                            "copy") from None
+
+    def _load_local(self) -> Dataset:
+        path = self._file()
+        if path is None:  # no eval file: hold out a seeded share of the training file
+            split = _read_file(self.cfg.train_file).train_test_split(test_size=self.cfg.eval_fraction,
+                                                                      seed=self.cfg.seed)
+            return split["test"]
+        dataset = _read_file(path)
+        if self.split == "train" and self.cfg.eval_file is None:
+            dataset = dataset.train_test_split(test_size=self.cfg.eval_fraction, seed=self.cfg.seed)["train"]
+        return dataset
+
+
+def _read_file(path: str) -> Dataset:
+    check_utf8(path)
+    fmt = DATA_FILE_FORMATS[Path(path).suffix.lower()]
+    try:
+        return load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as err:  # datasets wraps parser errors in several types; say which file failed
+        cause = err.__cause__ or err
+        if isinstance(err, StopIteration) or "corresponds to no data" in str(err):  # how datasets says "empty"
+            raise DataError(f"{path} has no rows; give a file with data in it") from None
+        raise DataError(f"{path}: could not be read as {fmt} ({str(cause).splitlines()[0]}); check the file "
+                        "format") from None
+
+
+def origins(source: Source, n: int) -> list[str]:
+    return [f"{source.name} row {i}" for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------ per dataset
+def sft_texts(data_cfg, split: str) -> Dataset:
+    source = Source(data_cfg, split)
+    column = data_cfg.columns.chosen if data_cfg.name == "hh_rlhf" else data_cfg.columns.text
+    key = "chosen" if data_cfg.name == "hh_rlhf" else "text"
+    dataset = source.columns(**{key: column})
+    return Dataset.from_dict({"text": [_clean(data_cfg, t) for t in dataset[column]]})
+
+
+def preference_pairs(data_cfg, split: str) -> Dataset:
+    source = Source(data_cfg, split)
+    if data_cfg.name == "imdb":
+        return _imdb_pairs(data_cfg, source)
+    columns = data_cfg.columns
+    dataset = source.columns(chosen=columns.chosen, rejected=columns.rejected)
+    return Dataset.from_dict({"chosen": list(dataset[columns.chosen]), "rejected": list(dataset[columns.rejected])})
+
+
+def prompts(data_cfg, split: str) -> tuple[list[str], list[str]]:
+    """PPO prompts of a split and where each came from (for error messages)."""
+    source = Source(data_cfg, split)
+    columns = data_cfg.columns
+    if data_cfg.name == "imdb":
+        texts = source.columns(text=columns.text)[columns.text]
+        found = [" ".join(_clean(data_cfg, t).split()[:data_cfg.prompt_words]) for t in texts]
+    elif data_cfg.name == "hh_rlhf":
+        dialogues = source.columns(chosen=columns.chosen)[columns.chosen]
+        found = [_hh_prompt(d, source.name, row) for row, d in enumerate(dialogues)]
+    else:
+        found = source.columns(prompt=columns.prompt)[columns.prompt]
+    return list(found), origins(source, len(found))
+
+
+def _imdb_pairs(data_cfg, source: Source) -> Dataset:
+    """Each positive review against a negative one, paired in a seeded random order."""
+    columns = data_cfg.columns
+    dataset = source.columns(text=columns.text, label=columns.label)
+    positive = [_clean(data_cfg, t) for t, y in zip(dataset[columns.text], dataset[columns.label])
+                if y == data_cfg.positive_label]
+    negative = [_clean(data_cfg, t) for t, y in zip(dataset[columns.text], dataset[columns.label])
+                if y != data_cfg.positive_label]
+    if not positive or not negative:
+        raise DataError(f"{source.name}: pairs need both positive (label {data_cfg.positive_label}) and other "
+                        "reviews; check data.positive_label and data.columns.label")
+    rng = random.Random(data_cfg.seed)
+    rng.shuffle(positive)
+    rng.shuffle(negative)
+    n = min(len(positive), len(negative))
+    return Dataset.from_dict({"chosen": positive[:n], "rejected": negative[:n]})
+
+
+def _hh_prompt(dialogue: str, source: str, row: int) -> str:
+    cut = dialogue.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise DataError(f"{source} row {row}: no {HH_ASSISTANT.strip()!r} turn to cut a prompt at; "
+                        "is this the hh-rlhf schema?")
+    return dialogue[:cut + len(HH_ASSISTANT)]
+
+
+def _clean(data_cfg, text: str) -> str:
+    # IMDB reviews carry HTML line breaks; they are noise to a language model.
+    return text.replace("<br />", " ") if data_cfg.name == "imdb" else text
