@@ -1,0 +1,111 @@
+"""Data-parallel runs under ``accelerate launch``: who writes, and the few collectives PPO needs.
+
+One process per device. SFT and reward training get data parallelism from their TRL trainers; the PPO
+loop is ours: every rank samples its own prompts, gradients are averaged before each optimizer step
+(so the weights stay identical on every rank), decisions that change the control flow (skip a
+mini-batch, stop early, stop on a signal) are taken jointly, and only rank 0 writes files and logs.
+In a plain ``python train.py`` run every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched() -> bool:
+    """Started by ``accelerate launch`` / ``torchrun`` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> None:
+    """Join the process group the launcher described (gloo on CPU, nccl on GPUs)."""
+    if launched() and not dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast(value):
+    """Rank 0's ``value`` on every rank (any picklable object)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value) -> list:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if not is_distributed():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any: ranks must agree on skips and stops, or they deadlock."""
+    return any(gather(bool(flag))) if is_distributed() else bool(flag)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Replace each gradient by its mean over ranks (one all-reduce of the flattened trainable grads).
+
+    Every rank's loss is a mean over equally many samples, so the mean of the gradients is the gradient
+    of the loss over the union of the ranks' samples.
+    """
+    if not is_distributed() or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for param, grad in zip(params, grads):
+        n = grad.numel()
+        param.grad = flat[offset:offset + n].view_as(grad).to(grad.dtype)
+        offset += n
+
+
+def mean_metrics(metrics: dict) -> dict:
+    """Each numeric metric averaged over the ranks that have it; other values as rank 0 has them."""
+    if not is_distributed():
+        return metrics
+    everyone = gather(metrics)
+    merged = dict(everyone[0])
+    for key, value in merged.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [m[key] for m in everyone if isinstance(m.get(key), (int, float))]
+            merged[key] = sum(values) / len(values)
+    return merged
+
+
+def cat_tensors(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D ``tensor`` concatenated in rank order (e.g. scores for running statistics)."""
+    if not is_distributed():
+        return tensor
+    return torch.cat([t.to(tensor.device) for t in gather(tensor.detach().cpu())])
