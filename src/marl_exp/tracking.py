@@ -16,9 +16,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
+from marl_exp.config import ConfigError
 from marl_exp.io import atomic_write_json
 
 log = logging.getLogger(__name__)
+ARTIFACT_MODES = ("auto", "upload", "reference", "none")  # logger.artifacts, see marl_exp.lineage
 
 
 def wandb_has_credentials() -> bool:
@@ -121,6 +123,10 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.summary: dict[str, Any] = {}
+        self.artifacts = cfg.logger.get("artifacts", "auto")
+        if self.artifacts not in ARTIFACT_MODES:
+            raise ConfigError(f"logger.artifacts={self.artifacts!r} is not valid; use one of {', '.join(ARTIFACT_MODES)}")
+        self.artifact_max_upload_mb = float(cfg.logger.get("artifact_max_upload_mb", 100.0))
         self.wandb_run = None
         if cfg.logger.name == "wandb":
             self.wandb_run = self._init_wandb(cfg, job_type, name)
@@ -159,6 +165,32 @@ class Tracker:
         atomic_write_json(self.run_dir / "summary.json", self.summary)
         if self.wandb_run is not None:
             self.wandb_run.summary.update(metrics)
+
+    @property
+    def logs_artifacts(self) -> bool:
+        """True when stage outputs go to W&B as artifacts (a live run, not disabled, logger.artifacts != none)."""
+        run = self.wandb_run
+        return run is not None and not getattr(run, "disabled", False) and self.artifacts != "none"
+
+    def log_artifact(self, artifact) -> None:
+        """Log ``artifact`` (a ``wandb.Artifact``) as an output of this run; offline it waits for ``wandb sync``."""
+        if self.logs_artifacts:
+            self.wandb_run.log_artifact(artifact)
+
+    def use_artifact(self, artifact) -> None:
+        """Declare ``artifact``, built here from the files this run reads, as an input of this run.
+
+        Online this is ``run.use_artifact(artifact)``. Offline, wandb refuses ``use_artifact``; the run
+        records instead what online ``use_artifact`` sends for an artifact object: the artifact with
+        ``use_after_commit``. Artifacts are content-addressed, so on ``wandb sync`` the server finds the
+        version with the same digest (the one the upstream run logged) and marks it used by this run.
+        """
+        if not self.logs_artifacts:
+            return
+        if not getattr(self.wandb_run, "offline", False):
+            self.wandb_run.use_artifact(artifact)
+            return
+        self.wandb_run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
 
     def finish(self, exit_code: int = 0) -> None:
         if self.wandb_run is not None:

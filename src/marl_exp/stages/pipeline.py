@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from marl_exp import lineage
 from marl_exp.config import AdapterConfig, Config, QuantConfig, STAGE_SCHEMAS, to_yaml
 from marl_exp.io import atomic_write_json, atomic_write_text
 from marl_exp.stages.common import environment_record
@@ -30,15 +31,21 @@ COMPLETE_MARKER = "summary.json"  # written last by every stage
 OUTPUT_SUBDIR = {"sft": "model", "reward": "reward_adapter", "ppo": "policies"}
 
 
-def run_stage(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run ``cfg.stage`` in ``run_dir`` (upstream stages first, when needed) and return its summary."""
+def run_stage(cfg: DictConfig, run_dir: Path, publish_dir: Path | None = None) -> dict:
+    """Run ``cfg.stage`` in ``run_dir`` (upstream stages first, when needed) and return its summary.
+
+    With W&B, the run declares its inputs and logs its output as artifacts (``marl_exp.lineage``);
+    ``publish_dir`` is where ``run_dir`` will be moved to, if it is (a cache entry), for their paths.
+    """
     run_dir = Path(run_dir)
     inputs = resolve_inputs(cfg)
     save_run_record(cfg, run_dir, inputs)
     with Tracker(cfg, run_dir, job_type=cfg.stage.name) as tracker:
+        lineage.use_inputs(tracker, cfg, inputs)
         started = time.perf_counter()
         summary = _runner(cfg.stage.name)(cfg, run_dir, tracker, **inputs)
         tracker.update_summary({"time/total_s": time.perf_counter() - started})
+        lineage.log_outputs(tracker, cfg, run_dir, tracker.summary, publish_dir or run_dir)
     return {**summary, "time/total_s": tracker.summary["time/total_s"]}
 
 
@@ -128,7 +135,7 @@ def cached_output(cfg: DictConfig) -> Path:
         # Build beside the target and rename, so an interrupted build is never mistaken for a result.
         building = target.with_name(f".{target.name}.building-{os.getpid()}")
         # Named after the entry, not after the temporary dir (W&B run name); not part of the hash.
-        run_stage(OmegaConf.merge(cfg, {"run_name": cfg.run_name or target.name}), building)
+        run_stage(OmegaConf.merge(cfg, {"run_name": cfg.run_name or target.name}), building, publish_dir=target)
         shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete dir from an older crash
         os.replace(building, target)
     return output
