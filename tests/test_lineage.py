@@ -7,8 +7,13 @@ protobuf records (what ``wandb sync`` replays), decoded with wandb's own protobu
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -247,22 +252,28 @@ def test_key_metrics_of_one_policy_among_several():
 
 
 # --------------------------------------------------------------------------------------- end to end
-@pytest.mark.slow
-def test_wandb_offline_artifacts_carry_the_lineage(tmp_path):
-    """SFT → reward → PPO with W&B offline: each run logs its output as a model artifact with metadata,
-    and each downstream run declares the upstream artifacts with the same name, type and digest, also
-    when the SFT model is reused from the cache rather than rerun. Weights above 1 MB are referenced."""
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def offline_chain(tmp_path_factory):
+    """SFT → reward → PPO with W&B offline. The reward run builds the SFT model into the cache (beside
+    the entry, then renamed); the PPO run reuses it from the cache and is given the reward adapter.
+    Weights above 1 MB are referenced, smaller files uploaded."""
+    out = tmp_path_factory.mktemp("lineage") / "out"
     common = (f"output_dir={out}", "logger=wandb", "logger.artifact_max_upload_mb=1")
-    # Reward: the SFT stage it needs runs first, into the cache (built beside it and renamed).
-    reward_run = out / "reward_run"
-    run_stage(compose("stage=reward", *QUICK_WANDB, *common), reward_run)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_DATA_DIR", str(out.parent / "wandb-data"))
+        run_stage(compose("stage=reward", *QUICK_WANDB, *common), out / "reward_run")
+        ppo_cfg = compose("stage=ppo", *QUICK_DATA, *PPO_SMALL, *common,
+                          f"stage.reward_adapter={out / 'reward_run' / 'reward_adapter'}")
+        run_stage(ppo_cfg, out / "ppo_run")
     (sft_entry,) = (out / "cache").glob("sft-*")
-    # PPO: the cached SFT model is reused, the reward adapter given.
-    ppo_run = out / "ppo_run"
-    ppo_cfg = compose("stage=ppo", *QUICK_DATA, *PPO_SMALL, *common,
-                      f"stage.reward_adapter={reward_run / 'reward_adapter'}")
-    run_stage(ppo_cfg, ppo_run)
+    return {"sft": sft_entry, "reward": out / "reward_run", "ppo": out / "ppo_run", "ppo_cfg": ppo_cfg}
+
+
+@pytest.mark.slow
+def test_wandb_offline_artifacts_carry_the_lineage(offline_chain):
+    """Each run logs its output as a model artifact with metadata, and each downstream run declares the
+    upstream artifacts with the same name, type and digest, also the SFT model reused from the cache."""
+    sft_entry, reward_run, ppo_run, ppo_cfg = (offline_chain[k] for k in ("sft", "reward", "ppo", "ppo_cfg"))
     assert json.loads((ppo_run / "run_record.json").read_text())["inputs"]["sft_model"] == str(sft_entry / "model")
 
     (sft_art,), sft_used = artifact_records(sft_entry)
@@ -313,3 +324,109 @@ def ppo_cfg_name(cfg) -> str:
     from marl_exp.stages.pipeline import config_hash
 
     return f"ppo-{config_hash(cfg)}"
+
+
+class StubWandbServer:
+    """Enough of a W&B server for `wandb sync` (wandb 0.31): answers the GraphQL operations a sync sends,
+    keeps one artifact version per (name, digest) as the real server does, and records every operation.
+    Unknown operations get an empty answer."""
+
+    def __init__(self):
+        self.operations: list[tuple[str, dict, dict]] = []  # (name, input variables, data answered)
+        self.versions: dict[tuple[str, str], dict] = {}
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):  # GraphQL, file stream, telemetry
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if not self.path.startswith("/graphql"):
+                    return self._reply({})
+                request = json.loads(body)
+                variables = request.get("variables") or {}
+                variables = variables.get("input") or variables
+                data = stub.answer(request.get("operationName", ""), variables)
+                stub.operations.append((request.get("operationName", ""), variables, data))
+                self._reply({"data": data})
+
+            def do_PUT(self):  # file uploads to the URLs handed out
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def answer(self, operation: str, v: dict) -> dict:
+        if operation == "UpsertBucket":
+            return {"upsertBucket": {"inserted": True, "bucket": {
+                "id": v.get("name"), "name": v.get("name"), "displayName": v.get("name"),
+                "project": {"id": "p", "name": v.get("project") or "p", "entity": {"id": "e", "name": "e"}}}}}
+        if operation == "CreateRunFiles":
+            return {"createRunFiles": {"runID": "r", "uploadHeaders": [],
+                                       "files": [{"name": f, "uploadUrl": f"{self.url}/up/{f}"} for f in v["files"]]}}
+        if operation == "CreateArtifact":
+            version = self.versions.setdefault((v["artifactCollectionName"], v["digest"]),
+                                               {"id": f"artifact-{len(self.versions)}", "state": "PENDING"})
+            return {"createArtifact": {"artifact": {**version, "artifactSequence": {"latestArtifact": None}}}}
+        if operation == "CreateArtifactManifest":
+            return {"createArtifactManifest": {"artifactManifest": {"id": "manifest", "file": {
+                "id": "f", "uploadUrl": f"{self.url}/up/manifest", "uploadHeaders": []}}}}
+        if operation == "CreateArtifactFiles":
+            return {"createArtifactFiles": {"files": {"edges": [
+                {"node": {"id": spec["name"], "uploadUrl": f"{self.url}/up/{spec['name']}", "uploadHeaders": [],
+                          "artifact": {"id": spec["artifactID"]}}} for spec in v["artifactFiles"]]}}}
+        if operation == "CommitArtifact":
+            for version in self.versions.values():
+                if version["id"] == v["artifactID"]:
+                    version["state"] = "COMMITTED"
+            return {"commitArtifact": {"artifact": {"id": v["artifactID"]}}}
+        if operation == "UseArtifact":
+            return {"useArtifact": {"artifact": {"id": v["artifactID"]}}}
+        return {}
+
+    def __enter__(self) -> "StubWandbServer":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_wandb_sync_links_each_declared_input_to_the_logged_version(offline_chain, tmp_path):
+    """`wandb sync` of the chain (upstream first) against a stub server: each downstream run's declaration
+    resolves, by digest, to the version its upstream run logged, and is marked used by that run."""
+    runs = {stage: next((offline_chain[stage] / "wandb").glob("offline-run-*")) for stage in ("sft", "reward", "ppo")}
+    ids = {stage: run_id(offline_chain[stage]) for stage in runs}
+    env = {**os.environ, "WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "HOME": str(tmp_path), "WANDB_SILENT": "false"}
+    with StubWandbServer() as server:
+        env["WANDB_BASE_URL"] = server.url
+        for stage, run in runs.items():
+            result = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--yes", str(run)], env=env,
+                                    cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0 and "Finished syncing" in result.stdout + result.stderr, result.stderr[-2000:]
+    names = {stage: artifact_records(offline_chain[stage])[0][0].name for stage in runs}  # logged offline
+    created = [(v["artifactCollectionName"], v.get("runName"), data["createArtifact"]["artifact"]["id"])
+               for op, v, data in server.operations if op == "CreateArtifact" and v["artifactTypeName"] == "model"]
+    # Each run's own output is created with its run; declarations (use_after_commit) carry none.
+    logged = {stage: artifact_id for stage in runs for name, run, artifact_id in created
+              if (name, run) == (names[stage], ids[stage])}
+    assert len(logged) == 3 and {run for _, run, _ in created} == {*ids.values(), None}
+    for name, run, artifact_id in created:  # every declaration resolved to the version logged upstream
+        assert artifact_id == logged[next(stage for stage in runs if names[stage] == name)]
+    used = {(v["runName"], v["artifactID"]) for op, v, _ in server.operations if op == "UseArtifact"}
+    assert used == {(ids["reward"], logged["sft"]), (ids["ppo"], logged["sft"]), (ids["ppo"], logged["reward"])}
+    assert all(version["state"] == "COMMITTED" for version in server.versions.values())
