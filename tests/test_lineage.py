@@ -298,7 +298,8 @@ def test_wandb_offline_artifacts_carry_the_lineage(offline_chain):
     assert sft_meta["stage"] == "sft" and sft_meta["finetune"] == "full" and sft_meta["quant"] == "fp32"
     assert sft_meta["base_model_name"] == "tiny" and sft_meta["fingerprint"] != sft_meta["model_fingerprint"]
     assert sft_meta["path"] == str(sft_entry / "model")
-    assert sft_meta["metrics"]["eval/loss"] == pytest.approx(json.loads((sft_entry / "summary.json").read_text())["eval/loss"])
+    sft_summary = json.loads((sft_entry / "summary.json").read_text())
+    assert sft_meta["metrics"]["eval/loss"] == pytest.approx(sft_summary["eval/loss"])
     adapter = ppo_cfg.adapter
     for meta in (reward_meta, ppo_meta):
         assert meta["base_model"] == str(sft_entry / "model")
@@ -411,7 +412,8 @@ def test_wandb_sync_links_each_declared_input_to_the_logged_version(offline_chai
     resolves, by digest, to the version its upstream run logged, and is marked used by that run."""
     runs = {stage: next((offline_chain[stage] / "wandb").glob("offline-run-*")) for stage in ("sft", "reward", "ppo")}
     ids = {stage: run_id(offline_chain[stage]) for stage in runs}
-    env = {**os.environ, "WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "HOME": str(tmp_path), "WANDB_SILENT": "false"}
+    env = {**os.environ, "WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "HOME": str(tmp_path),
+           "WANDB_SILENT": "false"}
     with StubWandbServer() as server:
         env["WANDB_BASE_URL"] = server.url
         for stage, run in runs.items():
