@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from marl_exp import distributed
 from marl_exp.config import ConfigError, to_yaml, validate
 from marl_exp.interrupt import StageInterrupted, TrainingDiverged
 from marl_exp.io import atomic_write_text
@@ -47,10 +48,14 @@ def in_multirun() -> bool:
 def main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     """Run one job; returns the stage's objective for sweepers. Bad input exits 2 with one line."""
     _setup_logging()
+    distributed.init(cfg.device)  # under `accelerate launch` / `torchrun`: join the other processes
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra(cfg)
+    # Each process's Hydra may have stamped its own time into the run dir; all work in rank 0's.
+    run_dir = Path(distributed.broadcast(str(run_dir)))
     try:
         validate(cfg)
-        print(to_yaml(cfg), flush=True)
+        if distributed.is_main():
+            print(to_yaml(cfg), flush=True)
         from marl_exp.stages.pipeline import run_stage
 
         summary = run_stage(cfg, run_dir)
@@ -59,14 +64,16 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         message = " ".join(str(err).split())  # one line, whatever the message
-        print(f"marl-exp: error: {message}", file=sys.stderr, flush=True)
+        if distributed.is_main():
+            print(f"marl-exp: error: {message}", file=sys.stderr, flush=True)
         if in_multirun():  # one bad sweep point must not end the sweep (see hydra_callbacks.SweepReport)
             return None
         sys.exit(2)
     except StageInterrupted as err:  # SIGINT/SIGTERM: the stage saved what it could; say how to go on
         message = interrupted_message(cfg, run_dir, err)
-        atomic_write_text(run_dir / INTERRUPTED_MARKER, message + "\n")
-        print(f"marl-exp: {message}", file=sys.stderr, flush=True)
+        if distributed.is_main():
+            atomic_write_text(run_dir / INTERRUPTED_MARKER, message + "\n")
+            print(f"marl-exp: {message}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)  # 130 for SIGINT, 143 for SIGTERM
     except TrainingDiverged as err:  # too many non-finite steps: one line, no traceback
         _mark_failed(run_dir, err)
@@ -80,6 +87,8 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
             print(f"marl-exp: error: job {run_dir} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             return None
         raise
+    if not distributed.is_main():
+        return None  # rank 0 reports the run and returns its objective
     (run_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)  # an interrupted run, now resumed to the end
     log.info("run finished: %s", run_dir)
     value = summary.get(OBJECTIVE[cfg.stage.name])
@@ -98,7 +107,9 @@ def resume_command(cfg: DictConfig, run_dir: Path) -> str:
                      if not str(o).lstrip("+~").startswith("stage.resume=")]
     except ValueError:  # not under @hydra.main: the overrides are unknown
         overrides = ["<same overrides>"]
-    parts = ["python", "train.py", *overrides, shlex.quote(f"hydra.run.dir={run_dir}")]
+    launcher = ["python"] if not distributed.is_distributed() else \
+        ["accelerate", "launch", "--num_processes", str(distributed.world_size())]
+    parts = [*launcher, "train.py", *overrides, shlex.quote(f"hydra.run.dir={run_dir}")]
     if cfg.stage.name == "ppo":
         parts.append("stage.resume=auto")
     return " ".join(parts)
@@ -113,6 +124,8 @@ def interrupted_message(cfg: DictConfig, run_dir: Path, err: StageInterrupted) -
 
 
 def _mark_failed(run_dir: Path, err: BaseException) -> None:
+    if not distributed.is_main():
+        return
     detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     atomic_write_text(run_dir / FAILURE_MARKER, f"{type(err).__name__}: {err}\n\n{detail}")
 

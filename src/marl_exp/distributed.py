@@ -9,10 +9,13 @@ In a plain ``python train.py`` run every function here is a no-op.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def launched() -> bool:
@@ -20,12 +23,21 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init() -> None:
-    """Join the process group the launcher described (gloo on CPU, nccl on GPUs)."""
-    if launched() and not dist.is_initialized():
-        from accelerate import PartialState
+def init(device: str = "auto") -> None:
+    """Join the process group the launcher described (gloo on CPU, nccl on GPUs).
 
-        PartialState()
+    Accelerate's state is created here, with the device kind, because it is a singleton: TRL's trainers
+    reuse it, and a state created for GPUs on a CPU-only run would turn their data parallelism off.
+    """
+    if not launched():
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ:
+            log.warning("`accelerate launch --cpu` starts ONE process (several CPU processes need MPI in "
+                        "accelerate); for N processes use `accelerate launch --multi_gpu --num_processes N "
+                        "train.py device=cpu` or `torchrun --nproc_per_node N train.py device=cpu`")
+        return
+    from accelerate import PartialState
+
+    PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
 def is_distributed() -> bool:

@@ -62,6 +62,11 @@ class StopRequest:
         log.warning("%s received: finishing the current step, then saving and stopping "
                     "(send it again to stop at once)", signal_name(signum))
 
+    def request_from_peer(self) -> None:
+        """Another process of a distributed run got the signal: stop here too."""
+        if self.signum is None:
+            self.signum = signal.SIGTERM
+
     def raise_if_requested(self, stage: str, step: int, checkpoint: Path | None = None) -> None:
         if self.signum is not None:
             raise StageInterrupted(self.signum, stage, step, checkpoint)

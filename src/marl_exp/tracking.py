@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
+from marl_exp import distributed
 from marl_exp.config import ConfigError
 from marl_exp.io import atomic_write_json
 
@@ -120,7 +121,10 @@ class Tracker:
 
     def __init__(self, cfg: DictConfig, run_dir: Path, job_type: str, name: str | None = None):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # In a distributed run only rank 0 writes files and logs; the others keep the summary in memory.
+        self.writes = distributed.is_main()
+        if self.writes:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.summary: dict[str, Any] = {}
         self.artifacts = cfg.logger.get("artifacts", "auto")
@@ -128,7 +132,7 @@ class Tracker:
             raise ConfigError(f"logger.artifacts={self.artifacts!r} is not valid; use one of {', '.join(ARTIFACT_MODES)}")
         self.artifact_max_upload_mb = float(cfg.logger.get("artifact_max_upload_mb", 100.0))
         self.wandb_run = None
-        if cfg.logger.name == "wandb":
+        if cfg.logger.name == "wandb" and self.writes:
             self.wandb_run = self._init_wandb(cfg, job_type, name)
 
     def _init_wandb(self, cfg: DictConfig, job_type: str, name: str | None):
@@ -154,6 +158,8 @@ class Tracker:
         return run
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.writes:
+            return
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(record, default=str) + "\n")
@@ -162,7 +168,8 @@ class Tracker:
 
     def update_summary(self, metrics: dict[str, Any]) -> None:
         self.summary.update({k: _jsonable(v) for k, v in metrics.items()})
-        atomic_write_json(self.run_dir / "summary.json", self.summary)
+        if self.writes:
+            atomic_write_json(self.run_dir / "summary.json", self.summary)
         if self.wandb_run is not None:
             self.wandb_run.summary.update(metrics)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from marl_exp import lineage
+from marl_exp import distributed, lineage
 from marl_exp.config import AdapterConfig, Config, QuantConfig, STAGE_SCHEMAS, to_yaml
 from marl_exp.io import atomic_write_json, atomic_write_text
 from marl_exp.stages.common import environment_record
@@ -44,7 +44,8 @@ def run_stage(cfg: DictConfig, run_dir: Path, publish_dir: Path | None = None) -
         lineage.use_inputs(tracker, cfg, inputs)
         started = time.perf_counter()
         summary = _runner(cfg.stage.name)(cfg, run_dir, tracker, **inputs)
-        tracker.update_summary({"time/total_s": time.perf_counter() - started})
+        tracker.update_summary({"time/total_s": time.perf_counter() - started,
+                                **({"dist/world_size": distributed.world_size()} if distributed.is_distributed() else {})})
         lineage.log_outputs(tracker, cfg, run_dir, tracker.summary, publish_dir or run_dir)
     return {**summary, "time/total_s": tracker.summary["time/total_s"]}
 
@@ -120,6 +121,8 @@ def cached_output(cfg: DictConfig) -> Path:
     """
     target = cache_dir(cfg)
     output = target / OUTPUT_SUBDIR[cfg.stage.name]
+    if distributed.is_distributed():
+        return _cached_output_distributed(cfg, target, output)
     if _complete(target, output):
         log.info("reusing cached %s stage output %s (same upstream config)", cfg.stage.name, output)
         return output
@@ -138,6 +141,26 @@ def cached_output(cfg: DictConfig) -> Path:
         run_stage(OmegaConf.merge(cfg, {"run_name": cfg.run_name or target.name}), building, publish_dir=target)
         shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete dir from an older crash
         os.replace(building, target)
+    return output
+
+
+def _cached_output_distributed(cfg: DictConfig, target: Path, output: Path) -> Path:
+    """All ranks build a missing entry together (its trainer is data parallel); rank 0 holds the lock,
+    decides and publishes."""
+    with _build_lock(target) if distributed.is_main() else contextlib.nullcontext():
+        building = target.with_name(f".{target.name}.building-{os.getpid()}")
+        decision = distributed.broadcast(None if _complete(target, output) else str(building))
+        if decision is None:
+            log.info("reusing cached %s stage output %s (same upstream config)", cfg.stage.name, output)
+            return output
+        log.info("no cached %s output for this config: running the %s stage on %d processes into %s",
+                 cfg.stage.name, cfg.stage.name, distributed.world_size(), target)
+        run_stage(OmegaConf.merge(cfg, {"run_name": cfg.run_name or target.name}), Path(decision), publish_dir=target)
+        distributed.barrier()
+        if distributed.is_main():
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(decision, target)
+        distributed.barrier()
     return output
 
 
@@ -168,6 +191,8 @@ def _build_lock(target: Path):
 
 def save_run_record(cfg: DictConfig, run_dir: Path, inputs: dict) -> None:
     """The resolved config, upstream inputs and environment, so a run can be traced and repeated."""
+    if not distributed.is_main():
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "resolved_config.yaml", to_yaml(cfg))
     atomic_write_json(run_dir / "run_record.json", {"inputs": inputs, **environment_record()})

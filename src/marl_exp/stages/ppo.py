@@ -13,6 +13,7 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 
+from marl_exp import distributed
 from marl_exp.data import build_task
 from marl_exp.interrupt import TrainingDiverged, stop_on_signal
 from marl_exp.modeling.loading import context_length, load_model, load_tokenizer, local_model_dir, resolve_device
@@ -73,11 +74,17 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
     roles = build_roles(cfg, sft_model, reward_adapter, device)
     model = roles.model
     model.train(not stage.disable_dropout)  # eval mode = no dropout: ratio is exactly 1 at the first epoch
-    trainer = PPOTrainer(roles, tokenizer, stage, task.prompts_train, seed=cfg.seed)
+    # Data parallel: every rank samples its own prompts and responses (same weights, other seeds).
+    sampling_seed = cfg.seed + 1000 * distributed.rank()
+    trainer = PPOTrainer(roles, tokenizer, stage, task.prompts_train, seed=sampling_seed)
+    if distributed.rank() > 0:  # rank 0 (and a plain run) keeps the stream it had: same results as before
+        torch.manual_seed(sampling_seed)
     saved_adapters = list(stage.policies) + ([critic_name(n) for n in stage.policies] if stage.critic == "adapter" else [])
 
     def run_eval(tag: str, step: int) -> dict:
         metrics = {}
+        if not distributed.is_main():  # the weights are the same on every rank: rank 0 evaluates
+            return metrics
         for i, name in enumerate(stage.policies):
             values, samples = evaluate(roles, tokenizer, task.prompts_eval, name, stage, oracle=task.oracle)
             prefixes = [f"eval/{tag}/"] if i == 0 else []
@@ -91,7 +98,7 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
     checkpoint = resolve_resume(stage.resume, run_dir)
     if checkpoint is not None:
         trainer_state, saved_summary = load_checkpoint(checkpoint, model, saved_adapters)
-        trainer.load_state_dict(trainer_state)
+        trainer.load_state_dict(own_rank_state(trainer_state, fresh=trainer.state_dict()))
         summary.update(saved_summary)
         log.info("resumed from %s at step %d", checkpoint, trainer.step_count)
     else:
@@ -100,11 +107,15 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
         tracker.log(before, step=0)
     tracker.update_summary(summary)
 
+    def checkpoint_now(step: int) -> Path:
+        return save_checkpoint_on_main(run_dir, step, model, saved_adapters, trainer, summary)
+
     def interrupt_if_requested() -> None:
-        if stop:
+        if distributed.any_rank(bool(stop)):  # all ranks stop at the same step (a signal may reach one)
             step = trainer.step_count
-            checkpoint = save_checkpoint(run_dir, step, model, saved_adapters, trainer.state_dict(), summary)
+            checkpoint = checkpoint_now(step)
             tracker.update_summary({"train/interrupted_at_step": step})
+            stop.request_from_peer()
             stop.raise_if_requested("ppo", step, checkpoint)
 
     interrupt_if_requested()  # a signal during loading or the first evaluation
@@ -114,7 +125,7 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
         # Raises TrainingDiverged after stage.max_bad_steps non-finite steps in a row (no checkpoint
         # is written then: the last one saved stays the last good one).
         try:
-            stats = trainer.step()
+            stats = distributed.mean_metrics(trainer.step())  # every rank's step, averaged
         except TrainingDiverged as err:
             tracker.log(getattr(err, "stats", {}), step=trainer.step_count)  # the counters of the last step
             raise
@@ -127,7 +138,7 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
             tracker.log(run_eval("during", step), step=step)
         # Not after a step with non-finite values: the last checkpoint stays the last good one.
         if stage.save_every and step % stage.save_every == 0 and step < stage.steps and not stats.get("ppo/nonfinite_step"):
-            save_checkpoint(run_dir, step, model, saved_adapters, trainer.state_dict(), summary)
+            checkpoint_now(step)
         if step < stage.steps:
             interrupt_if_requested()
 
@@ -135,12 +146,54 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
     tracker.log(after, step=trainer.step_count)
     summary.update(after)
     summary["train/steps"] = trainer.step_count
-    save_checkpoint(run_dir, trainer.step_count, model, saved_adapters, trainer.state_dict(), summary)
-    record = base_record(sft_model, cfg.model.name, local_model_dir(sft_model, cfg.model))
-    for name in saved_adapters:
-        model.save_policy(run_dir / POLICIES_SUBDIR / name, adapter=name, base_record=record)
+    if distributed.is_distributed():  # a check of the gradient synchronisation, cheap for adapters
+        summary["dist/max_weight_divergence"] = _weight_divergence(model, saved_adapters)
+    checkpoint_now(trainer.step_count)
+    if distributed.is_main():
+        record = base_record(sft_model, cfg.model.name, local_model_dir(sft_model, cfg.model))
+        for name in saved_adapters:
+            model.save_policy(run_dir / POLICIES_SUBDIR / name, adapter=name, base_record=record)
     tracker.update_summary(summary)
     return summary
+
+
+def save_checkpoint_on_main(run_dir: Path, step: int, model, adapters: list[str], trainer: PPOTrainer,
+                            summary: dict) -> Path:
+    """Rank 0 writes the checkpoint, with every rank's random state so a resume samples as before."""
+    state = trainer.state_dict()
+    rank_states = distributed.gather({key: state[key] for key in RANK_STATE_KEYS})
+    path = None
+    if distributed.is_main():
+        if distributed.is_distributed():
+            state["rank_states"] = rank_states
+        path = save_checkpoint(run_dir, step, model, adapters, state, summary)
+    distributed.barrier()
+    return distributed.broadcast(path)
+
+
+# The parts of the trainer's state that differ between ranks (each samples its own prompts).
+RANK_STATE_KEYS = ("prompt_rng", "shuffle_gen", "torch_rng", "cuda_rng")
+
+
+def own_rank_state(state: dict, fresh: dict) -> dict:
+    """This rank's random state from a checkpoint (rank 0's in a plain run); ``fresh`` = this rank's new
+    trainer state, whose seeds are used when the checkpoint came from another number of processes."""
+    rank_states = state.pop("rank_states", None)
+    if not distributed.is_distributed():
+        return state
+    if rank_states is None or len(rank_states) != distributed.world_size():
+        log.warning("the checkpoint was written by %d process(es), this run has %d: ranks other than 0 sample "
+                    "with fresh seeds", len(rank_states or [None]), distributed.world_size())
+        return state if distributed.is_main() else {**state, **{k: fresh[k] for k in RANK_STATE_KEYS}}
+    return {**state, **rank_states[distributed.rank()]}
+
+
+def _weight_divergence(model, adapters: list[str]) -> float:
+    """Largest difference of any trained weight between ranks (0 when gradients were synchronised)."""
+    flat = torch.cat([p.detach().float().reshape(-1).cpu() for name in adapters
+                      for p in model.trainable_parameters(name)])
+    everyone = distributed.gather(flat)
+    return max(float((other - everyone[0]).abs().max()) for other in everyone)
 
 
 def _log_samples(tracker: Tracker, run_dir: Path, step: int, tag: str, policy: str, samples: list[dict]) -> None:

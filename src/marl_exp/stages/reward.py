@@ -13,6 +13,7 @@ import torch
 from peft import prepare_model_for_kbit_training
 from trl import RewardConfig, RewardTrainer
 
+from marl_exp import distributed
 from marl_exp.data import build_task
 from marl_exp.interrupt import StopOnSignalCallback, stop_on_signal
 from marl_exp.modeling.loading import load_model, load_tokenizer, local_model_dir, resolve_device
@@ -53,12 +54,15 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, stop) -> dict:
     accuracy = pairwise_accuracy(trainer.model, tokenizer, task.pairs_eval, cfg.stage.eval_batch_size)
 
     out = run_dir / ADAPTER_SUBDIR
-    trainer.save_model(str(out))
-    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run dir has the config already
-    tokenizer.save_pretrained(out)
-    write_base_record(out, sft_model, cfg.model.name, local_model_dir(sft_model, cfg.model))
+    trainer.save_model(str(out))  # rank 0 only, in a data-parallel run
+    if distributed.is_main():
+        (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run dir has the config already
+        tokenizer.save_pretrained(out)
+        write_base_record(out, sft_model, cfg.model.name, local_model_dir(sft_model, cfg.model))
     summary = {**params, "eval/loss": metrics["eval_loss"], "eval/pairwise_accuracy": accuracy,
                "eval/margin": metrics.get("eval_margin"), "train/steps": trainer.state.global_step}
+    if distributed.is_distributed():  # the trainer's own view: data parallel over this many processes
+        summary["dist/trainer_processes"] = trainer.accelerator.num_processes
     log.info("reward adapter saved to %s (held-out pairwise accuracy %.3f)", out, accuracy)
     tracker.update_summary(summary)
     return summary

@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel, prepare_model_for_kbit_training
 from trl import SFTConfig, SFTTrainer
 
+from marl_exp import distributed
 from marl_exp.config import sft_finetune_mode
 from marl_exp.data import build_task
 from marl_exp.interrupt import StopOnSignalCallback, stop_on_signal
@@ -64,7 +65,10 @@ def _run(cfg, run_dir: Path, tracker: Tracker, stop) -> dict:
         "eval/perplexity": math.exp(min(metrics["eval_loss"], 700.0)),  # exp(>709) overflows
         "train/steps": trainer.state.global_step,
     }
-    _save(trainer.model, tokenizer, run_dir, base_path, cfg)
+    if distributed.is_distributed():  # the trainer's own view: data parallel over this many processes
+        summary["dist/trainer_processes"] = trainer.accelerator.num_processes
+    if distributed.is_main():  # data parallel: the weights are the same on every rank
+        _save(trainer.model, tokenizer, run_dir, base_path, cfg)
     tracker.update_summary(summary)
     return summary
 
