@@ -14,6 +14,8 @@ CONF_DIR = REPO / "conf"
 os.environ.setdefault("MARL_EXP_CACHE", str(REPO / ".pytest_cache" / "marl-exp-models"))
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
+# wandb stages artifact files for upload under ~/.local/share/wandb until a sync; keep them out of HOME.
+os.environ.setdefault("WANDB_DATA_DIR", str(REPO / ".pytest_cache" / "wandb-data"))
 os.environ.pop("WANDB_API_KEY", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny matrices gain nothing from threads, and spinning threads slow everything on a busy CPU.

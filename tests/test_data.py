@@ -188,10 +188,10 @@ def test_too_long_prompts_are_an_error_or_skipped(tokenizer):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data=local", "data.train_file is not set"),
+    ("data=local", "data.train_file=None: data=local needs a file"),
     ("data=local data.train_file=missing.jsonl", "data.train_file='missing.jsonl' does not exist"),
     ("data=local data.train_file=x.txt", "data.train_file='x.txt' has an unknown format"),
-    ("data=imdb data.path=null", "data.path is empty"),
+    ("data=imdb data.path=null", "data.path=None: data=imdb needs a hub id"),
     ("data.on_bad_row=ignore", "data.on_bad_row='ignore' is not valid"),
     ("data=imdb data.max_train_samples=0", "data.max_train_samples=0 must be > 0"),
     ("upstream.sft.learning_rate=-1", "upstream.sft.learning_rate=-1"),

@@ -247,6 +247,7 @@ class DataConfig:
 # -------------------------------------------------------------------------------------------- logger
 LOGGER_NAMES = ("wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+ARTIFACT_MODES = ("auto", "upload", "reference", "none")  # logger.artifacts, see marl_exp.lineage
 
 
 @dataclass
@@ -322,6 +323,9 @@ def validate(cfg: DictConfig) -> None:
            "adapter.target_modules is empty; name modules (e.g. [q_proj,v_proj]) or use [all-linear]")
     _one_of("logger.name", cfg.logger.name, LOGGER_NAMES)
     _one_of("logger.mode", cfg.logger.mode, WANDB_MODES)
+    _one_of("logger.artifacts", cfg.logger.artifacts, ARTIFACT_MODES)
+    _check(cfg.logger.artifact_max_upload_mb >= 0,
+           f"logger.artifact_max_upload_mb={cfg.logger.artifact_max_upload_mb!r} must be >= 0")
     _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
     _check_device_dtypes(cfg)
     _check(cfg.model.trust_remote_code is False or os.environ.get("MARL_EXP_ALLOW_REMOTE_CODE") == "1",
@@ -348,9 +352,10 @@ def _validate_data(data: DictConfig) -> None:
     _one_of("data.name", data.name, DATA_NAMES)
     _one_of("data.on_bad_row", data.on_bad_row, ("error", "skip"))
     if data.name in ("imdb", "hh_rlhf"):
-        _check(bool(data.path), f"data.path is empty; data={data.name} needs a hub id or a local copy")
+        _check(bool(data.path), f"data.path={data.path!r}: data={data.name} needs a hub id or a local copy there")
     if data.name == "local":
-        _check(bool(data.train_file), "data.train_file is not set; data=local needs data.train_file=<file>")
+        _check(bool(data.train_file), f"data.train_file={data.train_file!r}: data=local needs a file; "
+               "set data.train_file=<json|jsonl|csv|parquet file>")
         for key in ("train_file", "eval_file"):
             path = data[key]
             if path is None:

@@ -17,11 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
 from marl_exp import distributed
-from marl_exp.config import ConfigError
+from marl_exp.config import ARTIFACT_MODES, ConfigError
 from marl_exp.io import atomic_write_json
 
 log = logging.getLogger(__name__)
-ARTIFACT_MODES = ("auto", "upload", "reference", "none")  # logger.artifacts, see marl_exp.lineage
 
 
 def wandb_has_credentials() -> bool:
