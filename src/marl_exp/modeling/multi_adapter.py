@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from marl_exp.io import atomic_write_json
 from marl_exp.modeling.loading import fingerprint, keep_4bit_weights_differentiable, local_model_dir
@@ -39,9 +41,19 @@ class BaseMismatchError(ValueError):
 
 @dataclass
 class PolicyOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor  # [B, T, V], or [B, W, V] for the W positions asked for (``logits_positions``)
     values: torch.Tensor  # [B, T], float32
     hidden_states: torch.Tensor  # [B, T, H], last layer after the final norm
+
+
+@dataclass
+class RoleScores:
+    """What scoring a rollout needs from every role, for the same rows and positions."""
+
+    policy_logits: torch.Tensor  # [B, W, V] each row under its own policy
+    values: torch.Tensor  # [B, W] each row's critic
+    reference_logits: torch.Tensor  # [B, W, V] adapters disabled
+    reward_scores: torch.Tensor  # [B] reward adapter + score head at the last real token
 
 
 class ValueHead(nn.Module):
@@ -215,41 +227,123 @@ class MultiAdapterModel(nn.Module):
     def _role(self, adapter: str | None, eval_mode: bool = False):
         """Run with ``adapter`` active (None = all adapters disabled); restore everything on exit."""
         saved_active = self._active_policy
-        saved_grad = [(p, p.requires_grad) for p in self.parameters()]
-        saved_modes = [(m, m.training) for m in self.modules()]
+        switch = adapter != saved_active  # the active policy needs no switch: nothing to save or restore
+        saved_grad = [(p, p.requires_grad) for p in self.parameters()] if switch else []
         try:
-            if eval_mode:
-                self.eval()
-            if adapter is None:
-                with self.peft_model.disable_adapter():
-                    yield
-            else:
-                self.peft_model.set_adapter(adapter)
+            with self._eval_mode(eval_mode):
+                if adapter is None:
+                    # The tuner's own toggle: PeftModel.disable_adapter first inspects every layer's status
+                    # (get_model_status, ~25 ms per call on a 134M model).
+                    self.peft_model.base_model.disable_adapter_layers()
+                elif switch:
+                    self.peft_model.set_adapter(adapter)
                 yield
         finally:
-            self.peft_model.set_adapter(saved_active)
-            self._active_policy = saved_active
-            for param, flag in saved_grad:
-                param.requires_grad = flag
-            for module, training in saved_modes:
-                module.training = training
+            if adapter is None:
+                self.peft_model.base_model.enable_adapter_layers()
+            if switch:
+                self.peft_model.set_adapter(saved_active)
+                self._active_policy = saved_active
+                for param, flag in saved_grad:
+                    param.requires_grad = flag
+
+    @contextlib.contextmanager
+    def _eval_mode(self, enabled: bool = True):
+        """Eval mode inside, every module's own mode restored on exit (only those in training mode change)."""
+        training = [m for m in self._structure()[0] if m.training] if enabled else []
+        try:
+            for module in training:
+                module.training = False
+            yield
+        finally:
+            for module in training:
+                module.training = True
+
+    @contextlib.contextmanager
+    def _scoring_pass(self, adapter: str | None):
+        """A no-grad pass in eval mode under ``adapter`` (None = the base alone), for reference and reward.
+
+        Only the LoRA layers' adapter selection changes (``_active_adapter`` / ``_disable_adapters``),
+        and it is put back on exit: peft's ``set_adapter`` and adapter disabling would also rewrite
+        ``requires_grad`` on every LoRA weight, which then must be saved and restored on every call.
+        The forward is peft's ordinary one, so results are those of ``set_adapter``/``disable_adapter``.
+        """
+        layers = self._structure()[1]
+        saved = [(layer, layer._active_adapter, layer._disable_adapters) for layer in layers]
+        try:
+            with self._eval_mode():
+                for layer in layers:
+                    if adapter is None:
+                        layer._disable_adapters = True
+                    else:
+                        layer._active_adapter = [adapter]
+                yield
+        finally:
+            for layer, active, disabled in saved:
+                layer._active_adapter, layer._disable_adapters = active, disabled
+
+    def _structure(self) -> tuple[list[nn.Module], list[BaseTunerLayer]]:
+        """All modules and the LoRA layers, cached: they change only when adapters are added or removed."""
+        key = (tuple(self.peft_model.peft_config), tuple(self.value_heads))
+        if getattr(self, "_structure_cache", (None,))[0] != key:
+            modules = list(self.modules())
+            self._structure_cache = (key, modules, [m for m in modules if isinstance(m, BaseTunerLayer)])
+        return self._structure_cache[1], self._structure_cache[2]
+
+    @contextlib.contextmanager
+    def _rows_under(self, adapters: list[str | None]):
+        """An eval-mode pass with row ``i`` under ``adapters[i]`` (None = base), for scoring without gradients.
+
+        peft's per-row adapter hooks (``adapter_names``; ``__base__`` = no adapter) pick the adapters, so
+        nothing is switched and every flag stays as it is.
+        """
+        names = ["__base__" if a is None else a for a in adapters]
+        with self._eval_mode(), self.peft_model.base_model._enable_peft_forward_hooks(adapter_names=names):
+            yield
 
     # -------------------------------------------------------------------------------- forward passes
     def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last hidden state from the backbone alone (no LM head): the reward and value heads need only this."""
         causal_lm = self.peft_model.get_base_model()
         backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        with self._checkpointing_active():
+            out = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         return out.last_hidden_state
 
-    def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _lm_logits(self, hidden: torch.Tensor, positions: slice | None = None) -> torch.Tensor:
+        # Only the positions asked for: the LM head and everything after it scale with the vocabulary.
+        if positions is not None:
+            hidden = hidden[:, positions].contiguous()  # a strided slice would make the matmul batched and slower
         return self.peft_model.get_base_model().get_output_embeddings()(hidden)
 
+    @contextlib.contextmanager
+    def _checkpointing_active(self):
+        """Gradient checkpointing that works in eval mode too.
+
+        transformers checkpoints a layer only when it is in training mode, but PPO runs the policy in
+        eval mode (dropout off). With gradients on, the decoder layers alone are switched to training
+        mode for the call; their submodules (attention dropout) keep their own mode.
+        """
+        layers = [] if not torch.is_grad_enabled() else [
+            m for m in self.peft_model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        if not layers:
+            yield
+            return
+        saved = [(layer, layer.training) for layer in layers]
+        try:
+            for layer in layers:
+                layer.training = True
+            yield
+        finally:
+            for layer, training in saved:
+                layer.training = training
+
     def policy_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                       adapter: str | None = None) -> PolicyOutput:
+                       adapter: str | None = None, logits_positions: slice | None = None) -> PolicyOutput:
         """Logits and values of policy ``adapter`` (default: the active one), with gradients.
 
+        ``logits_positions`` computes the logits at those positions only (values stay [B, T]).
         Naming another policy is a deliberate switch: it becomes the active policy (as with
         ``activate_policy``) and stays active afterwards, because only the active policy's LoRA
         weights and value head have ``requires_grad``. Train/eval modes are left untouched.
@@ -259,17 +353,61 @@ class MultiAdapterModel(nn.Module):
         if adapter != self._active_policy:
             self.activate_policy(adapter)
         hidden = self._hidden_states(input_ids, attention_mask)
-        return PolicyOutput(self._lm_logits(hidden), self.value_heads[adapter](hidden), hidden)
+        return PolicyOutput(self._lm_logits(hidden, logits_positions), self.value_heads[adapter](hidden), hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> PolicyOutput:
         return self.policy_forward(input_ids, attention_mask)
 
     @torch.no_grad()
-    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         logits_positions: slice | None = None) -> torch.Tensor:
         """Logits of the base model alone (every adapter disabled): the KL reference."""
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        with self._role(None, eval_mode=True):
-            return self._lm_logits(self._hidden_states(input_ids, attention_mask))
+        with self._scoring_pass(None):
+            return self._lm_logits(self._hidden_states(input_ids, attention_mask), logits_positions)
+
+    @torch.no_grad()
+    def score_roles(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, policies: list[str],
+                    critics: list[str] | None = None, logits_positions: slice | None = None) -> RoleScores:
+        """Every role's view of the same rows in ONE forward (peft's mixed-adapter batch).
+
+        Row ``i`` is run under ``policies[i]`` (logits), under ``critics[i]`` (its value head; default:
+        the policy's own), with every adapter disabled (reference logits) and under the reward adapter
+        (score at the last real token). The rows are stacked into one batch with an adapter name per
+        row, so one pass replaces three or four and no adapter is switched. Equal to the separate calls
+        (``policy_forward``, ``reference_logits``, ``compute_reward_score``) up to float rounding of the
+        larger matmuls; with 8-bit (LLM.int8) weights the outlier split depends on the whole batch, so
+        there the two differ by about as much as two batch compositions do.
+        """
+        if self.score_head is None:
+            raise ValueError("this model has no reward adapter; load one with reward_adapter=<dir or hub id>")
+        critics = list(policies) if critics is None else list(critics)
+        unknown = sorted((set(policies) | set(critics)) - set(self.policy_names))
+        if unknown:
+            raise ValueError(f"unknown policy adapter(s) {', '.join(unknown)}; known: {', '.join(self.policy_names)}")
+        rows = len(policies)
+        own_critic = [i for i in range(rows) if critics[i] == policies[i]]
+        extra = [i for i in range(rows) if critics[i] != policies[i]]  # rows run again under a critic adapter
+        blocks = [list(range(rows)), extra, list(range(rows)), list(range(rows))]
+        names = list(policies) + [critics[i] for i in extra] + [None] * rows + [self.reward_adapter_name] * rows
+        index = torch.tensor([i for block in blocks for i in block], device=input_ids.device)
+        with self._rows_under(names):
+            hidden = self._hidden_states(input_ids[index], attention_mask[index])
+        policy_h, critic_h, ref_h, reward_h = hidden.split([rows, len(extra), rows, rows])
+
+        values = torch.empty(policy_h.shape[:2], dtype=torch.float32, device=hidden.device)
+        for name in set(critics):
+            own = [i for i in own_critic if critics[i] == name]
+            if own:
+                values[own] = self.value_heads[name](policy_h[own]).float()
+            other = [k for k, i in enumerate(extra) if critics[i] == name]
+            if other:
+                values[[extra[k] for k in other]] = self.value_heads[name](critic_h[other]).float()
+        last = reward_h[torch.arange(rows, device=hidden.device), last_token_index(attention_mask)]
+        scores = self.score_head(last.to(self.score_head.weight.dtype))[:, self.reward_label_index]
+        positions = slice(None) if logits_positions is None else logits_positions
+        return RoleScores(policy_logits=self._lm_logits(policy_h, positions), values=values[:, positions],
+                          reference_logits=self._lm_logits(ref_h, positions), reward_scores=scores)
 
     @torch.no_grad()
     def compute_reward_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -289,7 +427,7 @@ class MultiAdapterModel(nn.Module):
         _check_label_index(label, self.score_head.out_features)
         if ppo_adapter_name is not None and ppo_adapter_name not in self.policy_names:
             raise ValueError(f"unknown policy adapter {ppo_adapter_name!r}; known: {', '.join(self.policy_names)}")
-        with self._role(self.reward_adapter_name, eval_mode=True):
+        with self._scoring_pass(self.reward_adapter_name):
             hidden = self._hidden_states(input_ids, attention_mask)
             scores = self.score_head(hidden.to(self.score_head.weight.dtype))[..., label]
         if ppo_adapter_name is not None and ppo_adapter_name != self._active_policy:

@@ -1,6 +1,6 @@
 """Where the three RLHF roles come from: one shared base (``shared``) or separate instances (``separate``).
 
-Both give the PPO loop the same three calls, so the loop cannot tell them apart; ``separate`` is the
+Both give the PPO loop the same calls, so the loop cannot tell them apart; ``separate`` is the
 baseline that shows sharing the base changes memory, not results.
 """
 
@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
-from marl_exp.modeling.multi_adapter import MultiAdapterModel, PolicyOutput, last_token_index, position_ids_from_mask
+from marl_exp.modeling.multi_adapter import (
+    MultiAdapterModel,
+    PolicyOutput,
+    RoleScores,
+    last_token_index,
+    position_ids_from_mask,
+)
 
 
 def critic_name(policy: str) -> str:
@@ -22,20 +28,34 @@ class SharedRoles:
     def __init__(self, model: MultiAdapterModel):
         self.model = model
 
-    def policy_outputs(self, input_ids, attention_mask, policy: str, critic: str) -> PolicyOutput:
+    def policy_outputs(self, input_ids, attention_mask, policy: str, critic: str,
+                       logits_positions: slice | None = None) -> PolicyOutput:
         """Policy logits, and values from the policy's value head or its own critic adapter."""
-        out = self.model.policy_forward(input_ids, attention_mask, adapter=policy)
+        out = self.model.policy_forward(input_ids, attention_mask, adapter=policy, logits_positions=logits_positions)
         if critic == "adapter":
-            values = self.model.policy_forward(input_ids, attention_mask, adapter=critic_name(policy)).values
+            values = self.model.policy_forward(input_ids, attention_mask, adapter=critic_name(policy),
+                                               logits_positions=slice(0, 0)).values
             self.model.activate_policy(policy)
             out = PolicyOutput(out.logits, values, out.hidden_states)
         return out
 
-    def reference_logits(self, input_ids, attention_mask) -> torch.Tensor:
-        return self.model.reference_logits(input_ids, attention_mask)
+    def reference_logits(self, input_ids, attention_mask, logits_positions: slice | None = None) -> torch.Tensor:
+        return self.model.reference_logits(input_ids, attention_mask, logits_positions=logits_positions)
 
     def reward_scores(self, input_ids, attention_mask, policy: str) -> torch.Tensor:
         return self.model.compute_reward_score(input_ids, attention_mask, ppo_adapter_name=policy)
+
+    def score(self, input_ids, attention_mask, row_policies: list[str], critic: str, logits_positions: slice,
+              fused: bool = True) -> RoleScores:
+        """Everything scoring needs for rows grouped by policy (``row_policies[i]`` sampled row ``i``).
+
+        ``fused``: one mixed-adapter forward for every role (``MultiAdapterModel.score_roles``);
+        otherwise one pass per role, as ``SeparateRoles`` must do.
+        """
+        if not fused:
+            return score_role_by_role(self, input_ids, attention_mask, row_policies, critic, logits_positions)
+        critics = [critic_name(p) for p in row_policies] if critic == "adapter" else None
+        return self.model.score_roles(input_ids, attention_mask, row_policies, critics, logits_positions)
 
 
 class SeparateRoles(SharedRoles):
@@ -47,9 +67,13 @@ class SeparateRoles(SharedRoles):
         self.reward_model = reward_model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def reference_logits(self, input_ids, attention_mask) -> torch.Tensor:
-        return self.reference_model(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    def reference_logits(self, input_ids, attention_mask, logits_positions: slice | None = None) -> torch.Tensor:
+        backbone = getattr(self.reference_model, self.reference_model.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        if logits_positions is not None:
+            hidden = hidden[:, logits_positions]
+        return self.reference_model.get_output_embeddings()(hidden)
 
     @torch.no_grad()
     def reward_scores(self, input_ids, attention_mask, policy: str) -> torch.Tensor:
@@ -61,3 +85,32 @@ class SeparateRoles(SharedRoles):
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
         head = classifier.score
         return head(last.to(next(head.parameters()).dtype))[:, self.model.reward_label_index]
+
+    def score(self, input_ids, attention_mask, row_policies: list[str], critic: str, logits_positions: slice,
+              fused: bool = True) -> RoleScores:
+        # Separate models cannot share a forward: always one pass per role.
+        return score_role_by_role(self, input_ids, attention_mask, row_policies, critic, logits_positions)
+
+
+def score_role_by_role(roles: SharedRoles, input_ids, attention_mask, row_policies: list[str], critic: str,
+                       logits_positions: slice) -> RoleScores:
+    """One reference and one reward pass over all rows, then one policy pass per block of rows of a policy."""
+    reference = roles.reference_logits(input_ids, attention_mask, logits_positions)
+    rewards = roles.reward_scores(input_ids, attention_mask, row_policies[0])
+    positions = slice(None) if logits_positions is None else logits_positions
+    logits, values = [], []
+    for policy, rows in _blocks(row_policies):
+        out = roles.policy_outputs(input_ids[rows], attention_mask[rows], policy, critic, logits_positions)
+        logits.append(out.logits)
+        values.append(out.values[:, positions].float())
+    return RoleScores(torch.cat(logits), torch.cat(values), reference, rewards)
+
+
+def _blocks(row_policies: list[str]) -> list[tuple[str, slice]]:
+    """Consecutive runs of the same policy: [("a", slice(0, 4)), ("b", slice(4, 8))]."""
+    blocks, start = [], 0
+    for i in range(1, len(row_policies) + 1):
+        if i == len(row_policies) or row_policies[i] != row_policies[start]:
+            blocks.append((row_policies[start], slice(start, i)))
+            start = i
+    return blocks

@@ -19,6 +19,33 @@ import torch
 from marl_exp.ppo.core import kl_per_token, logprobs_from_logits
 
 
+@dataclass(frozen=True)
+class PerfOptions:
+    """Speed-ups of the PPO loop. Each keeps results equal (tests/test_perf_equivalence.py); flipping one
+    is only for measuring what it buys (``python bench/speed.py --ablation``, docs/performance.md)."""
+
+    inference_mode: bool = True  # rollout and scoring under torch.inference_mode rather than no_grad
+    window_logits: bool = True  # the LM head only at the positions that predict response tokens
+    lazy_entropy: bool = True  # entropy without autograd when entropy_coef is 0 (then it is only logged)
+    # Policy, reference and reward rows in one mixed-adapter forward (shared base only). Off: on a CPU
+    # peft's per-row adapter dispatch costs more than the two passes it saves (docs/performance.md).
+    fused_scoring: bool = False
+
+
+DEFAULT_PERF = PerfOptions()
+
+
+def no_grad_mode(inference: bool):
+    """inference_mode also skips autograd's version counters and view tracking; its tensors must be
+    cloned (``detached``) before autograd may see them."""
+    return torch.inference_mode() if inference else torch.no_grad()
+
+
+def detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A normal tensor usable by autograd later (inference tensors are not), without copying otherwise."""
+    return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
+
+
 @dataclass
 class Rollout:
     query_ids: torch.Tensor  # [B, Q] left-padded
@@ -63,17 +90,18 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_
     return ids, mask, has_eos
 
 
-def sample(model, tokenizer, prompts: list[str], adapter: str, cfg) -> Rollout:
+def sample(model, tokenizer, prompts: list[str], adapter: str, cfg, perf: PerfOptions = DEFAULT_PERF) -> Rollout:
     """Sample one response per prompt from policy ``adapter`` (KV cache, left padding)."""
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    out = model.generate(
-        enc.input_ids, enc.attention_mask, adapter=adapter,
-        do_sample=True, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    response = out[:, enc.input_ids.shape[1]:]
+    with no_grad_mode(perf.inference_mode):
+        out = model.generate(
+            enc.input_ids, enc.attention_mask, adapter=adapter,
+            do_sample=True, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    response = detached(out[:, enc.input_ids.shape[1]:])
     response_ids, response_mask, has_eos = truncate_after_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return Rollout(enc.input_ids, enc.attention_mask, response_ids, response_mask, has_eos=has_eos)
 
@@ -86,37 +114,48 @@ def pad_response(rollout: Rollout, length: int, pad_token_id: int) -> None:
         rollout.response_mask = torch.nn.functional.pad(rollout.response_mask, (0, extra), value=0)
 
 
-@torch.no_grad()
-def score(roles, rollout: Rollout, adapter: str, critic: str, cfg) -> Rollout:
+def score(roles, rollout: Rollout, adapter: str, critic: str, cfg, perf: PerfOptions = DEFAULT_PERF) -> Rollout:
     """Fill in old log-probs, values, reference log-probs, per-token KL and scores of one rollout."""
-    return score_many(roles, {adapter: rollout}, critic, cfg, pad_token_id=0)[adapter]  # one: nothing to pad
+    return score_many(roles, {adapter: rollout}, critic, cfg, pad_token_id=0, perf=perf)[adapter]  # one: nothing to pad
 
 
-@torch.no_grad()
-def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, pad_token_id: int) -> dict[str, Rollout]:
+def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, pad_token_id: int,
+               perf: PerfOptions = DEFAULT_PERF) -> dict[str, Rollout]:
     """Score the rollouts of several policies on the same prompts.
 
     The reference and reward passes do not depend on the policy, so they run once over all
-    policies' responses stacked in one batch; each policy then gets its own log-probs and values.
+    policies' responses stacked in one batch; each policy gets its own log-probs and values. On a
+    shared base all of it is one forward (``perf.fused_scoring``).
     """
     length = max(r.response_ids.shape[1] for r in rollouts.values())
     for rollout in rollouts.values():
         pad_response(rollout, length, pad_token_id)
     ids = torch.cat([r.input_ids for r in rollouts.values()])
     mask = torch.cat([r.attention_mask for r in rollouts.values()])
+    responses = torch.cat([r.response_ids for r in rollouts.values()])
+    row_policies = [name for name, r in rollouts.items() for _ in range(r.query_ids.shape[0])]
     window = response_slice(ids.shape[1] - length, length)
-    ref_logits = (roles.reference_logits(ids, mask)[:, window].float() / cfg.temperature).split(
-        [r.query_ids.shape[0] for r in rollouts.values()])
-    raw_scores = roles.reward_scores(ids, mask, next(iter(rollouts))).float().split(
-        [r.query_ids.shape[0] for r in rollouts.values()])
+    with no_grad_mode(perf.inference_mode):
+        out = roles.score(ids, mask, row_policies, critic, window if perf.window_logits else None,
+                          fused=perf.fused_scoring)
+        crop = slice(None) if perf.window_logits else window
+        logits = temperature_scaled(out.policy_logits[:, crop], cfg.temperature)
+        ref_logits = temperature_scaled(out.reference_logits[:, crop], cfg.temperature)
+        logprobs = logprobs_from_logits(logits, responses)
+        ref_logprobs = logprobs_from_logits(ref_logits, responses)
+        kl = kl_per_token(logprobs, ref_logprobs, cfg.kl_penalty, cfg.kl_estimator, logits=logits, ref_logits=ref_logits)
+        values = out.values[:, crop].float()
+        raw_scores = out.reward_scores.float()
 
-    for (adapter, rollout), ref, raw in zip(rollouts.items(), ref_logits, raw_scores):
-        policy = roles.policy_outputs(rollout.input_ids, rollout.attention_mask, adapter, critic)
-        logits = policy.logits[:, window].float() / cfg.temperature
-        rollout.logprobs = logprobs_from_logits(logits, rollout.response_ids)
-        rollout.ref_logprobs = logprobs_from_logits(ref, rollout.response_ids)
-        rollout.values = policy.values[:, window].float()
-        rollout.kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, cfg.kl_penalty, cfg.kl_estimator,
-                                  logits=logits, ref_logits=ref)
-        rollout.raw_scores = raw
+    sizes = [r.query_ids.shape[0] for r in rollouts.values()]
+    parts = [t.split(sizes) for t in (logprobs, ref_logprobs, values, kl, raw_scores)]
+    for rollout, (lp, ref_lp, v, k, raw) in zip(rollouts.values(), zip(*parts)):
+        rollout.logprobs, rollout.ref_logprobs, rollout.values = detached(lp), detached(ref_lp), detached(v)
+        rollout.kl, rollout.raw_scores = detached(k), detached(raw)
     return rollouts
+
+
+def temperature_scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits in float32 divided by the sampling temperature (no copy at temperature 1: x / 1 == x)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature

@@ -8,6 +8,7 @@ updates over shuffled mini-batches. The math itself lives in ``marl_exp.ppo.core
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -20,7 +21,7 @@ from transformers import get_scheduler
 from marl_exp.interrupt import TrainingDiverged
 from marl_exp.ppo import core
 from marl_exp.ppo.roles import SharedRoles, critic_name
-from marl_exp.ppo.rollout import Rollout, response_slice, sample, score_many
+from marl_exp.ppo.rollout import DEFAULT_PERF, PerfOptions, Rollout, response_slice, sample, score_many, temperature_scaled
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,10 @@ class PolicyState:
 
 
 class PPOTrainer:
-    def __init__(self, roles: SharedRoles, tokenizer, cfg, prompts: list[str], seed: int):
+    def __init__(self, roles: SharedRoles, tokenizer, cfg, prompts: list[str], seed: int,
+                 perf: PerfOptions = DEFAULT_PERF):
         self.roles, self.model, self.tokenizer, self.cfg = roles, roles.model, tokenizer, cfg
+        self.perf = perf  # speed-ups only: results are the same with any of them off
         self.prompts = prompts
         self.kl_ctl = core.make_kl_controller(cfg.adaptive_kl, cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
         self.score_moments = RunningMoments()
@@ -88,7 +91,8 @@ class PPOTrainer:
         timings = {}
         t0 = time.perf_counter()
         try:
-            rollouts = {name: sample(self.model, self.tokenizer, prompts, name, cfg) for name in self.policies}
+            rollouts = {name: sample(self.model, self.tokenizer, prompts, name, cfg, perf=self.perf)
+                        for name in self.policies}
         except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
             if not _is_nonfinite_error(err):
                 raise
@@ -96,7 +100,7 @@ class PPOTrainer:
         timings["time/rollout"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        score_many(self.roles, rollouts, cfg.critic, cfg, self.tokenizer.pad_token_id)
+        score_many(self.roles, rollouts, cfg.critic, cfg, self.tokenizer.pad_token_id, perf=self.perf)
         # Checked before the scores are shaped: NaN must not reach the running score statistics.
         problem = _nonfinite_rollout(rollouts)
         if problem is not None:
@@ -251,8 +255,12 @@ class PPOTrainer:
     def _loss_backward(self, name: str, mb: Rollout, advantages, returns, weight: float) -> dict:
         cfg, mask = self.cfg, mb.response_mask
         window = response_slice(mb.query_ids.shape[1], mb.response_ids.shape[1])
-        out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name)
-        logits = out.logits[:, window].float() / cfg.temperature
+        if self.perf.window_logits:
+            out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name, logits_positions=window)
+            logits = temperature_scaled(out.logits, cfg.temperature)
+        else:
+            out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name)
+            logits = temperature_scaled(out.logits[:, window], cfg.temperature)
         logprobs = core.logprobs_from_logits(logits, mb.response_ids)
         if not _all_finite(logprobs.detach(), mask):  # NaN/inf logits: no backward at all
             return {"skipped": True, "nonfinite": True}
@@ -260,14 +268,19 @@ class PPOTrainer:
         if core.is_ratio_extreme(logprobs.detach(), mb.logprobs, mask, cfg.ratio_threshold):
             return {"skipped": True}
         pg_loss, pg_stats = core.policy_loss(logprobs, mb.logprobs, advantages, mask, cfg.cliprange)
-        entropy = core.masked_mean(core.entropy_from_logits(logits), mask)
+        # With no entropy bonus the entropy is only logged: no autograd graph over [B, T, vocab] for it.
+        lazy = self.perf.lazy_entropy and cfg.entropy_coef == 0
+        with torch.no_grad() if lazy else contextlib.nullcontext():
+            entropy = core.masked_mean(core.entropy_from_logits(logits), mask)
         loss = pg_loss - cfg.entropy_coef * entropy
         if not torch.isfinite(loss.detach()):
             return {"skipped": True, "nonfinite": True}
         if cfg.critic == "adapter":
             # The critic is its own adapter: backward the policy part first, then run the critic.
             (loss * weight).backward()
-            values = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=critic_name(name)).values
+            no_logits = slice(0, 0) if self.perf.window_logits else None  # the critic's logits are not used
+            values = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=critic_name(name),
+                                               logits_positions=no_logits).values
             self.model.activate_policy(name)
             loss = torch.zeros((), device=logits.device)
         else:

@@ -1,0 +1,274 @@
+"""What the performance benchmarks share: model sizes, building them (random init, no download),
+composing a PPO config, measuring memory and describing the machine.
+
+Every size is a Llama saved with ``save_pretrained`` and loaded through ``load_model`` like any
+checkpoint, so quantized loads go through the same code as training. Sizes above ``tiny`` use a
+Llama-2-sized vocabulary (32000): embeddings and the LM head are then a realistic share of a small
+model (bitsandbytes quantizes neither). Their tokenizer is the tiny one (ids < 512): the benchmarks
+time and weigh the model, they never read its text.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+# Offline and quiet, before transformers or wandb are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    hidden: int = 0
+    layers: int = 0
+    intermediate: int = 0
+    heads: int = 0
+    vocab: int = 32000
+
+
+# "tiny" is the built-in preset (the default model of every stage); the others are random-init Llamas.
+SIZES = {
+    "tiny": Size("tiny"),
+    "small": Size("small", hidden=384, layers=6, intermediate=1024, heads=6),  # ~35M parameters
+    "base": Size("base", hidden=768, layers=12, intermediate=2048, heads=12),  # ~134M parameters
+}
+BENCH_VERSION = 1  # bump when the way models are built changes, so cached ones are rebuilt
+
+
+def model_dirs(size: str) -> tuple[Path, Path]:
+    """(base model dir, reward adapter dir) of ``size``; built and cached on first use."""
+    from marl_exp.modeling.tiny import cache_root
+
+    spec = SIZES[size]
+    key = hashlib.sha256(json.dumps([BENCH_VERSION, spec.__dict__], sort_keys=True).encode()).hexdigest()[:10]
+    root = cache_root() / "bench" / f"{size}-{key}"
+    base, reward = root / "base", root / "reward_adapter"
+    if not (base / "config.json").exists():
+        _save_base(spec, base)
+    if not (reward / "adapter_config.json").exists():
+        _save_reward_adapter(base, reward)
+    return base, reward
+
+
+def _save_base(spec: Size, target: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from marl_exp.config import TinyArchConfig
+    from marl_exp.modeling.tiny import builtin_model_dir
+    from transformers import AutoTokenizer
+
+    tiny_dir = builtin_model_dir(TinyArchConfig())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tmp = target.with_name(target.name + ".tmp")
+    if spec.name == "tiny":
+        model = LlamaForCausalLM.from_pretrained(tiny_dir)
+    else:
+        config = LlamaConfig(vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+                             num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                             num_key_value_heads=spec.heads, max_position_embeddings=256,
+                             tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+
+
+def _save_reward_adapter(base: Path, target: Path) -> None:
+    """A reward adapter as the reward stage writes one: LoRA on a sequence classifier + its score head."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from marl_exp.config import AdapterConfig
+    from marl_exp.stages.common import lora_config
+
+    torch.manual_seed(1)
+    classifier = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    config = lora_config(AdapterConfig(), task_type="SEQ_CLS")
+    config.init_lora_weights = False  # random A and B: the reward adapter really differs from the base
+    model = get_peft_model(classifier, config)  # the "default" adapter is saved at the top of the dir
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    os.replace(tmp, target)
+
+
+def ppo_config(size: str, quant: str = "fp32", sharing: str = "shared", batch: int = 8, new_tokens: int = 16,
+               device: str = "auto", extra: tuple[str, ...] = ()):
+    """The PPO stage config for one benchmark step: one epoch over one mini-batch of ``batch`` prompts,
+    responses of exactly ``new_tokens`` tokens (min = max), so every step does the same work."""
+    base, reward = model_dirs(size)
+    return compose("stage=ppo", "logger=none", f"model.path={base}", f"quant={quant}", f"device={device}",
+                   f"stage.sft_model={base}", f"stage.reward_adapter={reward}", f"stage.sharing={sharing}",
+                   f"stage.batch_size={batch}", f"stage.mini_batch_size={batch}", "stage.ppo_epochs=1",
+                   f"stage.max_new_tokens={new_tokens}", f"stage.min_new_tokens={new_tokens}", *extra)
+
+
+def compose(*overrides: str):
+    """The config `python train.py <overrides>` would run with (Hydra's compose API)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from marl_exp.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def prompts() -> list[str]:
+    from marl_exp.data import reviews
+
+    return reviews.openings()
+
+
+def build_trainer(cfg, perf=None):
+    """Roles (shared or separate, as ``cfg.stage.sharing`` says), tokenizer and PPO trainer, as the PPO stage builds them."""
+    import torch
+
+    from marl_exp.modeling.loading import load_tokenizer, resolve_device
+    from marl_exp.ppo.trainer import PPOTrainer
+    from marl_exp.stages.ppo import build_roles
+
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.stage.sft_model)
+    roles = build_roles(cfg, cfg.stage.sft_model, cfg.stage.reward_adapter, device)
+    roles.model.train(not cfg.stage.disable_dropout)
+    kwargs = {} if perf is None else {"perf": perf}
+    trainer = PPOTrainer(roles, tokenizer, cfg.stage, prompts(), seed=cfg.seed, **kwargs)
+    torch.manual_seed(cfg.seed)
+    return roles, tokenizer, trainer
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _status_mib(key: str) -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+)", text).group(1)) / 1024
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now (MiB)."""
+    return _status_mib("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory since start or the last ``reset_peak_rss`` (MiB)."""
+    return _status_mib("VmHWM")
+
+
+def lifetime_peak_rss_mib() -> float:
+    """Peak resident memory over the whole process (ru_maxrss; never reset)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_memory() -> None:
+    """Give freed memory back to the OS so the RSS read next is what is live."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Linux >= 4.0: reset VmHWM to the current RSS (``/proc/self/clear_refs``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def materialize_weights(*modules) -> None:
+    """Copy weights that are still memory-mapped from the checkpoint into process memory.
+
+    transformers 5 keeps unquantized weights as views of the mmap-ed safetensors file. RSS then counts
+    file pages (once per model that maps them, stale pages read during quantization too) rather than
+    what the model holds, and two models loaded from one file share pages that two device copies would
+    not. After this copy every model owns its weights, as on a GPU, and RSS measures that.
+    """
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if type(tensor).__name__ not in ("Int8Params", "Params4bit"):  # quantized weights are already copies
+                tensor.data = tensor.data.clone()
+    release_memory()
+
+
+def tensor_bytes(module) -> int:
+    """Bytes of a module's parameters and buffers (bitsandbytes' side statistics included)."""
+    from marl_exp.modeling.multi_adapter import _quant_state_bytes
+
+    seen, storages, total = set(), set(), 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        total += tensor.numel() * tensor.element_size() + _quant_state_bytes(tensor, storages)
+    return total
+
+
+# ----------------------------------------------------------------------------------------- machine
+def machine() -> dict:
+    import torch
+
+    info = {"cpu": _cpu_name(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "git": _git_commit()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def machine_line(info: dict) -> str:
+    where = info.get("gpu") or f"{info['cpu']}, {info['cpu_cores']} cores, {info['torch_threads']} torch threads"
+    return f"{where}; torch {info['torch']}; commit {info['git']}"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
