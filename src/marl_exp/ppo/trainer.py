@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import get_scheduler
 
+from marl_exp import distributed
 from marl_exp.interrupt import TrainingDiverged
 from marl_exp.ppo import core
 from marl_exp.ppo.roles import SharedRoles, critic_name
@@ -90,24 +91,27 @@ class PPOTrainer:
         prompts = [self.prompt_rng.choice(self.prompts) for _ in range(cfg.batch_size)]
         timings = {}
         t0 = time.perf_counter()
+        problem = None
         try:
             rollouts = {name: sample(self.model, self.tokenizer, prompts, name, cfg, perf=self.perf)
                         for name in self.policies}
         except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
             if not _is_nonfinite_error(err):
                 raise
-            return self._skip_step(f"sampling hit non-finite logits ({' '.join(str(err).split())})", timings)
+            problem = f"sampling hit non-finite logits ({' '.join(str(err).split())})"
         timings["time/rollout"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        score_many(self.roles, rollouts, cfg.critic, cfg, self.tokenizer.pad_token_id, perf=self.perf)
-        # Checked before the scores are shaped: NaN must not reach the running score statistics.
-        problem = _nonfinite_rollout(rollouts)
+        if problem is None:
+            score_many(self.roles, rollouts, cfg.critic, cfg, self.tokenizer.pad_token_id, perf=self.perf)
+            # Checked before the scores are shaped: NaN must not reach the running score statistics.
+            problem = _nonfinite_rollout(rollouts)
+        problem = _agreed(problem)  # in a data-parallel run every rank skips, or none does
         if problem is not None:
             return self._skip_step(problem, timings)
         for rollout in rollouts.values():
             rollout.scores = self._shape_scores(rollout)
-        problem = _nonfinite_rollout(rollouts, fields=("scores",))
+        problem = _agreed(_nonfinite_rollout(rollouts, fields=("scores",)))
         if problem is not None:
             return self._skip_step(problem, timings)
         timings["time/score"] = time.perf_counter() - t0
@@ -121,7 +125,9 @@ class PPOTrainer:
         timings["time/optimize"] = time.perf_counter() - t0
 
         mean_kl = sum(s for k, s in stats.items() if k.endswith("objective/kl")) / len(self.policies)
-        self.kl_ctl.update(mean_kl, cfg.batch_size * len(self.policies))
+        # The controller sees every rank's responses, so it stays the same on all ranks.
+        mean_kl = distributed.mean_metrics({"kl": mean_kl})["kl"]
+        self.kl_ctl.update(mean_kl, cfg.batch_size * len(self.policies) * distributed.world_size())
         self.step_count += 1
         skipped = sum(v for k, v in stats.items() if k.endswith("ppo/skipped_nonfinite"))
         stats.update(self._count_bad_step(
@@ -179,7 +185,7 @@ class PPOTrainer:
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~rollout.has_eos).float()
         if cfg.whiten_scores:
-            self.score_moments.update(scores)
+            self.score_moments.update(distributed.cat_tensors(scores))  # every rank's scores
             scores = (scores - self.score_moments.mean) / self.score_moments.std
         scores = scores * cfg.score_scale
         if cfg.score_clip is not None:
@@ -212,7 +218,10 @@ class PPOTrainer:
                     mb_stats.append(s)
                 skipped = any([s.pop("skipped") for s in mb_stats])  # a list: pop from every one
                 nonfinite = any([s.pop("nonfinite", False) for s in mb_stats])
+                skipped = distributed.any_rank(skipped)  # ranks skip together (or deadlock)
                 if not skipped:
+                    # Data parallel: the mean gradient over ranks, before clipping, as DDP would have it.
+                    distributed.average_gradients(policy.params)
                     grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, cfg.max_grad_norm)
                     if math.isfinite(float(grad_norm)):
                         policy.optimizer.step()
@@ -224,6 +233,7 @@ class PPOTrainer:
                 epoch_stats.extend(mb_stats)
                 epoch_stats[-1]["ppo/skipped_batches"] = float(skipped)
             approxkl = _mean([s["ppo/policy/approxkl"] for s in epoch_stats if "ppo/policy/approxkl" in s])
+            approxkl = distributed.mean_metrics({"approxkl": approxkl})["approxkl"]  # one decision for all ranks
             if cfg.early_stop_kl is not None and approxkl > cfg.early_stop_kl:
                 stopped_early = True  # the policy moved too far from the rollout policy
                 break
@@ -346,6 +356,11 @@ def _make_optimizer(cfg, params) -> torch.optim.Optimizer:
 
 
 _ROLLOUT_FIELDS = ("raw_scores", "logprobs", "ref_logprobs", "values", "kl")
+
+
+def _agreed(problem: str | None) -> str | None:
+    """The first rank's problem, on every rank, or None when no rank has one."""
+    return next((p for p in distributed.gather(problem) if p is not None), None)
 
 
 def _all_finite(x: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
