@@ -293,7 +293,7 @@ def main() -> None:
         print(json.dumps(worker(args) if args.worker else weights_worker(args)))
         return
     if args.quick:
-        args.sizes, args.quants = ["tiny"], ["fp32", "4bit"]
+        args.sizes, args.quants, args.no_checkpointing_row = ["tiny"], ["fp32", "4bit"], True
     result = measure(args.sizes, args.quants, args.batch, args.new_tokens, not args.no_checkpointing_row,
                      mmap=args.mmap, default_malloc=args.default_malloc)
     result.update(machine=common.machine(), summary=summarize(result))

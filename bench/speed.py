@@ -87,20 +87,46 @@ class PhaseTimer:
                 obj.__dict__.pop(name, None)
 
     def step(self, trainer) -> dict:
-        """One PPO step; returns seconds per phase, ``step`` and the number of generated tokens."""
+        """One PPO step; returns seconds per phase, ``step``, the number of generated tokens and the
+        step's peak memory above what was in use before it (``peak_mib``)."""
         self.current = {}
         with self.installed(trainer):
+            before = _memory_now()
             sync()
             started = time.perf_counter()
             stats = trainer.step()
             sync()
             total = time.perf_counter() - started
+            peak = _memory_peak() - before
         t = self.current
         out = {"step": total, "rollout": t.get("rollout", 0.0), "optimize": t.get("optimize", 0.0),
                "reference": t.get("reference", 0.0), "reward": t.get("reward", 0.0), "policy": t.get("policy", 0.0)}
         out["score_other"] = t.get("score", 0.0) - out["reference"] - out["reward"] - out["policy"]
         out["tokens"] = stats["env/response_length"] * trainer.cfg.batch_size * len(trainer.policies)
+        out["peak_mib"] = peak
         return out
+
+
+def _memory_now() -> float:
+    """MiB in use now, and the peak counter reset: GPU memory allocated, else RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    common.release_memory()
+    common.reset_peak_rss()
+    return common.rss_mib()
+
+
+def _memory_peak() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return common.peak_rss_mib()
 
 
 def median_phases(records: list[dict]) -> dict:
@@ -108,8 +134,8 @@ def median_phases(records: list[dict]) -> dict:
     return {k: common.median([r[k] for r in records]) for k in keys}
 
 
-def run_interleaved(trainers: dict, steps: int, timer: PhaseTimer | None = None) -> dict[str, dict]:
-    """``steps`` timed steps of every trainer, alternating, after one warm-up step each."""
+def run_interleaved(trainers: dict, steps: int, timer: PhaseTimer | None = None) -> dict[str, list[dict]]:
+    """``steps`` timed steps of every trainer, alternating, after one warm-up step each: the records."""
     timer = timer or PhaseTimer()
     for trainer in trainers.values():
         timer.step(trainer)
@@ -117,7 +143,13 @@ def run_interleaved(trainers: dict, steps: int, timer: PhaseTimer | None = None)
     for _ in range(steps):
         for name, trainer in trainers.items():
             records[name].append(timer.step(trainer))
-    return {name: median_phases(r) for name, r in records.items()}
+    return records
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 4], common.median(ordered), ordered[(3 * n) // 4]
 
 
 def with_rates(phases: dict, batch: int) -> dict:
@@ -131,8 +163,13 @@ def step_section(size: str, batch: int, new_tokens: int, steps: int, device: str
     for sharing in ("shared", "separate"):
         cfg = common.ppo_config(size, sharing=sharing, batch=batch, new_tokens=new_tokens, device=device)
         trainers[sharing] = common.build_trainer(cfg)[2]
-    result = run_interleaved(trainers, steps)
-    return {sharing: with_rates(phases, batch) for sharing, phases in result.items()}
+    records = run_interleaved(trainers, steps)
+    out = {sharing: with_rates(median_phases(r), batch) for sharing, r in records.items()}
+    # Steps ran in pairs (shared, separate) back to back: the ratio of each pair cancels slow drifts of a
+    # shared machine; its median and quartiles say how sure the comparison is.
+    paired = [a["step"] / b["step"] for a, b in zip(records["shared"], records["separate"])]
+    out["paired_ratio"] = dict(zip(("q1", "median", "q3"), quartiles(paired)))
+    return out
 
 
 def rollout_section(size: str, batch: int, new_tokens: int, repeats: int, device: str) -> dict:
@@ -194,7 +231,7 @@ def scaling_section(size: str, batches: list[int], lengths: list[int], base_batc
     for batch, tokens in points:
         trainer.cfg.batch_size = trainer.cfg.mini_batch_size = batch
         trainer.cfg.max_new_tokens = trainer.cfg.min_new_tokens = tokens
-        phases = run_interleaved({"shared": trainer}, steps)["shared"]
+        phases = median_phases(run_interleaved({"shared": trainer}, steps)["shared"])
         rows.append({"batch": batch, "new_tokens": tokens, **with_rates(phases, batch)})
     return {"rows": rows}
 
@@ -227,7 +264,7 @@ def ablation_section(size: str, batch: int, new_tokens: int, steps: int, device:
 def summarize(result: dict) -> dict:
     out = {}
     for size, section in result.get("steps", {}).items():
-        out[f"{size}/shared_over_separate_step_time"] = section["shared"]["step"] / section["separate"]["step"]
+        out[f"{size}/shared_over_separate_step_time"] = section["paired_ratio"]["median"]
     for size, section in result.get("rollout", {}).items():
         out[f"{size}/rollout_over_plain_generate_tokens_per_s"] = section["ratio_rollout_over_plain"]
     return out
@@ -239,7 +276,8 @@ def markdown(result: dict) -> str:
              "| size | sharing | rollout | reference | reward | old log-probs + values | scoring rest | optimise "
              "| step | samples/s | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for size, section in result.get("steps", {}).items():
-        for sharing, p in section.items():
+        for sharing in ("shared", "separate"):
+            p = section[sharing]
             lines.append(f"| {size} | {sharing} | " + " | ".join(f"{p[k]:.3f} s" for k in PHASES)
                          + f" | {p['step']:.3f} s | {p['samples_per_s']:.1f} | {p['tokens_per_s']:.0f} |")
     if result.get("rollout"):
@@ -257,13 +295,14 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['batch']} | {r['new_tokens']} | {r['rollout']:.3f} s | {score:.3f} s | "
                          f"{r['optimize']:.3f} s | {r['step']:.3f} s | {r['tokens_per_s']:.0f} |")
     for size, ablation in result.get("ablation", {}).items():
-        lines += ["", f"Ablation ({size}, shared; each speed-up off against the default):", "",
-                  "| variant | rollout | scoring | optimise | step | step vs default |", "|---|---|---|---|---|---|"]
+        lines += ["", f"Ablation ({size}, shared; each speed-up flipped against the default):", "",
+                  "| variant | rollout | scoring | optimise | step | step vs default | step peak memory |",
+                  "|---|---|---|---|---|---|---|"]
         base = ablation["results"]["default"]["step"]
         for name, r in ablation["results"].items():
             score = r["reference"] + r["reward"] + r["policy"] + r["score_other"]
             lines.append(f"| {name} | {r['rollout']:.3f} s | {score:.3f} s | {r['optimize']:.3f} s | {r['step']:.3f} s "
-                         f"| {r['step'] / base:.2f}× |")
+                         f"| {r['step'] / base:.2f}× | {r['peak_mib']:.0f} MiB |")
     return "\n".join(lines)
 
 
@@ -272,7 +311,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=list(common.SIZES))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per configuration (after one warm-up)")
     parser.add_argument("--scaling-size", default="tiny", choices=list(common.SIZES))
     parser.add_argument("--scaling-batches", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--scaling-lengths", type=int, nargs="+", default=[8, 16, 24, 48])

@@ -8,7 +8,6 @@ updates over shuffled mini-batches. The math itself lives in ``marl_exp.ppo.core
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -278,13 +277,15 @@ class PPOTrainer:
         if core.is_ratio_extreme(logprobs.detach(), mb.logprobs, mask, cfg.ratio_threshold):
             return {"skipped": True}
         pg_loss, pg_stats = core.policy_loss(logprobs, mb.logprobs, advantages, mask, cfg.cliprange)
-        # With no entropy bonus the entropy is only logged: no autograd graph over [B, T, vocab] for it.
-        lazy = self.perf.lazy_entropy and cfg.entropy_coef == 0
-        with torch.no_grad() if lazy else contextlib.nullcontext():
+        if self.perf.lazy_entropy and cfg.entropy_coef == 0:
+            entropy = core.masked_mean(_entropy_for_logging(logits), mask)
+        else:
             entropy = core.masked_mean(core.entropy_from_logits(logits), mask)
         loss = pg_loss - cfg.entropy_coef * entropy
         if not torch.isfinite(loss.detach()):
             return {"skipped": True, "nonfinite": True}
+        values, device = out.values, logits.device
+        del out, logits  # log_softmax keeps its own output for backward: the [B, T, vocab] logits can go
         if cfg.critic == "adapter":
             # The critic is its own adapter: backward the policy part first, then run the critic.
             (loss * weight).backward()
@@ -292,9 +293,7 @@ class PPOTrainer:
             values = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=critic_name(name),
                                                logits_positions=no_logits).values
             self.model.activate_policy(name)
-            loss = torch.zeros((), device=logits.device)
-        else:
-            values = out.values
+            loss = torch.zeros((), device=device)
         vpred = values[:, window].float()
         vf_loss, vf_stats = core.value_loss(vpred, mb.values, returns, mask, cfg.cliprange_value)
         if not torch.isfinite(vf_loss.detach()):
@@ -345,6 +344,15 @@ class PPOTrainer:
         for name, policy in self.policies.items():
             policy.optimizer.load_state_dict(state["optimizers"][name])
             policy.scheduler.load_state_dict(state["schedulers"][name])
+
+
+@torch.no_grad()
+def _entropy_for_logging(logits: torch.Tensor, chunk_elements: int = 2**20) -> torch.Tensor:
+    """``core.entropy_from_logits`` when the entropy is only logged (no bonus): no autograd graph over
+    [B, T, vocab], and a few rows at a time, so its temporaries stay small (the same values: every
+    row is computed on its own either way)."""
+    rows = max(1, chunk_elements // max(1, logits[0].numel()))
+    return torch.cat([core.entropy_from_logits(chunk) for chunk in logits.split(rows)])
 
 
 def _make_optimizer(cfg, params) -> torch.optim.Optimizer:
