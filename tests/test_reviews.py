@@ -151,8 +151,8 @@ def test_prompts_train_and_eval_are_disjoint_openings():
 
 
 def test_unknown_task_is_a_config_error():
-    with pytest.raises(ConfigError, match="data.name='imdb'"):
-        build_task(small_data(name="imdb"))
+    with pytest.raises(ConfigError, match="data.name='squad' is not a known task"):
+        build_task(small_data(name="squad"))
 
 
 def test_preference_pairs_include_unfinished_reviews_ranked_by_the_oracle():
