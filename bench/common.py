@@ -29,6 +29,8 @@ RESULTS = REPO / "bench" / "results"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load reports for the benchmark's random models
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,13 @@ SIZES = {
     "base": Size("base", hidden=768, layers=12, intermediate=2048, heads=12),  # ~134M parameters
 }
 BENCH_VERSION = 1  # bump when the way models are built changes, so cached ones are rebuilt
+
+
+def quiet() -> None:
+    """No per-load progress bars: the benchmarks load dozens of models."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def model_dirs(size: str) -> tuple[Path, Path]:
@@ -146,6 +155,7 @@ def build_trainer(cfg, perf=None):
     from marl_exp.ppo.trainer import PPOTrainer
     from marl_exp.stages.ppo import build_roles
 
+    quiet()
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.stage.sft_model)
     roles = build_roles(cfg, cfg.stage.sft_model, cfg.stage.reward_adapter, device)

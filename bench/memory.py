@@ -1,14 +1,15 @@
 """Memory benchmark: peak memory of one full PPO step with one shared base vs separate role models.
 
 For every model size × quant mode × sharing mode, a fresh subprocess loads the roles as the PPO stage
-does and runs one PPO step (rollout, reference, reward, optimisation, optimizer state included).
+does, runs one warm-up PPO step (bitsandbytes compiles its CPU kernels on first use; the optimizer
+state appears) and then the measured step (rollout, reference, reward, optimisation).
 Measured per configuration:
 
 * CPU: resident memory (RSS). ``baseline`` = RSS just before loading any model (Python, torch,
   transformers, peft and bitsandbytes imported); ``step peak`` = the highest RSS during the step
-  (the peak counter is reset after loading, so load-time copies of the checkpoint do not count);
-  ``process peak`` = the lifetime peak of the process (ru_maxrss, loading included).
-* GPU: ``torch.cuda.max_memory_allocated`` over the step (reset after loading); nothing before
+  (the peak counter is reset after the warm-up step, so load-time copies of the checkpoint do not
+  count); ``process peak`` = the lifetime peak of the process (ru_maxrss: loading and warm-up included).
+* GPU: ``torch.cuda.max_memory_allocated`` over the step (reset after the warm-up step); nothing before
   loading is allocated on the GPU, so there is no baseline to subtract.
 * weights: bytes of the base weights (quantization statistics included) per quant mode, split into
   the linear layers bitsandbytes quantizes and the rest (embeddings, LM head, norms).
@@ -63,13 +64,18 @@ def worker(args) -> dict:
            "weights_materialized": not args.mmap,
            "params": base_parameter_count(roles.model),
            **weight_bytes(roles), "rss_baseline_mib": baseline, "rss_loaded_mib": loaded}
+    started = time.perf_counter()
+    trainer.step()  # warm-up: one-time costs (bitsandbytes compiles its CPU kernels; optimizer state appears)
+    row["warmup_step_seconds"] = time.perf_counter() - started
+    common.release_memory()
+    row["rss_before_step_mib"] = common.rss_mib()
     if cuda:
         torch.cuda.synchronize()
-        row["cuda_loaded_mib"] = torch.cuda.memory_allocated() / 2**20
+        row["cuda_before_step_mib"] = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
     peak_resettable = common.reset_peak_rss()
     started = time.perf_counter()
-    trainer.step()
+    trainer.step()  # the measured step
     if cuda:
         torch.cuda.synchronize()
         row["cuda_step_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20

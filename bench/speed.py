@@ -135,14 +135,16 @@ def median_phases(records: list[dict]) -> dict:
 
 
 def run_interleaved(trainers: dict, steps: int, timer: PhaseTimer | None = None) -> dict[str, list[dict]]:
-    """``steps`` timed steps of every trainer, alternating, after one warm-up step each: the records."""
+    """``steps`` timed steps of every trainer, interleaved, after one warm-up step each: the records.
+    Every other round runs in reverse order, so neither trainer always follows the other."""
     timer = timer or PhaseTimer()
     for trainer in trainers.values():
         timer.step(trainer)
     records = {name: [] for name in trainers}
-    for _ in range(steps):
-        for name, trainer in trainers.items():
-            records[name].append(timer.step(trainer))
+    for round_ in range(steps):
+        names = list(trainers) if round_ % 2 == 0 else list(reversed(trainers))
+        for name in names:
+            records[name].append(timer.step(trainers[name]))
     return records
 
 
@@ -250,7 +252,7 @@ def ablation_section(size: str, batch: int, new_tokens: int, steps: int, device:
     timer = PhaseTimer()
     records = {name: [] for name in variants}
     for i in range(steps + 1):
-        for name, perf in variants.items():
+        for name, perf in (variants.items() if i % 2 else reversed(variants.items())):
             trainer.perf = perf
             record = timer.step(trainer)
             if i:  # the first round is a warm-up

@@ -72,7 +72,7 @@ class SeparateRoles(SharedRoles):
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
         if logits_positions is not None:
-            hidden = hidden[:, logits_positions]
+            hidden = hidden[:, logits_positions].contiguous()  # as the shared model does (a strided slice is slower)
         return self.reference_model.get_output_embeddings()(hidden)
 
     @torch.no_grad()
