@@ -58,7 +58,7 @@ def targets(mem: dict, spd: dict) -> list[dict]:
     rows.append({"target": "rollout tokens/s ÷ plain `generate` of the same model and batch",
                  "measured": ", ".join(f"{s}: {r['rollout']['tokens_per_s']:.0f} ÷ {r['plain_generate']['tokens_per_s']:.0f}"
                                        for s, r in rollout.items()),
-                 "ratio": " / ".join(f"{v:.2f}" for v in ratios.values()),
+                 "ratio": " / ".join(f"{v:.3f}" for v in ratios.values()),
                  "goal": f"≥ {speed.TARGET_ROLLOUT_OVER_GENERATE}",
                  "met": all(v >= speed.TARGET_ROLLOUT_OVER_GENERATE for v in ratios.values())})
 
@@ -67,7 +67,7 @@ def targets(mem: dict, spd: dict) -> list[dict]:
     rows.append({"target": "PPO step time, shared ÷ separate (median of back-to-back pairs; quartiles)",
                  "measured": ", ".join(f"{s}: {v['shared']['step']:.3f} ÷ {v['separate']['step']:.3f} s"
                                        for s, v in steps.items()),
-                 "ratio": " / ".join(f"{v['paired_ratio']['median']:.2f} ({v['paired_ratio']['q1']:.2f}–"
+                 "ratio": " / ".join(f"{v['paired_ratio']['median']:.3f} ({v['paired_ratio']['q1']:.2f}–"
                                      f"{v['paired_ratio']['q3']:.2f})" for v in steps.values()),
                  "goal": f"≤ {speed.TARGET_SHARED_OVER_SEPARATE_TIME}",
                  "met": all(v <= speed.TARGET_SHARED_OVER_SEPARATE_TIME for v in ratios.values())})
