@@ -228,3 +228,15 @@ def test_speed_bench_quick_mode_writes_its_results(tmp_path):
     assert result["summary"]["tiny/shared_over_separate_step_time"] > 0
     assert result["rollout"]["tiny"]["ratio_rollout_over_plain"] > 0
     assert "| tiny | shared |" in proc.stdout
+
+
+def test_stage_fused_scoring_option_reaches_the_scoring_pass(trained_chain, tmp_path, monkeypatch):
+    from marl_exp.ppo import trainer as trainer_module
+    from marl_exp.stages.pipeline import run_stage
+
+    seen = []
+    real = trainer_module.score_many
+    monkeypatch.setattr(trainer_module, "score_many",
+                        lambda *a, perf, **k: seen.append(perf.fused_scoring) or real(*a, perf=perf, **k))
+    run_stage(ppo_cfg(trained_chain, tmp_path, "stage.steps=1", "stage.fused_scoring=true"), tmp_path / "run")
+    assert seen == [True]

@@ -169,6 +169,9 @@ class PPOStageConfig:
     max_bad_steps: int = 3
     disable_dropout: bool = True  # dropout would make old and new log-probs differ at ratio 1
     gradient_checkpointing: bool = False
+    # Policy, reference and reward scoring in one mixed-adapter forward (peft adapter_names). Same results
+    # (tested); not faster on CPU (docs/performance.md), so off until measured on a GPU.
+    fused_scoring: bool = False
 
     # ---- evaluation, logging, checkpoints
     eval_every: int = 20

@@ -21,6 +21,7 @@ from marl_exp.modeling.multi_adapter import MultiAdapterModel, base_record, chec
 from marl_exp.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from marl_exp.ppo.evaluate import evaluate
 from marl_exp.ppo.roles import SeparateRoles, SharedRoles, critic_name
+from marl_exp.ppo.rollout import PerfOptions
 from marl_exp.ppo.trainer import PPOTrainer
 from marl_exp.stages.common import count_parameters, lora_config
 from marl_exp.tracking import Tracker
@@ -76,7 +77,8 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
     model.train(not stage.disable_dropout)  # eval mode = no dropout: ratio is exactly 1 at the first epoch
     # Data parallel: every rank samples its own prompts and responses (same weights, other seeds).
     sampling_seed = cfg.seed + 1000 * distributed.rank()
-    trainer = PPOTrainer(roles, tokenizer, stage, task.prompts_train, seed=sampling_seed)
+    trainer = PPOTrainer(roles, tokenizer, stage, task.prompts_train, seed=sampling_seed,
+                         perf=PerfOptions(fused_scoring=stage.fused_scoring))
     if distributed.rank() > 0:  # rank 0 (and a plain run) keeps the stream it had: same results as before
         torch.manual_seed(sampling_seed)
     saved_adapters = list(stage.policies) + ([critic_name(n) for n in stage.policies] if stage.critic == "adapter" else [])
