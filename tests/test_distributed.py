@@ -34,6 +34,7 @@ def _collectives_worker(rank: int, init_file: str, results: dict) -> None:
             "broadcast": distributed.broadcast(f"from {rank}"),
             "cat": distributed.cat_tensors(torch.tensor([float(rank)] * (rank + 1))).tolist(),
             "main": distributed.is_main(),
+            "mean": distributed.mean(float(rank)),
         }
     finally:
         torch.distributed.destroy_process_group()
@@ -54,6 +55,7 @@ def test_collectives_on_two_gloo_processes(tmp_path):
     assert results[0]["any"] and results[1]["any"] and not results[0]["none"]
     assert results[0]["broadcast"] == results[1]["broadcast"] == "from 0"
     assert results[0]["cat"] == [0.0, 1.0, 1.0] and results[0]["main"] and not results[1]["main"]
+    assert results[0]["mean"] == results[1]["mean"] == 0.5
 
 
 def test_single_process_is_a_no_op():

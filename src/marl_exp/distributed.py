@@ -103,6 +103,11 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
+def mean(value: float) -> float:
+    """``value`` averaged over ranks (the same number on every rank)."""
+    return sum(gather(value)) / world_size() if is_distributed() else value
+
+
 def mean_metrics(metrics: dict) -> dict:
     """Each numeric metric averaged over the ranks that have it; other values as rank 0 has them."""
     if not is_distributed():

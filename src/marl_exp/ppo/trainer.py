@@ -125,7 +125,7 @@ class PPOTrainer:
 
         mean_kl = sum(s for k, s in stats.items() if k.endswith("objective/kl")) / len(self.policies)
         # The controller sees every rank's responses, so it stays the same on all ranks.
-        mean_kl = distributed.mean_metrics({"kl": mean_kl})["kl"]
+        mean_kl = distributed.mean(mean_kl)
         self.kl_ctl.update(mean_kl, cfg.batch_size * len(self.policies) * distributed.world_size())
         self.step_count += 1
         skipped = sum(v for k, v in stats.items() if k.endswith("ppo/skipped_nonfinite"))
@@ -232,7 +232,7 @@ class PPOTrainer:
                 epoch_stats.extend(mb_stats)
                 epoch_stats[-1]["ppo/skipped_batches"] = float(skipped)
             approxkl = _mean([s["ppo/policy/approxkl"] for s in epoch_stats if "ppo/policy/approxkl" in s])
-            approxkl = distributed.mean_metrics({"approxkl": approxkl})["approxkl"]  # one decision for all ranks
+            approxkl = distributed.mean(approxkl)  # one decision for all ranks
             if cfg.early_stop_kl is not None and approxkl > cfg.early_stop_kl:
                 stopped_early = True  # the policy moved too far from the rollout policy
                 break
