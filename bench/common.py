@@ -41,6 +41,7 @@ class Size:
     intermediate: int = 0
     heads: int = 0
     vocab: int = 32000
+    weights_only: bool = False  # too large for a PPO step here: only its weight memory is measured
 
 
 # "tiny" is the built-in preset (the default model of every stage); the others are random-init Llamas.
@@ -48,6 +49,9 @@ SIZES = {
     "tiny": Size("tiny"),
     "small": Size("small", hidden=384, layers=6, intermediate=1024, heads=6),  # ~35M parameters
     "base": Size("base", hidden=768, layers=12, intermediate=2048, heads=12),  # ~134M parameters
+    "large": Size("large", hidden=1024, layers=24, intermediate=2816, heads=16),  # ~374M parameters
+    # Llama-2-7B's shapes (6.7B parameters): the 4-bit weight ratio of a model whose embeddings are 4% of it.
+    "llama2-7b": Size("llama2-7b", hidden=4096, layers=32, intermediate=11008, heads=32, weights_only=True),
 }
 BENCH_VERSION = 1  # bump when the way models are built changes, so cached ones are rebuilt
 
@@ -60,7 +64,8 @@ def quiet() -> None:
 
 
 def model_dirs(size: str) -> tuple[Path, Path]:
-    """(base model dir, reward adapter dir) of ``size``; built and cached on first use."""
+    """(base model dir, reward adapter dir) of ``size``; built and cached on first use (a weights-only
+    size gets no reward adapter)."""
     from marl_exp.modeling.tiny import cache_root
 
     spec = SIZES[size]
@@ -69,18 +74,17 @@ def model_dirs(size: str) -> tuple[Path, Path]:
     base, reward = root / "base", root / "reward_adapter"
     if not (base / "config.json").exists():
         _save_base(spec, base)
-    if not (reward / "adapter_config.json").exists():
+    if not spec.weights_only and not (reward / "adapter_config.json").exists():
         _save_reward_adapter(base, reward)
     return base, reward
 
 
 def _save_base(spec: Size, target: Path) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from marl_exp.config import TinyArchConfig
     from marl_exp.modeling.tiny import builtin_model_dir
-    from transformers import AutoTokenizer
 
     tiny_dir = builtin_model_dir(TinyArchConfig())
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
@@ -94,10 +98,19 @@ def _save_base(spec: Size, target: Path) -> None:
                              tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+        if spec.weights_only:
+            # Saved in bf16 (13 GB, not 27) and initialised on the GPU when there is one (seconds, not minutes);
+            # the weight benchmark loads it quantized, and its fp32 size is 4 bytes per parameter.
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        else:
+            model = LlamaForCausalLM(config)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # this (driver) process keeps no GPU memory the measured ones could miss
 
 
 def _save_reward_adapter(base: Path, target: Path) -> None:

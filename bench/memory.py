@@ -12,12 +12,16 @@ Measured per configuration:
 * GPU: ``torch.cuda.max_memory_allocated`` over the step (reset after the warm-up step); nothing before
   loading is allocated on the GPU, so there is no baseline to subtract.
 * weights: bytes of the base weights (quantization statistics included) per quant mode, split into
-  the linear layers bitsandbytes quantizes and the rest (embeddings, LM head, norms).
+  the linear layers bitsandbytes quantizes and the rest (embeddings, LM head, norms). On a GPU also a
+  random-init model of Llama-2-7B's shapes (``llama2-7b``), weights only: at that size the embeddings and
+  LM head that bitsandbytes leaves unquantized are 4% of the model, against 37% at 134M here.
+
+Sizes: tiny (0.8M), small (35M), base (134M) in every quant mode; large (374M) in fp32 only.
 
 The target ratio (shared / separate <= 0.45 at >= 100M parameters, fp32) is taken on the step peak
 above the baseline: the runtime's few hundred MB are the same in both modes and not model memory.
 
-    python bench/memory.py                      # tiny, small, base × fp32, 8bit, 4bit × shared, separate
+    python bench/memory.py                      # every size × quant × shared, separate (about 8 min on 2 cores)
     python bench/memory.py --sizes tiny --quants fp32 --quick
 """
 
@@ -131,18 +135,25 @@ def weight_bytes(roles) -> dict:
 
 
 def weights_worker(args) -> dict:
-    """Weight bytes of the base loaded with the quantized layers' neighbours in ``args.other_dtype`` (QLoRA: bf16)."""
+    """Weight bytes of the base loaded with the quantized layers' neighbours in ``args.other_dtype`` (QLoRA: bf16),
+    and its parameter count (original shapes): in fp32 the same model takes 4 bytes per parameter."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from marl_exp.modeling.loading import quantization_config
 
     cfg = common.ppo_config(args.size, args.quant)
+    cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(cfg.stage.sft_model, dtype=getattr(torch, args.other_dtype),
                                                  quantization_config=quantization_config(cfg.quant),
-                                                 device_map={"": "cuda" if torch.cuda.is_available() else "cpu"})
-    return {"size": args.size, "quant": args.quant, "other_dtype": args.other_dtype,
-            "weights_base_bytes": common.tensor_bytes(model)}
+                                                 device_map={"": "cuda" if cuda else "cpu"})
+    params = sum(getattr(getattr(p, "quant_state", None), "shape", p.shape).numel() for p in model.parameters())
+    row = {"size": args.size, "quant": args.quant, "other_dtype": args.other_dtype,
+           "weights_base_bytes": common.tensor_bytes(model), "params": params}
+    if cuda:  # what the GPU holds, as a cross-check of the counted bytes
+        torch.cuda.synchronize()
+        row["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
+    return row
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -165,10 +176,25 @@ def run_config(size: str, quant: str, sharing: str, batch: int, new_tokens: int,
     return json.loads(lines[-1])
 
 
+# Sizes measured in fp32 only (a PPO step of every quant mode would take minutes each on a 2-core CPU), and the
+# size the gradient-checkpointing rows are taken at (the largest one that needs it to meet the target).
+FP32_ONLY = {"large"}
+CHECKPOINTING_SIZE = "base"
+
+
+def default_sizes() -> list[str]:
+    """tiny to large; on a GPU also Llama-2-7B's shapes (weights only: built there in seconds)."""
+    import torch
+
+    return ["tiny", "small", "base", "large"] + (["llama2-7b"] if torch.cuda.is_available() else [])
+
+
 def measure(sizes: list[str], quants: list[str], batch: int, new_tokens: int, checkpointing: bool = True,
             mmap: bool = False, default_malloc: bool = False, progress=print) -> dict:
-    for size in sizes:
-        common.model_dirs(size)  # build once, outside the measured processes
+    for size in sizes:  # build once, in a process of its own: its memory is no measured process's (ru_maxrss
+        # is inherited through fork and exec) and the driver holds no GPU memory
+        subprocess.run([sys.executable, __file__, "--build", "--sizes", size], check=True)
+    stepped = [s for s in sizes if not common.SIZES[s].weights_only]
     flags = ["--mmap"] if mmap else []
     malloc_env = {} if default_malloc else MALLOC_ENV
 
@@ -178,11 +204,17 @@ def measure(sizes: list[str], quants: list[str], batch: int, new_tokens: int, ch
             progress(_progress_line(row))
         return row
 
-    rows = [run(size, quant, sharing) for size in sizes for quant in quants for sharing in ("shared", "separate")]
-    if checkpointing:  # the largest size, first quant mode, both sharings, with gradient checkpointing
-        rows += [run(sizes[-1], quants[0], sharing, ["--gradient-checkpointing"]) for sharing in ("shared", "separate")]
+    rows = [run(size, quant, sharing) for size in stepped for quant in quants
+            if size not in FP32_ONLY or quant == "fp32" for sharing in ("shared", "separate")]
+    if checkpointing and stepped:  # first quant mode, both sharings, with gradient checkpointing
+        size = CHECKPOINTING_SIZE if CHECKPOINTING_SIZE in stepped else stepped[-1]
+        rows += [run(size, quants[0], sharing, ["--gradient-checkpointing"]) for sharing in ("shared", "separate")]
     qlora = [run(size, quant, "shared", ["--other-dtype", "bfloat16"], "--weights-worker")
-             for quant in quants if quant in ("8bit", "4bit") for size in sizes]
+             for quant in quants if quant in ("8bit", "4bit") for size in sizes if size not in FP32_ONLY]
+    for row in qlora:
+        if common.SIZES[row["size"]].weights_only:
+            progress(f"  {row['size']} {row['quant']} weights: " + (f"FAILED {row['error']}" if row.get("failed") else
+                     f"{row['weights_base_bytes'] / 2**30:.2f} GiB = {row['weights_base_bytes'] / (4 * row['params']):.3f} of fp32"))
     return {"rows": rows, "weights_bf16_rest": qlora, "batch": batch, "new_tokens": new_tokens,
             "weights_materialized": not mmap, "malloc_env": malloc_env}
 
@@ -226,9 +258,13 @@ def summarize(result: dict) -> dict:
                 "llama2_7b_projected_fp32_rest": _projected(linear_bpp, 4)}
     for row in result.get("weights_bf16_rest", []):
         key = f"{row['size']}/{row['quant']}"
-        if key in weight_ratio and not row.get("failed"):
+        if row.get("failed"):
+            continue
+        if key in weight_ratio:
             fp32 = by_key[(row["size"], "fp32", "shared", False)]
             weight_ratio[key]["total_bf16_rest"] = row["weights_base_bytes"] / fp32["weights_base_bytes"]
+        elif "params" in row:  # a weights-only size: fp32 is 4 bytes per parameter
+            weight_ratio[key] = {"total_bf16_rest": row["weights_base_bytes"] / (4 * row["params"])}
     return {"shared_over_separate_peak": sharing_ratio, "quant_over_fp32_weights": weight_ratio}
 
 
@@ -275,16 +311,20 @@ def _fmt(value) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "small", "base"], choices=list(common.SIZES))
+    parser.add_argument("--sizes", nargs="+", choices=list(common.SIZES),
+                        help="default: tiny small base large (fp32 only), and llama2-7b (weights only) on a GPU")
     parser.add_argument("--quants", nargs="+", default=["fp32", "8bit", "4bit"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--no-checkpointing-row", action="store_true", help="skip the gradient-checkpointing run")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "perf-memory.json")
+    parser.add_argument("--append", action="store_true",
+                        help="add these measurements to the rows already in --out (e.g. a size measured in a later run)")
     parser.add_argument("--quick", action="store_true", help="tiny only, fp32 and 4bit: a smoke run")
     # internal: one configuration in this process
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--weights-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sharing", default="shared", help=argparse.SUPPRESS)
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--other-dtype", default="bfloat16", help=argparse.SUPPRESS)
@@ -294,14 +334,23 @@ def main() -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="glibc's default mmap threshold (RSS then also counts freed heap blocks)")
     args = parser.parse_args()
+    if args.build:
+        for size in args.sizes:
+            common.model_dirs(size)
+        return
     if args.worker or args.weights_worker:
         args.size, args.quant = args.sizes[0], args.quants[0]
         print(json.dumps(worker(args) if args.worker else weights_worker(args)))
         return
     if args.quick:
         args.sizes, args.quants, args.no_checkpointing_row = ["tiny"], ["fp32", "4bit"], True
+    args.sizes = args.sizes or default_sizes()
     result = measure(args.sizes, args.quants, args.batch, args.new_tokens, not args.no_checkpointing_row,
                      mmap=args.mmap, default_malloc=args.default_malloc)
+    if args.append and args.out.exists():
+        earlier = json.loads(args.out.read_text())
+        for key in ("rows", "weights_bf16_rest"):
+            result[key] = earlier[key] + result[key]
     result.update(machine=common.machine(), summary=summarize(result))
     common.write_json(args.out, result)
     print("\n" + markdown(result) + f"\n\nwrote {args.out}")

@@ -25,7 +25,7 @@ import speed  # noqa: E402
 
 README = common.REPO / "README.md"
 TABLE_START, TABLE_END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
-LARGE = "base"  # the >= 100M size the memory target is read at
+MEMORY_TARGET_SIZES = ("base", "large")  # the >= 100M sizes the memory target is read at
 
 
 def run(script: str, args: list[str]) -> None:
@@ -38,20 +38,22 @@ def targets(mem: dict, spd: dict) -> list[dict]:
     """The issue's four targets, each with what was measured and whether it is met."""
     rows = []
     sharing = mem["summary"]["shared_over_separate_peak"]
-    size = LARGE if f"{LARGE}/fp32" in sharing else next(iter(sharing)).split("/")[0]
     by_key = {(r["size"], r["quant"], r["sharing"]): r for r in mem["rows"]
               if not r.get("failed") and not r.get("gradient_checkpointing")}
-    shared, separate = by_key[(size, "fp32", "shared")], by_key[(size, "fp32", "separate")]
-    ratio = sharing[f"{size}/fp32"]
-    checkpointed = sharing.get(f"{size}/fp32/checkpointing")
-    rows.append({"target": f"peak memory of a PPO step, shared ÷ separate ({size}, "
-                           f"{shared['params'] / 1e6:.0f}M parameters, fp32)",
-                 "measured": f"{memory.peak_mib(shared):.0f} ÷ {memory.peak_mib(separate):.0f} MiB",
-                 "ratio": f"{ratio:.3f}" + (f" ({checkpointed:.3f} with gradient checkpointing)" if checkpointed else ""),
-                 "goal": f"≤ {memory.TARGET_SHARED_OVER_SEPARATE} (ideal ⅓)",
-                 "met": ratio <= memory.TARGET_SHARED_OVER_SEPARATE or (
-                     "**no**; yes with gradient checkpointing"
-                     if checkpointed and checkpointed <= memory.TARGET_SHARED_OVER_SEPARATE else False)})
+    sizes = [s for s in MEMORY_TARGET_SIZES if f"{s}/fp32" in sharing] or [next(iter(sharing)).split("/")[0]]
+    measured, ratios, met = [], [], []
+    for size in sizes:
+        shared, separate = by_key[(size, "fp32", "shared")], by_key[(size, "fp32", "separate")]
+        ratio, checkpointed = sharing[f"{size}/fp32"], sharing.get(f"{size}/fp32/checkpointing")
+        measured.append(f"{size} ({shared['params'] / 1e6:.0f}M): {memory.peak_mib(shared):.0f} ÷ "
+                        f"{memory.peak_mib(separate):.0f} MiB")
+        ratios.append(f"{ratio:.3f}" + (f" ({checkpointed:.3f} with gradient checkpointing)" if checkpointed else ""))
+        ok = ratio <= memory.TARGET_SHARED_OVER_SEPARATE
+        ok_ckpt = checkpointed is not None and checkpointed <= memory.TARGET_SHARED_OVER_SEPARATE
+        met.append(f"{size}: " + ("yes" if ok else "**no**" + ("; yes with gradient checkpointing" if ok_ckpt else "")))
+    rows.append({"target": "peak memory of a PPO step, shared ÷ separate (fp32, ≥ 100M parameters)",
+                 "measured": ", ".join(measured), "ratio": " / ".join(ratios),
+                 "goal": f"≤ {memory.TARGET_SHARED_OVER_SEPARATE} (ideal ⅓)", "met": "; ".join(met)})
 
     rollout = spd["rollout"]
     ratios = {s: r["ratio_rollout_over_plain"] for s, r in rollout.items()}
@@ -72,26 +74,32 @@ def targets(mem: dict, spd: dict) -> list[dict]:
                  "goal": f"≤ {speed.TARGET_SHARED_OVER_SEPARATE_TIME}",
                  "met": all(v <= speed.TARGET_SHARED_OVER_SEPARATE_TIME for v in ratios.values())})
 
-    weights = mem["summary"]["quant_over_fp32_weights"].get(f"{size}/4bit")
-    if weights:
-        whole = weights.get("total_bf16_rest", weights["total"])
-        rows.append({"target": f"4-bit weight memory ÷ fp32 ({size}): whole base with the rest in bf16 (QLoRA) "
-                               f"· quantized linear layers · Llama-2-7B projection",
-                     "measured": f"whole base, rest fp32: {weights['total']:.3f}",
-                     "ratio": f"{whole:.3f} · {weights['linear_layers']:.3f} · "
-                              f"{weights['llama2_7b_projected_bf16_rest']:.3f}",
+    weights = mem["summary"]["quant_over_fp32_weights"]
+    base = weights.get(f"{sizes[0]}/4bit")
+    if base:
+        llama = weights.get("llama2-7b/4bit")
+        whole = base.get("total_bf16_rest", base["total"])
+        big = (f"{llama['total_bf16_rest']:.3f} (measured)" if llama
+               else f"{base['llama2_7b_projected_bf16_rest']:.3f} (projected from the bytes per parameter)")
+        big_ratio = llama["total_bf16_rest"] if llama else base["llama2_7b_projected_bf16_rest"]
+        rows.append({"target": f"4-bit weight memory ÷ fp32, rest in bf16 (QLoRA): whole {sizes[0]} model "
+                               f"· its quantized linear layers · Llama-2-7B shapes",
+                     "measured": f"{sizes[0]} whole, rest fp32: {base['total']:.3f}",
+                     "ratio": f"{whole:.3f} · {base['linear_layers']:.3f} · {big}",
                      "goal": f"≤ {memory.TARGET_4BIT_OVER_FP32}",
-                     "met": "linear layers and 7B: yes; this small model whole: no"
-                     if whole > memory.TARGET_4BIT_OVER_FP32 and weights["linear_layers"] <= memory.TARGET_4BIT_OVER_FP32
-                     else whole <= memory.TARGET_4BIT_OVER_FP32})
+                     "met": f"7B: {'yes' if big_ratio <= memory.TARGET_4BIT_OVER_FP32 else '**no**'}"
+                            f"{'' if llama else ' (projected)'}; linear layers: "
+                            f"{'yes' if base['linear_layers'] <= memory.TARGET_4BIT_OVER_FP32 else '**no**'}; "
+                            f"{sizes[0]} whole: {'yes' if whole <= memory.TARGET_4BIT_OVER_FP32 else '**no**'}"})
     return rows
 
 
-def summary(mem: dict, spd: dict) -> str:
+def summary(mem: dict, spd: dict, results: Path = common.RESULTS) -> str:
     """The machine and the four targets: what README.md shows."""
     machine = common.machine_line(spd.get("machine") or mem["machine"])
+    where = results.resolve().relative_to(common.REPO) if results.resolve().is_relative_to(common.REPO) else results
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine} with `python bench/run_all.py` "
-             f"(all tables: `bench/results/perf.md`, raw numbers: `bench/results/perf-*.json`).", "",
+             f"(all tables: `{where}/perf.md`, raw numbers: `{where}/perf-*.json`).", "",
              "| target | measured | ratio | goal | met |", "|---|---|---|---|---|"]
     for t in targets(mem, spd):
         met = t["met"] if isinstance(t["met"], str) else ("yes" if t["met"] else "**no**")
@@ -99,8 +107,8 @@ def summary(mem: dict, spd: dict) -> str:
     return "\n".join(lines)
 
 
-def report(mem: dict, spd: dict) -> str:
-    lines = [summary(mem, spd)]
+def report(mem: dict, spd: dict, results: Path = common.RESULTS) -> str:
+    lines = [summary(mem, spd, results)]
     memory_note = ("GPU: `torch.cuda.max_memory_allocated` over the step." if any("cuda_step_peak_mib" in r for r in mem["rows"])
                    else "CPU: peak RSS during the step above the RSS before any model was loaded; weights copied "
                         "out of the checkpoint's memory map, freed blocks returned at once (docs/performance.md).")
@@ -124,22 +132,25 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="write the report into README.md")
     parser.add_argument("--skip-memory", action="store_true", help="reuse bench/results/perf-memory.json")
     parser.add_argument("--skip-speed", action="store_true", help="reuse bench/results/perf-speed.json")
+    parser.add_argument("--results", type=Path, default=common.RESULTS,
+                        help="folder of perf-memory.json, perf-speed.json and perf.md (default bench/results)")
     args = parser.parse_args()
     started = time.perf_counter()
     quick = ["--quick"] if args.quick else []
+    memory_json, speed_json = args.results / "perf-memory.json", args.results / "perf-speed.json"
     if not args.skip_memory:
-        run("memory.py", quick)
+        run("memory.py", quick + ["--out", str(memory_json)])
     if not args.skip_speed:
-        run("speed.py", quick + (["--ablation"] if args.quick else ["--ablation", "tiny", "small"]))
-    mem = json.loads((common.RESULTS / "perf-memory.json").read_text())
-    spd = json.loads((common.RESULTS / "perf-speed.json").read_text())
-    table = report(mem, spd)
-    (common.RESULTS / "perf.md").write_text(table + "\n")
+        run("speed.py", quick + (["--ablation"] if args.quick else ["--ablation", "tiny", "small"]) + ["--out", str(speed_json)])
+    mem = json.loads(memory_json.read_text())
+    spd = json.loads(speed_json.read_text())
+    table = report(mem, spd, args.results)
+    (args.results / "perf.md").write_text(table + "\n")
     print("\n" + table)
     if args.readme:
-        update_readme(summary(mem, spd))
+        update_readme(summary(mem, spd, args.results))
         print("\nupdated README.md")
-    print(f"\nwrote {common.RESULTS / 'perf.md'} in {(time.perf_counter() - started) / 60:.1f} min")
+    print(f"\nwrote {args.results / 'perf.md'} in {(time.perf_counter() - started) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -274,7 +274,8 @@ def summarize(result: dict) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"Batch {result['batch']} prompts, {result['new_tokens']} new tokens each, one PPO epoch over one "
-             f"mini-batch; medians of {result['steps_timed']} steps.", "",
+             f"mini-batch; shared vs separate: medians of {result.get('pairs', result['steps_timed'])} back-to-back "
+             f"pairs of steps; the other tables: medians of {result['steps_timed']} steps.", "",
              "| size | sharing | rollout | reference | reward | old log-probs + values | scoring rest | optimise "
              "| step | samples/s | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for size, section in result.get("steps", {}).items():
@@ -314,6 +315,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--steps", type=int, default=7, help="timed steps per configuration (after one warm-up)")
+    parser.add_argument("--pairs", type=int, default=15,
+                        help="back-to-back shared/separate step pairs the step-time ratio is the median of")
     parser.add_argument("--scaling-size", default="tiny", choices=list(common.SIZES))
     parser.add_argument("--scaling-batches", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--scaling-lengths", type=int, nargs="+", default=[8, 16, 24, 48])
@@ -325,7 +328,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=common.RESULTS / "perf-speed.json")
     args = parser.parse_args()
     if args.quick:
-        args.sizes, args.batch, args.new_tokens, args.steps = ["tiny"], 8, 8, 2
+        args.sizes, args.batch, args.new_tokens, args.steps, args.pairs = ["tiny"], 8, 8, 2, 2
         args.scaling_batches, args.scaling_lengths = [4, 8], [8]
     result = run(args)
     common.write_json(args.out, result)
@@ -336,11 +339,11 @@ def run(args, progress=print) -> dict:
     import torch
 
     torch.manual_seed(0)
-    result = {"batch": args.batch, "new_tokens": args.new_tokens, "steps_timed": args.steps, "steps": {},
+    result = {"batch": args.batch, "new_tokens": args.new_tokens, "steps_timed": args.steps, "pairs": args.pairs, "steps": {},
               "rollout": {}, "ablation": {}}
     for size in args.sizes:
         progress(f"speed: {size}: shared vs separate steps ...")
-        result["steps"][size] = step_section(size, args.batch, args.new_tokens, args.steps, args.device)
+        result["steps"][size] = step_section(size, args.batch, args.new_tokens, args.pairs, args.device)
         progress(f"speed: {size}: rollout vs plain generate ...")
         result["rollout"][size] = rollout_section(size, args.batch, args.new_tokens, args.steps, args.device)
     if not args.no_scaling:
