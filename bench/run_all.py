@@ -98,7 +98,8 @@ def summary(mem: dict, spd: dict, results: Path = common.RESULTS) -> str:
     """The machine and the four targets: what README.md shows."""
     machine = common.machine_line(spd.get("machine") or mem["machine"])
     where = results.resolve().relative_to(common.REPO) if results.resolve().is_relative_to(common.REPO) else results
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine} with `python bench/run_all.py` "
+    how = mem.get("how") or "`python bench/run_all.py`"  # results assembled from several runs name theirs
+    lines = [f"Measured {mem.get('date') or time.strftime('%Y-%m-%d')} on {machine} with {how} "
              f"(all tables: `{where}/perf.md`, raw numbers: `{where}/perf-*.json`).", "",
              "| target | measured | ratio | goal | met |", "|---|---|---|---|---|"]
     for t in targets(mem, spd):
