@@ -266,9 +266,7 @@ class MultiAdapterModel(nn.Module):
         Only the LoRA layers' adapter selection changes (``_active_adapter`` / ``_disable_adapters``),
         and it is put back on exit: peft's ``set_adapter`` and adapter disabling would also rewrite
         ``requires_grad`` on every LoRA weight, which then must be saved and restored on every call.
-        Under an adapter the forward is peft's ordinary one, so results are those of ``set_adapter``;
-        for the base alone each LoRA layer calls its base layer directly, which is what peft's forward
-        with adapters disabled returns.
+        The forward is peft's ordinary one, so results are those of ``set_adapter``/``disable_adapter``.
         """
         layers = self._structure()[1]
         saved = [(layer, layer._active_adapter, layer._disable_adapters) for layer in layers]
@@ -277,17 +275,12 @@ class MultiAdapterModel(nn.Module):
                 for layer in layers:
                     if adapter is None:
                         layer._disable_adapters = True
-                        # The base alone: call the wrapped layer straight away. peft's forward with adapters
-                        # disabled computes the same after Python work in every LoRA layer, which a GPU waits
-                        # for and a separate reference model (no LoRA layers) would not do.
-                        layer.forward = layer.base_layer.__call__  # a bound method: not registered as a submodule
                     else:
                         layer._active_adapter = [adapter]
                 yield
         finally:
             for layer, active, disabled in saved:
                 layer._active_adapter, layer._disable_adapters = active, disabled
-                layer.__dict__.pop("forward", None)
 
     def _structure(self) -> tuple[list[nn.Module], list[BaseTunerLayer]]:
         """All modules and the LoRA layers, cached: they change only when adapters are added or removed."""
