@@ -230,6 +230,38 @@ def test_speed_bench_quick_mode_writes_its_results(tmp_path):
     assert "| tiny | shared |" in proc.stdout
 
 
+def test_bench_report_reads_every_target_size_and_a_measured_7b(monkeypatch):
+    """The report's arithmetic: the memory target at each >= 100M size, and a weights-only size's 4-bit ratio
+    against 4 bytes per parameter (fp32) rather than the projection."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import memory
+    import run_all
+
+    def row(size, quant, sharing, peak, base_bytes=400, linear_bytes=300):
+        return {"size": size, "quant": quant, "sharing": sharing, "params": 100, "cuda_step_peak_mib": peak,
+                "weights_base_bytes": base_bytes, "weights_linear_bytes": linear_bytes, "linear_params": 75}
+
+    mem = {"rows": [row("base", "fp32", "shared", 46), row("base", "fp32", "separate", 100),
+                    row("large", "fp32", "shared", 40), row("large", "fp32", "separate", 100),
+                    row("base", "4bit", "shared", 30, base_bytes=160, linear_bytes=39),
+                    row("base", "4bit", "separate", 60, base_bytes=160, linear_bytes=39)],
+           "weights_bf16_rest": [{"size": "base", "quant": "4bit", "weights_base_bytes": 100},
+                                 {"size": "llama2-7b", "quant": "4bit", "weights_base_bytes": 57, "params": 100}]}
+    mem["summary"] = memory.summarize(mem)
+    weights = mem["summary"]["quant_over_fp32_weights"]
+    assert weights["llama2-7b/4bit"] == {"total_bf16_rest": 57 / 400}
+    assert weights["base/4bit"]["total"] == 160 / 400 and weights["base/4bit"]["linear_layers"] == 39 / 300
+    assert weights["base/4bit"]["total_bf16_rest"] == 100 / 400
+    spd = {"rollout": {"tiny": {"ratio_rollout_over_plain": 1.0, "rollout": {"tokens_per_s": 9},
+                                "plain_generate": {"tokens_per_s": 9}}},
+           "steps": {"tiny": {"paired_ratio": {"q1": 0.9, "median": 1.01, "q3": 1.1},
+                              "shared": {"step": 1.0}, "separate": {"step": 1.0}}}}
+    memory_row, rollout_row, step_row, weights_row = run_all.targets(mem, spd)
+    assert memory_row["ratio"] == "0.460 / 0.400" and memory_row["met"] == "base: **no**; large: yes"
+    assert rollout_row["met"] is True and step_row["met"] is False
+    assert "0.142 (measured)" in weights_row["ratio"] and weights_row["met"].startswith("7B: yes;")
+
+
 def test_stage_fused_scoring_option_reaches_the_scoring_pass(trained_chain, tmp_path, monkeypatch):
     from marl_exp.ppo import trainer as trainer_module
     from marl_exp.stages.pipeline import run_stage
