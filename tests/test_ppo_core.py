@@ -124,6 +124,49 @@ def test_logprobs_from_logits():
     close(out_bf16, [[math.log(0.75), math.log(0.5)]], atol=1e-2)
 
 
+@pytest.mark.parametrize("grad_in_place", [False, True], ids=["copy", "in_place"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_from_logits_gradient_is_log_softmax_gather(dtype, grad_in_place):
+    """Values and gradients equal log_softmax + gather (the textbook form), also with banned (-inf) tokens
+    and a temperature division in front, as the PPO update has it."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 50).to(dtype)
+    logits[0, 0, 7] = float("-inf")
+    labels = torch.randint(0, 50, (3, 5))
+    labels[0, 0] = 8
+    weights = torch.randn(3, 5)
+    ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = logprobs_from_logits(ours / 0.7, labels, grad_in_place=grad_in_place)
+    expected = torch.log_softmax((ref / 0.7).float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    close(out, expected, atol=1e-6)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.isfinite(ours.grad.float()).all() and ours.grad[0, 0, 7] == 0
+    torch.testing.assert_close(ours.grad, ref.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_logprobs_from_logits_backward_is_exact_and_guarded():
+    from marl_exp.ppo.core import _TokenLogProbs
+
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 3))
+    assert torch.autograd.gradcheck(lambda t: _TokenLogProbs.apply(t, labels, False), (x,))
+    # create_graph (second derivatives) takes the recorded path even when in place was asked for
+    assert torch.autograd.gradgradcheck(lambda t: _TokenLogProbs.apply(t * 1.0, labels, True), (x,))
+    # in place: the logits became the gradient, so a second backward through the graph must fail loudly
+    out = logprobs_from_logits(torch.randn(2, 3, 7, requires_grad=True) * 1.0, labels, grad_in_place=True)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated twice"):
+        out.sum().backward()
+    # without it the graph can be retained and gives the same gradient twice
+    leaf = torch.randn(2, 3, 7, requires_grad=True)
+    out = logprobs_from_logits(leaf * 1.0, labels)
+    first = torch.autograd.grad(out.sum(), leaf, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), leaf)[0], first)
+    with torch.inference_mode():  # scoring calls it without autograd
+        close(logprobs_from_logits(leaf.detach(), labels), out.detach())
+
+
 def test_entropy_from_logits():
     # uniform over 4 -> ln 4
     # [0, ln 3] -> p = [1/4, 3/4]: H = 1/4 ln 4 + 3/4 ln(4/3) = ln 4 - 3/4 ln 3

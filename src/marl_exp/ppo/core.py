@@ -110,15 +110,57 @@ def masked_whiten(
 # ---------------------------------------------------------------------------
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """log π(label_t | context) for each position.
+def logprobs_from_logits(logits: Tensor, labels: Tensor, grad_in_place: bool = False) -> Tensor:
+    """log π(label_t | context) for each position: ``logits[label] - logsumexp(logits)``.
 
     logits ``[B, T, V]``, labels ``[B, T]`` (int) -> ``[B, T]`` float32.
     Computed in float32: log_softmax in bf16/fp16 loses enough precision to
     bias the importance ratio exp(logp - old_logp).
+
+    Backward keeps one ``[B, T, V]`` tensor (the logits) where ``log_softmax`` + ``gather`` keep and
+    make three (the log-softmax, gather's scattered gradient, the softmax gradient): the largest
+    tensors of a PPO update. ``grad_in_place=True`` goes further and turns the float32 logits into
+    their own gradient during backward; the caller gives them up (it must not read them after
+    backward, and the graph can be back-propagated once).
     """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+    return _TokenLogProbs.apply(logits.float(), labels.long(), grad_in_place)
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, grad_in_place: bool) -> Tensor:
+        lse = _logsumexp_by_rows(logits)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.grad_in_place, ctx.spent = grad_in_place, False
+        return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # d/dlogits (logits[label] - lse) = onehot(label) - softmax(logits)
+        if ctx.spent:
+            raise RuntimeError("logprobs_from_logits(grad_in_place=True) was back-propagated twice; its logits "
+                               "became the gradient the first time: call it with grad_in_place=False to retain the graph")
+        logits, labels, lse = ctx.saved_tensors
+        recorded = torch.is_grad_enabled()  # create_graph: every op out of place, so autograd can record it
+        if recorded:
+            probs = logits.softmax(-1)  # differentiable in the logits (lse was computed without a graph)
+        elif ctx.grad_in_place:
+            ctx.spent = True
+            probs = logits.sub_(lse.unsqueeze(-1)).exp_()
+        else:
+            probs = (logits - lse.unsqueeze(-1)).exp_()
+        g, index = grad.unsqueeze(-1), labels.unsqueeze(-1)
+        if recorded:
+            return (probs * -g).scatter_add(-1, index, g), None, None
+        return probs.mul_(-g).scatter_add_(-1, index, g), None, None
+
+
+def _logsumexp_by_rows(logits: Tensor, chunk_elements: int = 2**20) -> Tensor:
+    """``logsumexp`` over the last dim, a few rows at a time: its exp temporaries stay small rather than
+    another full ``[B, T, V]`` (each row is computed on its own either way: the same values)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = max(1, chunk_elements // max(1, flat.shape[-1]))
+    return torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in flat.split(rows)]).reshape(logits.shape[:-1])
 
 
 def _finite_log_softmax(logits: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ class PerfOptions:
     inference_mode: bool = True  # rollout and scoring under torch.inference_mode rather than no_grad
     window_logits: bool = True  # the LM head only at the positions that predict response tokens
     lazy_entropy: bool = True  # entropy without autograd, a few rows at a time, when entropy_coef is 0 (only logged)
+    lean_logprobs: bool = True  # the update's backward turns the response logits into their own gradient (in place)
     # Policy, reference and reward rows in one mixed-adapter forward (shared base only). Off: on a CPU
     # peft's per-row adapter dispatch costs more than the two passes it saves (docs/performance.md).
     fused_scoring: bool = False

@@ -270,7 +270,8 @@ class PPOTrainer:
         else:
             out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name)
             logits = temperature_scaled(out.logits[:, window], cfg.temperature)
-        logprobs = core.logprobs_from_logits(logits, mb.response_ids)
+        # The logits are not read after backward (deleted below), so they may become their own gradient.
+        logprobs = core.logprobs_from_logits(logits, mb.response_ids, grad_in_place=self.perf.lean_logprobs)
         if not _all_finite(logprobs.detach(), mask):  # NaN/inf logits: no backward at all
             return {"skipped": True, "nonfinite": True}
         # Guard: a mini-batch whose probability ratio exploded would only produce a destructive update.
@@ -347,7 +348,7 @@ class PPOTrainer:
 
 
 @torch.no_grad()
-def _entropy_for_logging(logits: torch.Tensor, chunk_elements: int = 2**20) -> torch.Tensor:
+def _entropy_for_logging(logits: torch.Tensor, chunk_elements: int = 2**18) -> torch.Tensor:
     """``core.entropy_from_logits`` when the entropy is only logged (no bonus): no autograd graph over
     [B, T, vocab], and a few rows at a time, so its temporaries stay small (the same values: every
     row is computed on its own either way)."""
