@@ -1,10 +1,11 @@
 """Run every performance benchmark and write one markdown report with the four target ratios.
 
-    python bench/run_all.py             # memory (tiny, small, base × fp32/8bit/4bit) + speed (tiny, small, ablations)
-    python bench/run_all.py --quick     # a smoke run in about two minutes
+    python bench/run_all.py             # memory (tiny, small, base × fp32/8bit/4bit; large fp32; on a GPU Llama-2-7B
+                                        # shapes' weights) + speed (tiny, small, ablations): ~14 min on 2 CPU cores
+    python bench/run_all.py --quick     # a smoke run in about a minute
     python bench/run_all.py --readme    # also put the table into README.md's "## Performance" section
 
-Writes bench/results/perf-memory.json, perf-speed.json and perf.md (the report). Each benchmark runs in its
+Writes bench/results/perf-memory.json, perf-speed.json and perf.md (the report; ``--results DIR`` elsewhere). Each benchmark runs in its
 own process; memory runs one more process per configuration. Models are built once (random init, no
 download) under $MARL_EXP_CACHE/bench (default ~/.cache/marl-exp/bench).
 """
