@@ -129,7 +129,7 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, grad_in_place: bool = F
 class _TokenLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, grad_in_place: bool) -> Tensor:
-        lse = _logsumexp_by_rows(logits)
+        lse = by_rows(lambda rows: torch.logsumexp(rows, dim=-1), logits, chunk_elements=2**20)
         ctx.save_for_backward(logits, labels, lse)
         ctx.grad_in_place, ctx.spent = grad_in_place, False
         return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
@@ -141,26 +141,24 @@ class _TokenLogProbs(torch.autograd.Function):
             raise RuntimeError("logprobs_from_logits(grad_in_place=True) was back-propagated twice; its logits "
                                "became the gradient the first time: call it with grad_in_place=False to retain the graph")
         logits, labels, lse = ctx.saved_tensors
-        recorded = torch.is_grad_enabled()  # create_graph: every op out of place, so autograd can record it
-        if recorded:
-            probs = logits.softmax(-1)  # differentiable in the logits (lse was computed without a graph)
-        elif ctx.grad_in_place:
+        g, index = grad.unsqueeze(-1), labels.unsqueeze(-1)
+        if torch.is_grad_enabled():  # create_graph: out of place and differentiable in the logits
+            return (logits.softmax(-1) * -g).scatter_add(-1, index, g), None, None
+        if ctx.grad_in_place:
             ctx.spent = True
             probs = logits.sub_(lse.unsqueeze(-1)).exp_()
         else:
             probs = (logits - lse.unsqueeze(-1)).exp_()
-        g, index = grad.unsqueeze(-1), labels.unsqueeze(-1)
-        if recorded:
-            return (probs * -g).scatter_add(-1, index, g), None, None
         return probs.mul_(-g).scatter_add_(-1, index, g), None, None
 
 
-def _logsumexp_by_rows(logits: Tensor, chunk_elements: int = 2**20) -> Tensor:
-    """``logsumexp`` over the last dim, a few rows at a time: its exp temporaries stay small rather than
-    another full ``[B, T, V]`` (each row is computed on its own either way: the same values)."""
+def by_rows(fn, logits: Tensor, chunk_elements: int) -> Tensor:
+    """``fn`` (a reduction over the last dim) applied a few rows of ``logits`` at a time, so its
+    temporaries stay small rather than another full ``[B, T, V]``; every row is computed on its own
+    either way, so the values are the same."""
     flat = logits.reshape(-1, logits.shape[-1])
     rows = max(1, chunk_elements // max(1, flat.shape[-1]))
-    return torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in flat.split(rows)]).reshape(logits.shape[:-1])
+    return torch.cat([fn(chunk) for chunk in flat.split(rows)]).reshape(logits.shape[:-1])
 
 
 def _finite_log_softmax(logits: Tensor) -> Tensor:

@@ -348,12 +348,10 @@ class PPOTrainer:
 
 
 @torch.no_grad()
-def _entropy_for_logging(logits: torch.Tensor, chunk_elements: int = 2**18) -> torch.Tensor:
+def _entropy_for_logging(logits: torch.Tensor) -> torch.Tensor:
     """``core.entropy_from_logits`` when the entropy is only logged (no bonus): no autograd graph over
-    [B, T, vocab], and a few rows at a time, so its temporaries stay small (the same values: every
-    row is computed on its own either way)."""
-    rows = max(1, chunk_elements // max(1, logits[0].numel()))
-    return torch.cat([core.entropy_from_logits(chunk) for chunk in logits.split(rows)])
+    [B, T, vocab], and a few rows at a time."""
+    return core.by_rows(core.entropy_from_logits, logits, chunk_elements=2**19)
 
 
 def _make_optimizer(cfg, params) -> torch.optim.Optimizer:
