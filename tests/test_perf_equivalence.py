@@ -109,7 +109,7 @@ def test_inference_mode_gives_bit_identical_rollouts_and_scores(shared):
     for perf in (PerfOptions(inference_mode=True), PerfOptions(inference_mode=False)):
         torch.manual_seed(3)
         rollouts.append(score(roles, sample(roles.model, tokenizer, PROMPTS, "policy", cfg.stage, perf=perf),
-                              "policy", cfg.stage.critic, cfg.stage, perf=perf))
+                              "policy", cfg.stage.critic, cfg.stage, tokenizer, perf=perf))
     fast, plain = rollouts
     for field in ("response_ids", "response_mask", *SCORED):
         assert torch.equal(getattr(fast, field), getattr(plain, field)), field
@@ -121,8 +121,8 @@ def test_logits_in_the_response_window_only_score_the_same(shared):
     roles, tokenizer, cfg = shared
     torch.manual_seed(4)
     fixed = sample(roles.model, tokenizer, PROMPTS, "policy", cfg.stage)
-    window = score(roles, unscored(fixed), "policy", "value_head", cfg.stage, perf=PerfOptions(window_logits=True))
-    full = score(roles, unscored(fixed), "policy", "value_head", cfg.stage, perf=PerfOptions(window_logits=False))
+    window = score(roles, unscored(fixed), "policy", "value_head", cfg.stage, tokenizer, perf=PerfOptions(window_logits=True))
+    full = score(roles, unscored(fixed), "policy", "value_head", cfg.stage, tokenizer, perf=PerfOptions(window_logits=False))
     assert_scored_close(window, full)
 
 
@@ -166,7 +166,7 @@ def test_fused_scoring_equals_one_pass_per_role(two_policies_with_critics, criti
     out = {}
     for fused in (True, False):
         rollouts = {name: unscored(r) for name, r in fixed.items()}
-        out[fused] = score_many(roles, rollouts, critic, cfg.stage, tokenizer.pad_token_id,
+        out[fused] = score_many(roles, rollouts, critic, cfg.stage, tokenizer,
                                 perf=PerfOptions(fused_scoring=fused))
     for name in fixed:
         assert_scored_close(out[True][name], out[False][name])

@@ -59,7 +59,7 @@ def test_rollout_logprobs_match_a_plain_forward_of_the_same_tokens(shared_and_se
     shared, _, tokenizer, cfg = shared_and_separate
     torch.manual_seed(0)
     rollout = score(shared, sample(shared.model, tokenizer, ["the movie was", "this show is"] * 3, "policy", cfg.stage),
-                    "policy", "value_head", cfg.stage)
+                    "policy", "value_head", cfg.stage, tokenizer)
     mask = rollout.response_mask.bool()
     assert torch.all(rollout.response_ids[~mask] == tokenizer.pad_token_id)
     # Reference: the plain SFT model, unpadded, one sequence at a time.
@@ -84,9 +84,9 @@ def test_one_ppo_step_gives_identical_losses_in_shared_and_separate_modes(shared
     for roles in (shared, separate):
         rollout = Rollout(fixed.query_ids, fixed.query_mask, fixed.response_ids, fixed.response_mask,
                           has_eos=fixed.has_eos)
-        score(roles, rollout, "policy", "value_head", cfg.stage)
+        score(roles, rollout, "policy", "value_head", cfg.stage, tokenizer)
         trainer = PPOTrainer(roles, tokenizer, cfg.stage, ["the plot was"], seed=0)
-        rollout.scores = trainer._shape_scores(rollout)
+        rollout.scores = trainer._shape_scores("policy", rollout)
         before = [p.detach().clone() for p in roles.model.trainable_parameters("policy")]
         stats = trainer._optimize(trainer.policies["policy"], rollout)
         after = [p.detach().clone() for p in roles.model.trainable_parameters("policy")]

@@ -163,7 +163,7 @@ def roles_and_tokenizer(trained_chain, tmp_path_factory):
 
 def _snapshot(roles, trainer):
     weights = [p.detach().clone() for p in roles.model.trainable_parameters("policy")]
-    return weights, trainer.kl_ctl.value, trainer.score_moments.state_dict()
+    return weights, trainer.kl_ctls["policy"].value, trainer.score_moments["policy"].state_dict()
 
 
 def _restore(roles, weights):

@@ -132,7 +132,7 @@ class PPOStageConfig:
 
     # ---- rollout (sampling)
     max_new_tokens: int = 24
-    min_new_tokens: int = 1
+    min_new_tokens: int = 0  # > 0 forbids EOS early: sampling then differs from the scored softmax (warned)
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
@@ -177,7 +177,7 @@ class PPOStageConfig:
     eval_every: int = 20
     eval_samples: int = 96  # responses sampled over the held-out prompts
     log_every: int = 1
-    samples_every: int = 20  # W&B table of samples
+    samples_every: int = 20  # a few training responses to samples.jsonl (and a W&B table); 0 = off
     save_every: int = 50
     resume: Optional[str] = None  # a checkpoint dir, or "auto" = the latest complete one in the run dir
 

@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import GenerationConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from marl_exp.io import atomic_write_json
@@ -82,12 +83,56 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
+def reward_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Where a sequence classifier reads its score: HF's rule, the last token whose id is not the pad id.
+
+    This is where the reward model learned its score (RewardTrainer trains through that forward), so
+    it must be where it is read. With pad == EOS (GPT-2, Llama, any tokenizer without a pad token) it is
+    the token *before* the final EOS, not the EOS itself; without a pad id, the last real token.
+    """
+    if pad_token_id is None:
+        return last_token_index(attention_mask)
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (positions * (input_ids != pad_token_id).long()).argmax(-1)
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout probability in ``model`` to 0; returns how many were non-zero.
+
+    Eval mode is not enough: gradient checkpointing puts decoder layers back into training mode for
+    the recomputation, and some architectures (OPT, Falcon, GPT-2's attention) apply dropout inside
+    the layer from a float attribute (``self.dropout``, ``attention_dropout``, ``layerdrop``) gated by
+    ``self.training``. PPO's ratio is 1 in the first epoch only if no dropout is ever drawn.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            changed += module.p > 0
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and not isinstance(value, bool) and _is_dropout_name(name) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    configs = [getattr(m, "config", None) for m in model.modules()]
+    for config in {id(c): c for c in configs if c is not None}.values():  # some layers read the config at run time
+        for sub in (config, getattr(config, "get_text_config", lambda: None)()):
+            for name, value in (list(vars(sub).items()) if sub is not None else []):
+                if isinstance(value, float) and _is_dropout_name(name) and value > 0:
+                    setattr(sub, name, 0.0)
+    return changed
+
+
+def _is_dropout_name(name: str) -> bool:
+    name = name.lower()
+    return "dropout" in name or "pdrop" in name or name in ("layerdrop", "drop_path_rate")
+
+
 class MultiAdapterModel(nn.Module):
     """A ``PeftModel`` with policy adapters + value heads, a frozen reward adapter + score head."""
 
     def __init__(self, peft_model: PeftModel, policy_names: list[str], value_heads: nn.ModuleDict,
                  reward_adapter_name: str | None = None, score_head: nn.Linear | None = None,
-                 reward_label_index: int = 0):
+                 reward_label_index: int = 0, reward_pad_token_id: int | None = None):
         super().__init__()
         self.peft_model = peft_model
         self.policy_names = list(policy_names)
@@ -95,6 +140,8 @@ class MultiAdapterModel(nn.Module):
         self.reward_adapter_name = reward_adapter_name
         self.score_head = score_head
         self.reward_label_index = reward_label_index
+        # The pad id the reward model pooled by when it was trained (see ``reward_token_index``).
+        self.reward_pad_token_id = reward_pad_token_id
         keep_4bit_weights_differentiable(self.peft_model)
         self.activate_policy(self.policy_names[0])
 
@@ -104,12 +151,15 @@ class MultiAdapterModel(nn.Module):
               policy_adapter: str | None = None, reward_adapter: str | None = None,
               reward_adapter_name: str = "reward", reward_label_index: int | None = None,
               base_path: str | None = None, allow_base_mismatch: bool = False,
-              gradient_checkpointing: bool = False, value_head_dropout: float = 0.0) -> "MultiAdapterModel":
+              gradient_checkpointing: bool = False, value_head_dropout: float = 0.0,
+              reward_pad_token_id: int | None = None) -> "MultiAdapterModel":
         """Wrap a loaded base causal LM (or a ``PeftModel``) with its policy and reward adapters.
 
         ``policy_adapter`` loads an existing trained policy (adapter dir with a value head); otherwise
         ``policy_config`` creates a fresh one. ``base_path`` (the base's path or hub id) lets the
         same-base guard compare the reward adapter's recorded base with this one.
+        ``reward_pad_token_id``: the pad id the reward model was trained with; by default the one of the
+        tokenizer saved with the reward adapter (as RewardTrainer set it: pad, else EOS), else the base's.
         """
         if isinstance(base, PeftModel):
             peft_model, policy_names = base, list(base.peft_config)
@@ -139,8 +189,13 @@ class MultiAdapterModel(nn.Module):
             check_same_base(reward_adapter, base_path, allow_base_mismatch)
             score_head, label_index = _load_reward_adapter(peft_model, reward_adapter, reward_adapter_name,
                                                            reward_label_index, device)
+            if reward_pad_token_id is None:
+                reward_pad_token_id = reward_adapter_pad_token_id(reward_adapter)
+            if reward_pad_token_id is None:
+                reward_pad_token_id = peft_model.get_base_model().config.get_text_config().pad_token_id
         return cls(peft_model, policy_names, value_heads,
-                   reward_adapter_name if reward_adapter is not None else None, score_head, label_index)
+                   reward_adapter_name if reward_adapter is not None else None, score_head, label_index,
+                   reward_pad_token_id)
 
     def add_policy(self, name: str, config: LoraConfig | None = None, adapter_dir: str | None = None) -> None:
         """Add another trainable policy adapter (fresh from ``config`` or loaded from ``adapter_dir``).
@@ -207,11 +262,25 @@ class MultiAdapterModel(nn.Module):
     # ------------------------------------------------------------------------------ role switching
     def activate_policy(self, name: str) -> None:
         """Make ``name`` the active (and only trainable) policy adapter with its value head."""
-        if name not in self.policy_names:
-            raise ValueError(f"unknown policy adapter {name!r}; known: {', '.join(self.policy_names)}")
+        self._check_policy(name)
         self.peft_model.set_adapter(name)
         self._active_policy = name
         self._apply_trainable(name)
+
+    def _check_policy(self, name: str) -> None:
+        """``name`` is a policy: one of ours, or an adapter added to the peft model with peft's own API
+        (``add_adapter`` / ``load_adapter``, as TRL's multi-adapter docs did), adopted here with a value head."""
+        if name in self.policy_names:
+            return
+        if name in self.peft_model.peft_config and name != self.reward_adapter_name:
+            head = ValueHead(self.config.get_text_config().hidden_size, self._value_head_dropout()).to(self.device)
+            head.requires_grad_(False)
+            head.train(self.training)
+            self.value_heads[name] = head
+            self.policy_names.append(name)
+            return
+        known = [n for n in self.peft_model.peft_config if n != self.reward_adapter_name]
+        raise ValueError(f"unknown policy adapter {name!r}; known: {', '.join(known)}")
 
     def _apply_trainable(self, active: str) -> None:
         # Gradients flow only into the active policy's LoRA weights and value head; never the
@@ -315,7 +384,8 @@ class MultiAdapterModel(nn.Module):
         # Only the positions asked for: the LM head and everything after it scale with the vocabulary.
         if positions is not None:
             hidden = hidden[:, positions].contiguous()  # a strided slice would make the matmul batched and slower
-        return self.peft_model.get_base_model().get_output_embeddings()(hidden)
+        causal_lm = self.peft_model.get_base_model()
+        return output_logits(causal_lm, causal_lm.get_output_embeddings()(hidden))
 
     @contextlib.contextmanager
     def _checkpointing_active(self):
@@ -368,12 +438,14 @@ class MultiAdapterModel(nn.Module):
 
     @torch.no_grad()
     def score_roles(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, policies: list[str],
-                    critics: list[str] | None = None, logits_positions: slice | None = None) -> RoleScores:
+                    critics: list[str] | None = None, logits_positions: slice | None = None,
+                    reward_input_ids: torch.Tensor | None = None,
+                    reward_attention_mask: torch.Tensor | None = None) -> RoleScores:
         """Every role's view of the same rows in ONE forward (peft's mixed-adapter batch).
 
         Row ``i`` is run under ``policies[i]`` (logits), under ``critics[i]`` (its value head; default:
         the policy's own), with every adapter disabled (reference logits) and under the reward adapter
-        (score at the last real token). The rows are stacked into one batch with an adapter name per
+        (score where its classifier reads it). The rows are stacked into one batch with an adapter name per
         row, so one pass replaces three or four and no adapter is switched. Equal to the separate calls
         (``policy_forward``, ``reference_logits``, ``compute_reward_score``) up to float rounding of the
         larger matmuls; with 8-bit (LLM.int8) weights the outlier split depends on the whole batch, so
@@ -388,12 +460,18 @@ class MultiAdapterModel(nn.Module):
         rows = len(policies)
         own_critic = [i for i in range(rows) if critics[i] == policies[i]]
         extra = [i for i in range(rows) if critics[i] != policies[i]]  # rows run again under a critic adapter
-        blocks = [list(range(rows)), extra, list(range(rows)), list(range(rows))]
+        blocks = [list(range(rows)), extra, list(range(rows))]  # policy, critic, reference; then the reward rows
         names = list(policies) + [critics[i] for i in extra] + [None] * rows + [self.reward_adapter_name] * rows
         index = torch.tensor([i for block in blocks for i in block], device=input_ids.device)
+        reward_ids = input_ids if reward_input_ids is None else reward_input_ids
+        reward_mask = attention_mask if reward_attention_mask is None else reward_attention_mask
+        extra_columns = reward_ids.shape[1] - input_ids.shape[1]  # the reward rows may be wider (appended EOS)
         with self._rows_under(names):
-            hidden = self._hidden_states(input_ids[index], attention_mask[index])
-        policy_h, critic_h, ref_h, reward_h = hidden.split([rows, len(extra), rows, rows])
+            hidden = self._hidden_states(
+                torch.cat([nn.functional.pad(input_ids[index], (0, extra_columns)), reward_ids]),
+                torch.cat([nn.functional.pad(attention_mask[index], (0, extra_columns)), reward_mask]))
+        policy_h, critic_h, ref_h = hidden[:len(index), :input_ids.shape[1]].split([rows, len(extra), rows])
+        reward_h = hidden[len(index):]
 
         values = torch.empty(policy_h.shape[:2], dtype=torch.float32, device=hidden.device)
         for name in set(critics):
@@ -403,7 +481,8 @@ class MultiAdapterModel(nn.Module):
             other = [k for k, i in enumerate(extra) if critics[i] == name]
             if other:
                 values[[extra[k] for k in other]] = self.value_heads[name](critic_h[other]).float()
-        last = reward_h[torch.arange(rows, device=hidden.device), last_token_index(attention_mask)]
+        last = reward_h[torch.arange(rows, device=hidden.device),
+                        reward_token_index(reward_ids, reward_mask, self.reward_pad_token_id)]
         scores = self.score_head(last.to(self.score_head.weight.dtype))[:, self.reward_label_index]
         positions = slice(None) if logits_positions is None else logits_positions
         return RoleScores(policy_logits=self._lm_logits(policy_h, positions), values=values[:, positions],
@@ -413,8 +492,10 @@ class MultiAdapterModel(nn.Module):
     def compute_reward_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                              ppo_adapter_name: str | None = None, return_all_tokens: bool = False,
                              reward_label_index: int | None = None, **_) -> torch.Tensor:
-        """Reward of each sequence [B], read at its last real token (left or right padding).
+        """Reward of each sequence [B], read where HF's sequence classifier reads it (``reward_token_index``:
+        the last token that is not padding, left or right padding), so it equals the reward model's score.
 
+        The input is taken as given: PPO passes what the reward trainer saw (the text, then EOS).
         ``return_all_tokens=True`` gives the score at every position [B, T] instead.
         ``ppo_adapter_name`` names the policy adapter to leave active afterwards (default: the one
         active before the call). Naming another policy switches to it as ``activate_policy`` does;
@@ -424,9 +505,9 @@ class MultiAdapterModel(nn.Module):
             raise ValueError("this model has no reward adapter; load one with reward_adapter=<dir or hub id>")
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         label = self.reward_label_index if reward_label_index is None else reward_label_index
-        _check_label_index(label, self.score_head.out_features)
-        if ppo_adapter_name is not None and ppo_adapter_name not in self.policy_names:
-            raise ValueError(f"unknown policy adapter {ppo_adapter_name!r}; known: {', '.join(self.policy_names)}")
+        check_label_index(label, self.score_head.out_features)
+        if ppo_adapter_name is not None:
+            self._check_policy(ppo_adapter_name)
         with self._scoring_pass(self.reward_adapter_name):
             hidden = self._hidden_states(input_ids, attention_mask)
             scores = self.score_head(hidden.to(self.score_head.weight.dtype))[..., label]
@@ -434,7 +515,8 @@ class MultiAdapterModel(nn.Module):
             self.activate_policy(ppo_adapter_name)
         if return_all_tokens:
             return scores
-        return scores[torch.arange(scores.shape[0], device=scores.device), last_token_index(attention_mask)]
+        index = reward_token_index(input_ids, attention_mask, self.reward_pad_token_id)
+        return scores[torch.arange(scores.shape[0], device=scores.device), index]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter: str | None = None,
@@ -446,10 +528,26 @@ class MultiAdapterModel(nn.Module):
         own (``cumsum(attention_mask) - 1``), the same as ``position_ids_from_mask`` gives every forward.
         """
         adapter = adapter or self._active_policy
-        if adapter not in self.policy_names:
-            raise ValueError(f"unknown policy adapter {adapter!r}; known: {', '.join(self.policy_names)}")
-        with self._role(adapter, eval_mode=True):
+        self._check_policy(adapter)
+        with self._role(adapter, eval_mode=True), self._only_given_generation_config():
             return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+
+    @contextlib.contextmanager
+    def _only_given_generation_config(self):
+        """Generate with exactly the settings passed, not the model's ``generation_config``.
+
+        transformers fills every setting a call leaves unset from ``model.generation_config``: a hub
+        model's ``repetition_penalty``, ``no_repeat_ngram_size``, ``temperature``, ``top_p`` or
+        ``bad_words_ids`` would silently reshape the distribution PPO samples from, while its log-probs
+        are scored under the plain softmax. A blank config leaves only transformers' neutral defaults.
+        """
+        base = self.peft_model.get_base_model()
+        saved = base.generation_config
+        base.generation_config = GenerationConfig()
+        try:
+            yield
+        finally:
+            base.generation_config = saved
 
     # ---------------------------------------------------------------------------------- inspection
     def trainable_parameters(self, adapter: str | None = None) -> list[nn.Parameter]:
@@ -544,7 +642,7 @@ def _load_reward_adapter(peft_model: PeftModel, source: str, name: str, label_in
                          "train it with stage=reward or TRL's RewardTrainer")
     lora_weights = {k: v for k, v in weights.items() if "score." not in k}
     num_labels, hidden = score["weight"].shape
-    label_index = _check_label_index(0 if label_index is None else label_index, num_labels)
+    label_index = check_label_index(0 if label_index is None else label_index, num_labels)
     model_hidden = peft_model.get_base_model().config.get_text_config().hidden_size
     if hidden != model_hidden:
         raise ValueError(f"reward adapter {source!r} has a score head for hidden size {hidden}, but the base has "
@@ -569,11 +667,49 @@ def _load_reward_adapter(peft_model: PeftModel, source: str, name: str, label_in
     return head.to(device), label_index
 
 
-def _check_label_index(label_index: int, num_labels: int) -> int:
+def check_label_index(label_index: int, num_labels: int) -> int:
     if not 0 <= label_index < num_labels:
         raise ValueError(f"reward_label_index={label_index} is out of range for a score head with {num_labels} "
                          f"label{'s' if num_labels != 1 else ''} (valid: 0..{num_labels - 1})")
     return label_index
+
+
+def reward_head_labels(source: str) -> int:
+    """Number of outputs of a reward adapter's score head (2 for a two-label adapter such as TRL's hh one)."""
+    weights = load_peft_weights(source, device="cpu")
+    heads = [v for k, v in weights.items() if k.endswith("score.weight")]
+    if not heads:
+        raise ValueError(f"reward adapter {source!r} has no score head (no key ending in 'score.weight'); "
+                         "train it with stage=reward or TRL's RewardTrainer")
+    return heads[0].shape[0]
+
+
+def reward_adapter_pad_token_id(source: str) -> int | None:
+    """The pad id a reward adapter was trained with, from the tokenizer saved beside it (marl-exp's reward
+    stage saves one): RewardTrainer pads with the tokenizer's pad token, else its EOS. None without one."""
+    if not (Path(source) / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def output_logits(causal_lm: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """What the model's own forward does to the LM head's output: Gemma 2/3 cap the logits
+    (``final_logit_softcapping``), Cohere scales them (``logit_scale``), Granite divides
+    (``logits_scaling``). Calling the head alone must give the logits ``model(...)`` gives."""
+    config = causal_lm.config.get_text_config()
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if isinstance(divisor, (int, float)) and divisor != 1:
+        logits = logits / divisor
+    return logits
 
 
 def base_record(base_path: str, base_name: str, base_dir: Path | None) -> dict:
@@ -611,7 +747,8 @@ def check_same_base(reward_adapter: str, base_path: str | None, allow_mismatch: 
         return
     message = (f"reward adapter {reward_adapter!r} was trained on base {record.get('base_model')!r} "
                f"(fingerprint {theirs}), but the loaded base is {base_path!r} (fingerprint {ours}); "
-               "use the same model in stages 2 and 3, or set allow_base_mismatch=true if you know why")
+               "use the same model in stages 2 and 3, or set stage.allow_base_mismatch=true "
+               "(allow_base_mismatch=True in Python) if you know why")
     if not allow_mismatch:
         raise BaseMismatchError(message)
     log.warning("%s (allowed by allow_base_mismatch)", message)

@@ -13,7 +13,6 @@ from marl_exp.modeling.multi_adapter import (
     MultiAdapterModel,
     PolicyOutput,
     RoleScores,
-    last_token_index,
     position_ids_from_mask,
 )
 
@@ -46,16 +45,21 @@ class SharedRoles:
         return self.model.compute_reward_score(input_ids, attention_mask, ppo_adapter_name=policy)
 
     def score(self, input_ids, attention_mask, row_policies: list[str], critic: str, logits_positions: slice,
-              fused: bool = True) -> RoleScores:
+              fused: bool = True, reward_input_ids=None, reward_attention_mask=None) -> RoleScores:
         """Everything scoring needs for rows grouped by policy (``row_policies[i]`` sampled row ``i``).
 
         ``fused``: one mixed-adapter forward for every role (``MultiAdapterModel.score_roles``);
-        otherwise one pass per role, as ``SeparateRoles`` must do.
+        otherwise one pass per role, as ``SeparateRoles`` must do. The reward reads ``reward_input_ids``
+        (the text as the reward trainer saw it, see ``rollout.reward_inputs``) when given.
         """
+        reward_ids = input_ids if reward_input_ids is None else reward_input_ids
+        reward_mask = attention_mask if reward_attention_mask is None else reward_attention_mask
         if not fused:
-            return score_role_by_role(self, input_ids, attention_mask, row_policies, critic, logits_positions)
+            return score_role_by_role(self, input_ids, attention_mask, row_policies, critic, logits_positions,
+                                      reward_ids, reward_mask)
         critics = [critic_name(p) for p in row_policies] if critic == "adapter" else None
-        return self.model.score_roles(input_ids, attention_mask, row_policies, critics, logits_positions)
+        return self.model.score_roles(input_ids, attention_mask, row_policies, critics, logits_positions,
+                                      reward_ids, reward_mask)
 
 
 class SeparateRoles(SharedRoles):
@@ -77,26 +81,24 @@ class SeparateRoles(SharedRoles):
 
     @torch.no_grad()
     def reward_scores(self, input_ids, attention_mask, policy: str) -> torch.Tensor:
-        # Pool at the last real token by the mask (HF's classifier pools by pad id, wrong when pad == EOS).
-        classifier = self.reward_model.get_base_model()
-        backbone = getattr(classifier, classifier.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-        head = classifier.score
-        return head(last.to(next(head.parameters()).dtype))[:, self.model.reward_label_index]
+        # The classifier's own forward (it pools by pad id, as when it was trained); positions from the mask,
+        # so left padding reads what right padding would.
+        logits = self.reward_model(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids_from_mask(attention_mask)).logits
+        return logits[:, self.model.reward_label_index].float()
 
     def score(self, input_ids, attention_mask, row_policies: list[str], critic: str, logits_positions: slice,
-              fused: bool = True) -> RoleScores:
+              fused: bool = True, reward_input_ids=None, reward_attention_mask=None) -> RoleScores:
         # Separate models cannot share a forward: always one pass per role.
-        return score_role_by_role(self, input_ids, attention_mask, row_policies, critic, logits_positions)
+        return super().score(input_ids, attention_mask, row_policies, critic, logits_positions, fused=False,
+                             reward_input_ids=reward_input_ids, reward_attention_mask=reward_attention_mask)
 
 
 def score_role_by_role(roles: SharedRoles, input_ids, attention_mask, row_policies: list[str], critic: str,
-                       logits_positions: slice) -> RoleScores:
+                       logits_positions: slice, reward_input_ids, reward_attention_mask) -> RoleScores:
     """One reference and one reward pass over all rows, then one policy pass per block of rows of a policy."""
     reference = roles.reference_logits(input_ids, attention_mask, logits_positions)
-    rewards = roles.reward_scores(input_ids, attention_mask, row_policies[0])
+    rewards = roles.reward_scores(reward_input_ids, reward_attention_mask, row_policies[0])
     positions = slice(None) if logits_positions is None else logits_positions
     logits, values = [], []
     for policy, rows in _blocks(row_policies):

@@ -12,11 +12,15 @@ are read from positions ``Q-1 … Q+R-2``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 
 import torch
+from transformers import GenerationConfig
 
 from marl_exp.ppo.core import kl_per_token, logprobs_from_logits
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,21 @@ def response_slice(query_len: int, response_len: int) -> slice:
     return slice(query_len - 1, query_len + response_len - 1)
 
 
-def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int):
-    """Keep each response up to and including its first EOS; returns (ids, mask, has_eos)."""
-    is_eos = response_ids == eos_token_id
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and every EOS id of the model's generation
+    config and config (Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``), the tokenizer's first."""
+    found = [tokenizer.eos_token_id]
+    for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(config, "eos_token_id", None) if config is not None else None
+        found += value if isinstance(value, (list, tuple)) else [value]
+    return list(dict.fromkeys(i for i in found if i is not None))
+
+
+def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int | list[int], pad_token_id: int):
+    """Keep each response up to and including its first stop token (any of ``eos_token_id``);
+    returns (ids, mask, has_eos)."""
+    stops = torch.as_tensor(eos_token_id, device=response_ids.device).reshape(-1)
+    is_eos = torch.isin(response_ids, stops)
     has_eos = is_eos.any(dim=1)
     positions = torch.arange(response_ids.shape[1], device=response_ids.device)
     first_eos = torch.where(has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, response_ids.shape[1], dtype=torch.long))
@@ -91,20 +107,78 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_
     return ids, mask, has_eos
 
 
-def sample(model, tokenizer, prompts: list[str], adapter: str, cfg, perf: PerfOptions = DEFAULT_PERF) -> Rollout:
-    """Sample one response per prompt from policy ``adapter`` (KV cache, left padding)."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+def sampling_config(cfg, stop_ids: list[int], pad_token_id: int) -> GenerationConfig:
+    """The sampling settings PPO's log-probs assume, built here and nowhere else: plain multinomial
+    sampling from softmax(logits / temperature). Nothing comes from the model's ``generation_config``
+    (``MultiAdapterModel.generate`` blanks it); top-k, top-p and ``min_new_tokens`` are the only
+    changes to that softmax, and ``warn_if_sampling_differs`` says so once."""
+    return GenerationConfig(
+        do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+        eos_token_id=list(stop_ids), pad_token_id=pad_token_id, use_cache=True,
+    )
+
+
+_WARNED: set[str] = set()
+
+
+def warn_if_sampling_differs(cfg) -> list[str]:
+    """Once per process: settings under which responses are not sampled from the softmax the trainer
+    scores (log-probs, ratio and KL assume the plain tempered softmax)."""
+    reasons = []
+    if cfg.top_k:
+        reasons.append(f"top_k={cfg.top_k} samples only the {cfg.top_k} most likely tokens")
+    if cfg.top_p < 1:
+        reasons.append(f"top_p={cfg.top_p} cuts the tail of the distribution")
+    if cfg.min_new_tokens:
+        reasons.append(f"min_new_tokens={cfg.min_new_tokens} forbids EOS for the first tokens")
+    message = "; ".join(reasons)
+    if reasons and message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("sampling differs from the softmax PPO scores (%s): log-probs, ratios and KL are computed "
+                    "without these filters, so the update is slightly off-policy; set stage.top_k=0, "
+                    "stage.top_p=1 and stage.min_new_tokens=0 to sample exactly what is trained", message)
+    return reasons
+
+
+def sample(model, tokenizer, prompts: list[str], adapter: str, cfg, perf: PerfOptions = DEFAULT_PERF,
+           stop_ids: list[int] | None = None) -> Rollout:
+    """Sample one response per prompt from policy ``adapter`` (KV cache, left padding).
+
+    Responses end at the first of ``stop_ids`` (default: every EOS id of the model, ``stop_token_ids``).
+    """
+    stop_ids = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
+    warn_if_sampling_differs(cfg)
+    # padding_side per call: the tokenizer is shared, and its own setting stays as it was.
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
     with no_grad_mode(perf.inference_mode):
-        out = model.generate(
-            enc.input_ids, enc.attention_mask, adapter=adapter,
-            do_sample=True, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
+        out = model.generate(enc.input_ids, enc.attention_mask, adapter=adapter,
+                             generation_config=sampling_config(cfg, stop_ids, tokenizer.pad_token_id))
     response = detached(out[:, enc.input_ids.shape[1]:])
-    response_ids, response_mask, has_eos = truncate_after_eos(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    response_ids, response_mask, has_eos = truncate_after_eos(response, stop_ids, tokenizer.pad_token_id)
     return Rollout(enc.input_ids, enc.attention_mask, response_ids, response_mask, has_eos=has_eos)
+
+
+def reward_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                  eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequences as the reward trainer saw its texts, one column wider: TRL's RewardTrainer appends
+    the tokenizer's EOS to every text not ending in it, and its model learned to score there. A response
+    cut at ``max_new_tokens``, or stopped by another stop id (an end-of-turn token), gets that EOS here.
+
+    ``input_ids``/``attention_mask``: [B, Q + R], the query left-padded, the response right-padded, and
+    ``response_mask`` [B, R]. Returns ids and mask [B, Q + R + 1].
+    """
+    rows = input_ids.shape[0]
+    ids = torch.nn.functional.pad(input_ids, (0, 1), value=pad_token_id)
+    mask = torch.nn.functional.pad(attention_mask, (0, 1), value=0)
+    query_len = input_ids.shape[1] - response_mask.shape[1]
+    end = query_len + response_mask.long().sum(1)  # one past each response's last token
+    last = ids[torch.arange(rows, device=ids.device), end - 1]
+    append = last != eos_token_id
+    where = torch.arange(rows, device=ids.device)[append]
+    ids[where, end[append]] = eos_token_id
+    mask[where, end[append]] = 1
+    return ids, mask
 
 
 def pad_response(rollout: Rollout, length: int, pad_token_id: int) -> None:
@@ -115,30 +189,34 @@ def pad_response(rollout: Rollout, length: int, pad_token_id: int) -> None:
         rollout.response_mask = torch.nn.functional.pad(rollout.response_mask, (0, extra), value=0)
 
 
-def score(roles, rollout: Rollout, adapter: str, critic: str, cfg, perf: PerfOptions = DEFAULT_PERF) -> Rollout:
+def score(roles, rollout: Rollout, adapter: str, critic: str, cfg, tokenizer,
+          perf: PerfOptions = DEFAULT_PERF) -> Rollout:
     """Fill in old log-probs, values, reference log-probs, per-token KL and scores of one rollout."""
-    return score_many(roles, {adapter: rollout}, critic, cfg, pad_token_id=0, perf=perf)[adapter]  # one: nothing to pad
+    return score_many(roles, {adapter: rollout}, critic, cfg, tokenizer, perf=perf)[adapter]
 
 
-def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, pad_token_id: int,
+def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, tokenizer,
                perf: PerfOptions = DEFAULT_PERF) -> dict[str, Rollout]:
     """Score the rollouts of several policies on the same prompts.
 
     The reference and reward passes do not depend on the policy, so they run once over all
     policies' responses stacked in one batch; each policy gets its own log-probs and values. On a
-    shared base all of it is one forward (``perf.fused_scoring``).
+    shared base all of it is one forward (``perf.fused_scoring``). The reward reads each sequence as
+    the reward trainer saw its texts (``reward_inputs``).
     """
     length = max(r.response_ids.shape[1] for r in rollouts.values())
     for rollout in rollouts.values():
-        pad_response(rollout, length, pad_token_id)
+        pad_response(rollout, length, tokenizer.pad_token_id)
     ids = torch.cat([r.input_ids for r in rollouts.values()])
     mask = torch.cat([r.attention_mask for r in rollouts.values()])
+    response_mask = torch.cat([r.response_mask for r in rollouts.values()])
+    reward_ids, reward_mask = reward_inputs(ids, mask, response_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
     responses = torch.cat([r.response_ids for r in rollouts.values()])
     row_policies = [name for name, r in rollouts.items() for _ in range(r.query_ids.shape[0])]
     window = response_slice(ids.shape[1] - length, length)
     with no_grad_mode(perf.inference_mode):
         out = roles.score(ids, mask, row_policies, critic, window if perf.window_logits else None,
-                          fused=perf.fused_scoring)
+                          fused=perf.fused_scoring, reward_input_ids=reward_ids, reward_attention_mask=reward_mask)
         crop = slice(None) if perf.window_logits else window
         logits = temperature_scaled(out.policy_logits[:, crop], cfg.temperature)
         ref_logits = temperature_scaled(out.reference_logits[:, crop], cfg.temperature)

@@ -21,7 +21,16 @@ from marl_exp import distributed
 from marl_exp.interrupt import TrainingDiverged
 from marl_exp.ppo import core
 from marl_exp.ppo.roles import SharedRoles, critic_name
-from marl_exp.ppo.rollout import DEFAULT_PERF, PerfOptions, Rollout, response_slice, sample, score_many, temperature_scaled
+from marl_exp.ppo.rollout import (
+    DEFAULT_PERF,
+    PerfOptions,
+    Rollout,
+    response_slice,
+    sample,
+    score_many,
+    stop_token_ids,
+    temperature_scaled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +75,12 @@ class PPOTrainer:
         self.roles, self.model, self.tokenizer, self.cfg = roles, roles.model, tokenizer, cfg
         self.perf = perf  # speed-ups only: results are the same with any of them off
         self.prompts = prompts
-        self.kl_ctl = core.make_kl_controller(cfg.adaptive_kl, cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
-        self.score_moments = RunningMoments()
+        self.stop_ids = stop_token_ids(tokenizer, self.model)
+        # Each policy its own KL coefficient and score statistics: they follow that policy's responses only.
+        self.kl_ctls = {name: core.make_kl_controller(cfg.adaptive_kl, cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+                        for name in cfg.policies}
+        self.score_moments = {name: RunningMoments() for name in cfg.policies}
+        self.last_rollouts: dict[str, Rollout] = {}  # the latest step's, for sample logging
         self.prompt_rng = random.Random(seed)  # which prompts each step sees
         self.shuffle_gen = torch.Generator().manual_seed(seed)  # mini-batch order
         self.step_count = 0
@@ -92,7 +105,8 @@ class PPOTrainer:
         t0 = time.perf_counter()
         problem = None
         try:
-            rollouts = {name: sample(self.model, self.tokenizer, prompts, name, cfg, perf=self.perf)
+            rollouts = {name: sample(self.model, self.tokenizer, prompts, name, cfg, perf=self.perf,
+                                     stop_ids=self.stop_ids)
                         for name in self.policies}
         except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
             if not _is_nonfinite_error(err):
@@ -102,14 +116,14 @@ class PPOTrainer:
 
         t0 = time.perf_counter()
         if problem is None:
-            score_many(self.roles, rollouts, cfg.critic, cfg, self.tokenizer.pad_token_id, perf=self.perf)
+            score_many(self.roles, rollouts, cfg.critic, cfg, self.tokenizer, perf=self.perf)
             # Checked before the scores are shaped: NaN must not reach the running score statistics.
             problem = _nonfinite_rollout(rollouts)
         problem = _agreed(problem)  # in a data-parallel run every rank skips, or none does
         if problem is not None:
             return self._skip_step(problem, timings)
-        for rollout in rollouts.values():
-            rollout.scores = self._shape_scores(rollout)
+        for name, rollout in rollouts.items():
+            rollout.scores = self._shape_scores(name, rollout)
         problem = _agreed(_nonfinite_rollout(rollouts, fields=("scores",)))
         if problem is not None:
             return self._skip_step(problem, timings)
@@ -123,10 +137,13 @@ class PPOTrainer:
             stats.update({prefix + k: v for k, v in policy_stats.items()})
         timings["time/optimize"] = time.perf_counter() - t0
 
-        mean_kl = sum(s for k, s in stats.items() if k.endswith("objective/kl")) / len(self.policies)
-        # The controller sees every rank's responses, so it stays the same on all ranks.
-        mean_kl = distributed.mean(mean_kl)
-        self.kl_ctl.update(mean_kl, cfg.batch_size * len(self.policies) * distributed.world_size())
+        for name in self.policies:
+            prefix = "" if len(self.policies) == 1 else f"{name}/"
+            # Each controller sees its own policy's KL over every rank's responses (the same on all ranks).
+            policy_kl = distributed.mean(stats[prefix + "objective/kl"])
+            self.kl_ctls[name].update(policy_kl, cfg.batch_size * distributed.world_size())
+            stats[prefix + "objective/kl_coef"] = self.kl_ctls[name].value
+        self.last_rollouts = rollouts
         self.step_count += 1
         skipped = sum(v for k, v in stats.items() if k.endswith("ppo/skipped_nonfinite"))
         stats.update(self._count_bad_step(
@@ -136,7 +153,6 @@ class PPOTrainer:
         stats.update(timings)
         stats["perf/tokens_per_s"] = tokens / max(timings["time/step"], 1e-9)
         stats["perf/rollout_tokens_per_s"] = tokens / max(timings["time/rollout"], 1e-9)
-        stats["objective/kl_coef"] = self.kl_ctl.value
         return stats
 
     # ------------------------------------------------------------------------- non-finite values
@@ -149,7 +165,8 @@ class PPOTrainer:
         self.step_count += 1
         timings["time/step"] = sum(timings.values())
         stats = {**timings, "ppo/skipped_nonfinite": float(self._updates_per_step()),
-                 "objective/kl_coef": self.kl_ctl.value}
+                 **{("" if len(self.policies) == 1 else f"{name}/") + "objective/kl_coef": ctl.value
+                    for name, ctl in self.kl_ctls.items()}}
         stats.update(self._count_bad_step(problem, stats))
         return stats
 
@@ -178,14 +195,15 @@ class PPOTrainer:
             raise err
         return counters
 
-    def _shape_scores(self, rollout: Rollout) -> torch.Tensor:
+    def _shape_scores(self, name: str, rollout: Rollout) -> torch.Tensor:
         """Score options, in the order applied: missing-EOS penalty, running whitening, scale, clip."""
         cfg, scores = self.cfg, rollout.raw_scores.clone()
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~rollout.has_eos).float()
         if cfg.whiten_scores:
-            self.score_moments.update(distributed.cat_tensors(scores))  # every rank's scores
-            scores = (scores - self.score_moments.mean) / self.score_moments.std
+            moments = self.score_moments[name]
+            moments.update(distributed.cat_tensors(scores))  # every rank's scores of this policy
+            scores = (scores - moments.mean) / moments.std
         scores = scores * cfg.score_scale
         if cfg.score_clip is not None:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
@@ -193,8 +211,9 @@ class PPOTrainer:
 
     def _optimize(self, policy: PolicyState, rollout: Rollout) -> dict:
         cfg, mask = self.cfg, rollout.response_mask
+        kl_coef = self.kl_ctls[policy.name].value
         # Per-token rewards: -β·KL on every response token, the score added at the last one.
-        rewards, non_score = core.compute_rewards(rollout.scores, rollout.kl, mask, self.kl_ctl.value)
+        rewards, non_score = core.compute_rewards(rollout.scores, rollout.kl, mask, kl_coef)
         advantages, returns = core.compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = core.masked_whiten(advantages, mask)
@@ -205,6 +224,7 @@ class PPOTrainer:
         stopped_early = False
         nonfinite_updates = 0
         for _ in range(cfg.ppo_epochs):
+            epoch_start = len(epoch_stats)
             order = torch.randperm(batch, generator=self.shuffle_gen)
             for start in range(0, batch, cfg.mini_batch_size):
                 mb = order[start:start + cfg.mini_batch_size]
@@ -231,7 +251,10 @@ class PPOTrainer:
                 nonfinite_updates += int(nonfinite)
                 epoch_stats.extend(mb_stats)
                 epoch_stats[-1]["ppo/skipped_batches"] = float(skipped)
-            approxkl = _mean([s["ppo/policy/approxkl"] for s in epoch_stats if "ppo/policy/approxkl" in s])
+            # Decided on this epoch's mini-batches alone: an average over all epochs so far would be diluted
+            # by the first one, whose approx-KL starts at 0 (the policy is the rollout policy there).
+            this_epoch = epoch_stats[epoch_start:]
+            approxkl = _mean([s["ppo/policy/approxkl"] for s in this_epoch if "ppo/policy/approxkl" in s])
             approxkl = distributed.mean(approxkl)  # one decision for all ranks
             if cfg.early_stop_kl is not None and approxkl > cfg.early_stop_kl:
                 stopped_early = True  # the policy moved too far from the rollout policy
@@ -245,7 +268,7 @@ class PPOTrainer:
             "objective/kl": kl_sum.mean().item(),
             "objective/kl_per_token": core.masked_mean(rollout.kl, mask).item(),
             "objective/entropy_sampled": -core.masked_sum(rollout.logprobs, mask, dim=1).mean().item(),
-            "objective/rlhf_reward": (rollout.scores - self.kl_ctl.value * kl_sum).mean().item(),
+            "objective/rlhf_reward": (rollout.scores - kl_coef * kl_sum).mean().item(),
             "env/reward_mean": rollout.raw_scores.mean().item(),
             "env/reward_std": rollout.raw_scores.std().item(),
             "env/score_mean": rollout.scores.mean().item(),
@@ -285,21 +308,30 @@ class PPOTrainer:
         loss = pg_loss - cfg.entropy_coef * entropy
         if not torch.isfinite(loss.detach()):
             return {"skipped": True, "nonfinite": True}
-        values, device = out.values, logits.device
+        values = out.values
         del out, logits  # log_softmax keeps its own output for backward: the [B, T, vocab] logits can go
         if cfg.critic == "adapter":
-            # The critic is its own adapter: backward the policy part first, then run the critic.
+            # The critic is its own adapter: backward the policy part first, then run the critic and
+            # backward its loss while it is active; activating the policy again turns the critic's
+            # requires_grad off, and autograd would then drop its gradients.
             (loss * weight).backward()
             no_logits = slice(0, 0) if self.perf.window_logits else None  # the critic's logits are not used
             values = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=critic_name(name),
                                                logits_positions=no_logits).values
-            self.model.activate_policy(name)
-            loss = torch.zeros((), device=device)
-        vpred = values[:, window].float()
-        vf_loss, vf_stats = core.value_loss(vpred, mb.values, returns, mask, cfg.cliprange_value)
-        if not torch.isfinite(vf_loss.detach()):
-            return {"skipped": True, "nonfinite": True}
-        ((loss + cfg.vf_coef * vf_loss) * weight).backward()
+            try:
+                vf_loss, vf_stats = core.value_loss(values[:, window].float(), mb.values, returns, mask,
+                                                    cfg.cliprange_value)
+                if not torch.isfinite(vf_loss.detach()):
+                    return {"skipped": True, "nonfinite": True}
+                (cfg.vf_coef * vf_loss * weight).backward()
+            finally:
+                self.model.activate_policy(name)
+        else:
+            vf_loss, vf_stats = core.value_loss(values[:, window].float(), mb.values, returns, mask,
+                                                cfg.cliprange_value)
+            if not torch.isfinite(vf_loss.detach()):
+                return {"skipped": True, "nonfinite": True}
+            ((loss + cfg.vf_coef * vf_loss) * weight).backward()
         return {
             "skipped": False,
             "ppo/loss/policy": pg_loss.item(),
@@ -321,8 +353,8 @@ class PPOTrainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step_count,
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "score_moments": self.score_moments.state_dict(),
+            "kl_ctl": {name: ctl.state_dict() for name, ctl in self.kl_ctls.items()},
+            "score_moments": {name: m.state_dict() for name, m in self.score_moments.items()},
             "prompt_rng": self.prompt_rng.getstate(),
             "shuffle_gen": self.shuffle_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -335,8 +367,9 @@ class PPOTrainer:
     def load_state_dict(self, state: dict) -> None:
         self.step_count = state["step"]
         self.bad_steps_in_a_row, self.bad_steps_total = state.get("bad_steps", (0, 0))
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.score_moments.load_state_dict(state["score_moments"])
+        for name in self.policies:
+            self.kl_ctls[name].load_state_dict(_per_policy(state["kl_ctl"], name))
+            self.score_moments[name].load_state_dict(_per_policy(state["score_moments"], name))
         self.prompt_rng.setstate(_as_tuple(state["prompt_rng"]))
         self.shuffle_gen.set_state(state["shuffle_gen"])
         torch.set_rng_state(state["torch_rng"])
@@ -395,6 +428,11 @@ def _is_nonfinite_error(err: RuntimeError) -> bool:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def _per_policy(state: dict, name: str) -> dict:
+    """A policy's entry of a per-policy state; checkpoints written before per-policy state held one for all."""
+    return state[name] if name in state and isinstance(state[name], dict) else state
 
 
 def _as_tuple(state):

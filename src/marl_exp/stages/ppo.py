@@ -17,7 +17,15 @@ from marl_exp import distributed
 from marl_exp.data import build_task
 from marl_exp.interrupt import TrainingDiverged, stop_on_signal
 from marl_exp.modeling.loading import context_length, load_model, load_tokenizer, local_model_dir, resolve_device
-from marl_exp.modeling.multi_adapter import MultiAdapterModel, base_record, check_same_base
+from marl_exp.modeling.multi_adapter import (
+    MultiAdapterModel,
+    base_record,
+    check_label_index,
+    check_same_base,
+    disable_dropout,
+    reward_adapter_pad_token_id,
+    reward_head_labels,
+)
 from marl_exp.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from marl_exp.ppo.evaluate import evaluate
 from marl_exp.ppo.roles import SeparateRoles, SharedRoles, critic_name
@@ -30,9 +38,14 @@ log = logging.getLogger(__name__)
 POLICIES_SUBDIR = "policies"
 
 
-def build_roles(cfg, sft_model: str, reward_adapter: str, device: torch.device):
+def build_roles(cfg, sft_model: str, reward_adapter: str, device: torch.device, tokenizer=None):
     """The multi-adapter model with every policy (and critic) adapter, wrapped in its sharing mode."""
     stage = cfg.stage
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(sft_model, cfg.model)
+    # The pad id the reward model pooled by in training: its own saved tokenizer's, else this one's (the
+    # reward stage loads the same SFT tokenizer, with pad = EOS when it has no pad token).
+    reward_pad = reward_adapter_pad_token_id(reward_adapter)
+    reward_pad = tokenizer.pad_token_id if reward_pad is None else reward_pad
     torch.manual_seed(cfg.seed)  # LoRA and value-head init
     base = load_model(sft_model, cfg.model, cfg.quant, device)
     lora = lora_config(cfg.adapter, task_type="CAUSAL_LM")
@@ -41,18 +54,23 @@ def build_roles(cfg, sft_model: str, reward_adapter: str, device: torch.device):
         base, policy_config=lora, policy_name=stage.policies[0],
         reward_adapter=reward_adapter if shared else None, reward_label_index=stage.reward_label_index,
         base_path=sft_model, allow_base_mismatch=stage.allow_base_mismatch,
-        gradient_checkpointing=stage.gradient_checkpointing)
+        gradient_checkpointing=stage.gradient_checkpointing, reward_pad_token_id=reward_pad)
     for name in stage.policies[1:]:
         model.add_policy(name, lora)
     if stage.critic == "adapter":
         for name in stage.policies:
             model.add_policy(critic_name(name), lora)
     model.activate_policy(stage.policies[0])
+    if stage.disable_dropout:
+        disable_dropout(model)
     if shared:
         return SharedRoles(model)
     check_same_base(reward_adapter, sft_model, stage.allow_base_mismatch)
     reference = load_model(sft_model, cfg.model, cfg.quant, device)
-    classifier = load_model(sft_model, cfg.model, cfg.quant, device, task="seq-cls", num_labels=1)
+    num_labels = reward_head_labels(reward_adapter)
+    model.reward_label_index = check_label_index(stage.reward_label_index or 0, num_labels)
+    classifier = load_model(sft_model, cfg.model, cfg.quant, device, task="seq-cls", num_labels=num_labels)
+    classifier.config.get_text_config().pad_token_id = reward_pad  # where it pools, as in its training
     reward = PeftModel.from_pretrained(classifier, reward_adapter, adapter_name="reward")
     return SeparateRoles(model, reference, reward)
 
@@ -72,7 +90,7 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
     context = context_length(sft_model, cfg.model)
     if context:
         task.fit_prompts(tokenizer, context - stage.max_new_tokens, cfg.data.on_bad_row)
-    roles = build_roles(cfg, sft_model, reward_adapter, device)
+    roles = build_roles(cfg, sft_model, reward_adapter, device, tokenizer)
     model = roles.model
     model.train(not stage.disable_dropout)  # eval mode = no dropout: ratio is exactly 1 at the first epoch
     # Data parallel: every rank samples its own prompts and responses (same weights, other seeds).
@@ -136,6 +154,9 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
                              kl=f"{stats.get('objective/kl', float('nan')):.2f}")
         if step % stage.log_every == 0 or stats.get("ppo/nonfinite_step"):
             tracker.log(stats, step=step)
+        if stage.samples_every and step % stage.samples_every == 0 and distributed.is_main():
+            for name, rollout in trainer.last_rollouts.items():
+                _log_samples(tracker, run_dir, step, "train", name, rollout_samples(rollout, tokenizer, task.oracle))
         if stage.eval_every and step % stage.eval_every == 0 and step < stage.steps:
             tracker.log(run_eval("during", step), step=step)
         # Not after a step with non-finite values: the last checkpoint stays the last good one.
@@ -196,6 +217,15 @@ def _weight_divergence(model, adapters: list[str]) -> float:
                       for p in model.trainable_parameters(name)])
     everyone = distributed.gather(flat)
     return max(float((other - everyone[0]).abs().max()) for other in everyone)
+
+
+def rollout_samples(rollout, tokenizer, oracle=None, limit: int = 8) -> list[dict]:
+    """The first ``limit`` responses of a training rollout, decoded, with their raw reward."""
+    queries = tokenizer.batch_decode(rollout.query_ids[:limit], skip_special_tokens=True)
+    responses = tokenizer.batch_decode(rollout.response_ids[:limit], skip_special_tokens=True)
+    rewards = rollout.raw_scores[:limit].tolist() if rollout.raw_scores is not None else [None] * len(queries)
+    return [{"query": q, "response": r, "reward": w, "oracle": oracle(q + r) if oracle is not None else None}
+            for q, r, w in zip(queries, responses, rewards)]
 
 
 def _log_samples(tracker: Tracker, run_dir: Path, step: int, tag: str, policy: str, samples: list[dict]) -> None:
