@@ -249,6 +249,11 @@ class MultiAdapterModel(nn.Module):
         return self.peft_model.get_base_model().config
 
     @property
+    def generation_config(self) -> GenerationConfig:
+        """The base model's (its EOS ids say where responses end; its sampling settings are not used)."""
+        return self.peft_model.get_base_model().generation_config
+
+    @property
     def device(self) -> torch.device:
         return self.peft_model.get_base_model().get_input_embeddings().weight.device
 
