@@ -1,6 +1,7 @@
 """``marl-exp`` console script: the same Hydra app as ``python train.py`` (run from the repo root).
 
-``marl-exp compare PATH...`` compares finished runs instead (see ``marl_exp.compare``); any other
+``marl-exp compare PATH...`` compares finished runs instead (see ``marl_exp.compare``);
+``marl-exp check-model DIR`` runs the PPO invariants on a model (``marl_exp.conformance.cli``); any other
 arguments go to the Hydra app.
 """
 
@@ -13,6 +14,10 @@ def main() -> None:
         from marl_exp.compare import main as compare
 
         sys.exit(compare(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "check-model":
+        from marl_exp.conformance.cli import main as check_model
+
+        sys.exit(check_model(sys.argv[2:]))
 
     import hydra
 

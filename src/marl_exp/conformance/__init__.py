@@ -1,1 +1,5 @@
-"""Conformance fixtures and checks: marl-exp on every common causal-LM family and tokenizer convention."""
+"""Conformance of the RL loop to real model conventions: model fixtures (``families``), the invariants
+(``checks``) and ``marl-exp check-model`` (``cli``)."""
+
+# The checks' names, importable without torch (the CLI validates its arguments before any heavy import).
+CHECKS = ("reference_logits", "reward_position", "kl_zero_ratio_one", "sampling_parity", "training")
