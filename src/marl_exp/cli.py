@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from marl_exp import distributed
-from marl_exp.config import ConfigError, to_yaml, validate
+from marl_exp.config import RL_STAGES, ConfigError, to_yaml, validate
 from marl_exp.interrupt import StageInterrupted, TrainingDiverged
 from marl_exp.io import atomic_write_text
 from marl_exp.modeling.loading import ModelLoadError
@@ -20,7 +20,8 @@ from marl_exp.modeling.loading import ModelLoadError
 log = logging.getLogger("marl_exp")
 FAILURE_MARKER = "FAILED"
 # The metric returned to an optimizing sweeper, per stage (minimize eval/loss, maximize the others).
-OBJECTIVE = {"sft": "eval/loss", "reward": "eval/pairwise_accuracy", "ppo": "eval/after/oracle_score"}
+OBJECTIVE = {"sft": "eval/loss", "reward": "eval/pairwise_accuracy",
+             **{name: "eval/after/oracle_score" for name in RL_STAGES}}
 
 
 def run_dir_from_hydra(cfg: DictConfig) -> Path:
@@ -110,7 +111,7 @@ def resume_command(cfg: DictConfig, run_dir: Path) -> str:
     launcher = ["python"] if not distributed.is_distributed() else \
         ["accelerate", "launch", "--num_processes", str(distributed.world_size())]
     parts = [*launcher, "train.py", *overrides, shlex.quote(f"hydra.run.dir={run_dir}")]
-    if cfg.stage.name == "ppo":
+    if cfg.stage.name in RL_STAGES:
         parts.append("stage.resume=auto")
     return " ".join(parts)
 

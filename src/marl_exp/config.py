@@ -182,7 +182,111 @@ class PPOStageConfig:
     resume: Optional[str] = None  # a checkpoint dir, or "auto" = the latest complete one in the run dir
 
 
-STAGE_SCHEMAS = {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig}
+@dataclass
+class CriticFreeStageConfig:
+    """GRPO, RLOO and REINFORCE++ on the multi-adapter model: no value head, no critic.
+
+    Each step samples ``num_generations`` responses to each of ``batch_size / num_generations`` prompts
+    from the policy adapter, scores them with the reward adapter on the same base (the reference is the
+    base with adapters disabled), turns the scores into advantages with the estimator registered as
+    ``advantage_estimator`` (``marl_exp.ppo.core``) and runs ``num_iterations`` clipped updates of the
+    policy adapter per batch. Names follow TRL 1.x's ``GRPOConfig`` / ``RLOOConfig``; schedule,
+    sampling and bookkeeping keys are the PPO stage's, so one override fits every RL stage.
+    """
+
+    name: str = MISSING
+    advantage_estimator: str = MISSING  # grpo | rloo | reinforce_pp (core.advantage_estimators())
+    # Upstream outputs; empty = run (or reuse) the SFT and reward stages through the stage cache.
+    sft_model: Optional[str] = None
+    reward_adapter: Optional[str] = None
+    reward_label_index: Optional[int] = None
+    allow_base_mismatch: bool = False
+    policies: List[str] = field(default_factory=lambda: ["policy"])
+    sharing: str = "shared"  # shared (one base) | separate (own reference and reward model instances)
+
+    # ---- schedule (responses, not prompts: PPO's batch_size of 64 prompts = 64 responses, the same budget)
+    steps: int = 200
+    batch_size: int = 64  # responses per step: batch_size / num_generations prompts
+    num_generations: int = 4  # responses per prompt (the group)
+    mini_batch_size: int = 16  # responses per optimizer update
+    gradient_accumulation_steps: int = 1
+    num_iterations: int = 2  # updates of each batch (TRL's μ; PPO's ppo_epochs)
+
+    # ---- sampling
+    max_new_tokens: int = 24  # TRL: max_completion_length
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    # ---- rewards and KL
+    beta: float = 0.0  # KL coefficient (0 = no KL term)
+    kl_in_reward: bool = False  # False: β·k3 KL in the loss (GRPO); True: -β·KL in the reward (RLOO, REINFORCE++)
+    kl_estimator: str = "k1"  # per-token KL in the reward: k1 (TRL's RLOO, REINFORCE++) | k3
+    scale_rewards: str = "group"  # grpo: group | batch | none (Dr. GRPO)
+    normalize_advantages: bool = False  # rloo: whiten the advantages over the batch
+    gamma: float = 1.0  # reinforce_pp: discount of the return to go
+
+    # ---- loss
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None  # None = epsilon; DAPO's clip higher: 0.28
+    loss_type: str = "dapo"  # grpo | bnpo | dapo | dr_grpo (TRL 1.x's default: dapo)
+    mask_truncated_completions: bool = False  # responses without EOS leave the loss (DAPO)
+
+    # ---- optimisation (as the PPO stage)
+    learning_rate: float = 1e-3
+    lr_scheduler: str = "constant"
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    max_grad_norm: float = 1.0
+    ratio_threshold: float = 10.0  # skip a mini-batch whose mean ratio exceeds this
+    max_bad_steps: int = 3
+    disable_dropout: bool = True
+    gradient_checkpointing: bool = False
+    fused_scoring: bool = False
+
+    # ---- evaluation, logging, checkpoints
+    eval_every: int = 20
+    eval_samples: int = 96
+    log_every: int = 1
+    samples_every: int = 20
+    save_every: int = 50
+    resume: Optional[str] = None
+
+
+@dataclass
+class GRPOStageConfig(CriticFreeStageConfig):
+    """GRPO (Shao et al. 2024): group-normalised advantages, KL to the reference as a loss term."""
+
+    name: str = "grpo"
+    advantage_estimator: str = "grpo"
+
+
+@dataclass
+class RLOOStageConfig(CriticFreeStageConfig):
+    """RLOO (Ahmadian et al. 2024): leave-one-out baseline, KL in the reward (TRL's RLOOConfig: β = 0.05)."""
+
+    name: str = "rloo"
+    advantage_estimator: str = "rloo"
+    beta: float = 0.05
+    kl_in_reward: bool = True
+
+
+@dataclass
+class ReinforcePPStageConfig(CriticFreeStageConfig):
+    """REINFORCE++ (Hu 2025): return to go with the KL in the reward, whitened over the whole batch."""
+
+    name: str = "reinforce_pp"
+    advantage_estimator: str = "reinforce_pp"
+    beta: float = 0.05
+    kl_in_reward: bool = True
+
+
+STAGE_SCHEMAS = {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig,
+                 "grpo": GRPOStageConfig, "rloo": RLOOStageConfig, "reinforce_pp": ReinforcePPStageConfig}
+# The stages that train policies with RL on the SFT model against the reward adapter (stages/ppo.py).
+RL_STAGES = ("ppo", "grpo", "rloo", "reinforce_pp")
+CRITIC_FREE_STAGES = ("grpo", "rloo", "reinforce_pp")
 
 
 @dataclass
@@ -339,10 +443,12 @@ def validate(cfg: DictConfig) -> None:
     if stage.name in ("sft", "reward"):
         _validate_trainer_stage(stage, "stage", cfg.quant.mode)
     # Upstream stages the stage cache may build are checked now, not after an hour of training.
-    for name in {"reward": ["sft"], "ppo": ["sft", "reward"]}.get(stage.name, []):
+    for name in (["sft"] if stage.name == "reward" else ["sft", "reward"] if stage.name in RL_STAGES else []):
         _validate_trainer_stage(cfg.upstream[name], f"upstream.{name}", cfg.quant.mode)
     if stage.name == "ppo":
         _validate_ppo(stage)
+    if stage.name in CRITIC_FREE_STAGES:
+        _validate_critic_free(stage)
     for key in ("sft_model", "reward_adapter"):
         path = stage.get(key)
         if path and _looks_local(path):
@@ -457,6 +563,56 @@ def _validate_ppo(stage: DictConfig) -> None:
     if stage.resume not in (None, "auto"):
         _check(os.path.isdir(stage.resume), f"stage.resume={stage.resume!r} does not exist; "
                "give a checkpoints/step-* dir or use stage.resume=auto")
+
+
+def _validate_shared_rl(stage: DictConfig) -> None:
+    """Rules every RL stage shares: sampling, roles, optimizer, resume."""
+    _check(0 < stage.top_p <= 1, f"stage.top_p={stage.top_p!r} must be in (0, 1]")
+    _check(stage.top_k >= 0, f"stage.top_k={stage.top_k!r} must be >= 0 (0 turns it off)")
+    _check(0 <= stage.min_new_tokens <= stage.max_new_tokens,
+           f"stage.min_new_tokens={stage.min_new_tokens} must be in [0, stage.max_new_tokens={stage.max_new_tokens}]")
+    _one_of("stage.sharing", stage.sharing, ("shared", "separate"))
+    _one_of("stage.optimizer", stage.optimizer, ("adamw", "adamw_8bit"))
+    _one_of("stage.lr_scheduler", stage.lr_scheduler, ("constant", "linear", "cosine"))
+    policies = list(stage.policies)
+    _check(len(policies) > 0 and len(set(policies)) == len(policies) and all(policies),
+           f"stage.policies={policies} must be a non-empty list of distinct names")
+    _check(not any(p.endswith("_critic") or p in ("reward", "__base__") for p in policies),
+           f"stage.policies={policies}: names ending in _critic, 'reward' and '__base__' are reserved")
+    _check(stage.ratio_threshold > 1, f"stage.ratio_threshold={stage.ratio_threshold!r} must be > 1")
+    if stage.resume not in (None, "auto"):
+        _check(os.path.isdir(stage.resume), f"stage.resume={stage.resume!r} does not exist; "
+               "give a checkpoints/step-* dir or use stage.resume=auto")
+
+
+def _validate_critic_free(stage: DictConfig) -> None:
+    from marl_exp.ppo.core import LOSS_TYPES, SCALE_REWARDS, advantage_estimators
+
+    for key in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "num_iterations",
+                "max_new_tokens", "temperature", "max_grad_norm", "eval_samples", "log_every", "max_bad_steps",
+                "learning_rate"):
+        _positive(f"stage.{key}", stage[key])
+    _one_of("stage.advantage_estimator", stage.advantage_estimator, advantage_estimators())
+    _check(stage.num_generations >= 2, f"stage.num_generations={stage.num_generations} must be >= 2; a group "
+           "needs two responses to compare (TRL's default is 8)")
+    _check(stage.batch_size % stage.num_generations == 0,
+           f"stage.batch_size={stage.batch_size} is not divisible by stage.num_generations={stage.num_generations}; "
+           f"use a multiple of it, e.g. stage.batch_size={stage.num_generations * max(1, stage.batch_size // stage.num_generations)}")
+    _check(stage.mini_batch_size <= stage.batch_size,
+           f"stage.mini_batch_size={stage.mini_batch_size} is larger than stage.batch_size={stage.batch_size}; "
+           "lower it or raise the batch size")
+    _check(stage.mini_batch_size % stage.gradient_accumulation_steps == 0,
+           f"stage.mini_batch_size={stage.mini_batch_size} is not divisible by "
+           f"stage.gradient_accumulation_steps={stage.gradient_accumulation_steps}")
+    _check(stage.beta >= 0, f"stage.beta={stage.beta!r} must be >= 0; 0 turns the KL term off")
+    _check(0 <= stage.epsilon < 1, f"stage.epsilon={stage.epsilon!r} must be in [0, 1); 0.2 is usual")
+    _check(stage.epsilon_high is None or stage.epsilon_high >= 0,
+           f"stage.epsilon_high={stage.epsilon_high!r} must be >= 0 or null (= stage.epsilon); DAPO uses 0.28")
+    _one_of("stage.loss_type", stage.loss_type, LOSS_TYPES)
+    _one_of("stage.scale_rewards", stage.scale_rewards, SCALE_REWARDS)
+    _one_of("stage.kl_estimator", stage.kl_estimator, ("k1", "k3"))
+    _check(0 <= stage.gamma <= 1, f"stage.gamma={stage.gamma!r} must be in [0, 1]")
+    _validate_shared_rl(stage)
 
 
 def sft_finetune_mode(cfg: DictConfig) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from marl_exp.config import RL_STAGES
 from marl_exp.io import atomic_write_json
 from marl_exp.modeling.multi_adapter import BASE_RECORD, base_record
 from marl_exp.tracking import Tracker
@@ -58,9 +59,9 @@ def log_outputs(tracker: Tracker, cfg: DictConfig, run_dir: Path, summary: dict,
         log.warning("no %s output in %s; no W&B artifact logged", stage, run_dir)
         return
     # PPO: one artifact per saved adapter (policies/<name>/, critics too).
-    outputs = sorted(p for p in output.iterdir() if p.is_dir()) if stage == "ppo" else [output]
+    outputs = sorted(p for p in output.iterdir() if p.is_dir()) if stage in RL_STAGES else [output]
     for directory in outputs:
-        artifact_name = f"{name}-{directory.name}" if stage == "ppo" else name
+        artifact_name = f"{name}-{directory.name}" if stage in RL_STAGES else name
         published = Path(publish_dir) / directory.relative_to(run_dir)
         try:
             metadata = output_metadata(cfg, directory, summary, published)
@@ -172,7 +173,7 @@ def output_metadata(cfg: DictConfig, directory: Path, summary: dict, published: 
         metadata.update(bnb_4bit_quant_type=cfg.quant.bnb_4bit_quant_type,
                         bnb_4bit_use_double_quant=cfg.quant.bnb_4bit_use_double_quant,
                         bnb_4bit_compute_dtype=cfg.quant.bnb_4bit_compute_dtype)
-    policies = list(cfg.stage.policies) if stage == "ppo" else []
+    policies = list(cfg.stage.policies) if stage in RL_STAGES else []
     metadata["metrics"] = key_metrics(summary, directory.name if len(policies) > 1 else None)
     return metadata
 

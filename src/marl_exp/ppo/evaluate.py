@@ -27,7 +27,8 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
         torch.manual_seed(EVAL_SEED)
         for start in range(0, num_samples, batch_size):
             batch = queries[start:start + batch_size]
-            rollout = score(roles, sample(roles.model, tokenizer, batch, policy, cfg), policy, cfg.critic, cfg, tokenizer)
+            critic = cfg.critic if getattr(cfg, "name", "ppo") == "ppo" else "none"  # the critic-free stages have none
+            rollout = score(roles, sample(roles.model, tokenizer, batch, policy, cfg), policy, critic, cfg, tokenizer)
             mask = rollout.response_mask
             # KL(π‖π_ref) of a whole response, estimated by the sampled log-ratio sum (nats).
             kls.append(core.masked_sum(rollout.logprobs - rollout.ref_logprobs, mask, dim=1).cpu())

@@ -64,6 +64,8 @@ class Rollout:
     scores: torch.Tensor | None = None  # [B] reward-model scores (after scaling/penalties)
     raw_scores: torch.Tensor | None = None  # [B] reward-model scores as returned
     has_eos: torch.Tensor | None = None  # [B] bool
+    advantages: torch.Tensor | None = None  # [B, R] the update's targets (phase 4 of RLTrainer.step)
+    returns: torch.Tensor | None = None  # [B, R] the critic's targets (PPO only)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -222,7 +224,9 @@ def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, tokenizer,
         ref_logits = temperature_scaled(out.reference_logits[:, crop], cfg.temperature)
         logprobs = logprobs_from_logits(logits, responses)
         ref_logprobs = logprobs_from_logits(ref_logits, responses)
-        kl = kl_per_token(logprobs, ref_logprobs, cfg.kl_penalty, cfg.kl_estimator, logits=logits, ref_logits=ref_logits)
+        # The critic-free stages have no kl_penalty option: their KL in the reward is the plain estimate.
+        kl = kl_per_token(logprobs, ref_logprobs, getattr(cfg, "kl_penalty", "kl"), cfg.kl_estimator,
+                          logits=logits, ref_logits=ref_logits)
         values = out.values[:, crop].float()
         raw_scores = out.reward_scores.float()
 

@@ -1,9 +1,11 @@
-"""The PPO loop for RLHF on a multi-adapter model (Ziegler et al. 2019; Stiennon et al. 2020).
+"""The RL loop for RLHF on a multi-adapter model, and PPO on it (Ziegler et al. 2019; Stiennon et al. 2020).
 
-One ``step`` = for every policy adapter: sample responses to a batch of prompts (rollout), score
-them (old log-probs and values, reference log-probs, reward), turn scores into per-token rewards with
-a KL penalty, estimate advantages with GAE, then run ``ppo_epochs`` epochs of clipped-surrogate
-updates over shuffled mini-batches. The math itself lives in ``marl_exp.ppo.core``.
+``RLTrainer.step`` is the one loop every algorithm runs, in five phases: sample responses from each
+policy adapter, score them (policy / reference / reward on the one base), turn reward scores into
+rewards, estimate advantages, update. Only the advantages (and the loss they feed) differ by
+algorithm: ``PPOTrainer`` here (KL-shaped per-token rewards, GAE with a value head, ``ppo_epochs``
+clipped updates), ``critic_free.CriticFreeTrainer`` for GRPO, RLOO and REINFORCE++ (an estimator
+registered in ``core``, no critic). The math itself lives in ``marl_exp.ppo.core``.
 """
 
 from __future__ import annotations
@@ -69,80 +71,98 @@ class PolicyState:
     params: list = field(default_factory=list)
 
 
-class PPOTrainer:
+class RLTrainer:
+    """The loop every RL algorithm shares; subclasses fill in the algorithm (see ``step``).
+
+    Hooks: ``_next_prompts`` (the batch), ``_shape_scores`` (phase 3), ``_estimate_advantages`` (phase 4),
+    ``_optimize`` (phase 5, usually ``_run_epochs`` with ``_micro_batch_backward``), ``_after_update``
+    (controllers that follow the step's statistics), ``_updates_per_batch`` and ``_trained_parameters``.
+    """
+
+    critic = "none"  # what scoring computes values with (PPO: the stage's critic)
+
     def __init__(self, roles: SharedRoles, tokenizer, cfg, prompts: list[str], seed: int,
                  perf: PerfOptions = DEFAULT_PERF):
         self.roles, self.model, self.tokenizer, self.cfg = roles, roles.model, tokenizer, cfg
         self.perf = perf  # speed-ups only: results are the same with any of them off
         self.prompts = prompts
         self.stop_ids = stop_token_ids(tokenizer, self.model)
-        # Each policy its own KL coefficient and score statistics: they follow that policy's responses only.
-        self.kl_ctls = {name: core.make_kl_controller(cfg.adaptive_kl, cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
-                        for name in cfg.policies}
-        self.score_moments = {name: RunningMoments() for name in cfg.policies}
         self.last_rollouts: dict[str, Rollout] = {}  # the latest step's, for sample logging
         self.prompt_rng = random.Random(seed)  # which prompts each step sees
         self.shuffle_gen = torch.Generator().manual_seed(seed)  # mini-batch order
         self.step_count = 0
         # Steps with non-finite values (their updates are skipped): in a row, and in all.
         self.bad_steps_in_a_row, self.bad_steps_total = 0, 0
-        updates = cfg.steps * cfg.ppo_epochs * math.ceil(cfg.batch_size / cfg.mini_batch_size)
+        updates = cfg.steps * self._updates_per_batch() * math.ceil(cfg.batch_size / cfg.mini_batch_size)
         self.policies = {name: self._policy_state(name, updates) for name in cfg.policies}
 
     def _policy_state(self, name: str, updates: int) -> PolicyState:
-        params = self.model.trainable_parameters(name)
-        if self.cfg.critic == "adapter":
-            params += self.model.trainable_parameters(critic_name(name))
+        params = self._trained_parameters(name)
         optimizer = _make_optimizer(self.cfg, params)
         scheduler = get_scheduler(self.cfg.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=updates)
         return PolicyState(name, optimizer, scheduler, params)
 
     # ------------------------------------------------------------------------------------ one step
     def step(self) -> dict:
-        cfg = self.cfg
-        prompts = [self.prompt_rng.choice(self.prompts) for _ in range(cfg.batch_size)]
+        """One RL step for every policy adapter, in five phases:
+
+        1. sample      responses to this step's prompts from each policy adapter
+        2. score       policy log-probs (and values), reference log-probs and reward scores, on the one base
+        3. rewards     reward scores -> the scores the algorithm optimises (``_shape_scores``)
+        4. advantages  the only part that differs by algorithm (``_estimate_advantages``)
+        5. update      clipped policy-gradient updates of each policy adapter (``_optimize``)
+
+        Guards at the edges: a NaN/inf in the samples, scores or rewards skips the whole step on every
+        rank (``_skip_step``); one in a loss or gradient skips that update (``_run_epochs``).
+        """
+        prompts = self._next_prompts()
         timings = {}
         t0 = time.perf_counter()
-        problem = None
-        try:
-            rollouts = {name: sample(self.model, self.tokenizer, prompts, name, cfg, perf=self.perf,
-                                     stop_ids=self.stop_ids)
-                        for name in self.policies}
-        except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
-            if not _is_nonfinite_error(err):
-                raise
-            problem = f"sampling hit non-finite logits ({' '.join(str(err).split())})"
+        # step 1: sample
+        rollouts, problem = self._sample(prompts)
         timings["time/rollout"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        # step 2: score the roles on the one base
         if problem is None:
-            score_many(self.roles, rollouts, cfg.critic, cfg, self.tokenizer, perf=self.perf)
-            # Checked before the scores are shaped: NaN must not reach the running score statistics.
+            score_many(self.roles, rollouts, self.critic, self.cfg, self.tokenizer, perf=self.perf)
+            # Checked before the scores are shaped: NaN must not reach running score statistics.
             problem = _nonfinite_rollout(rollouts)
         problem = _agreed(problem)  # in a data-parallel run every rank skips, or none does
         if problem is not None:
             return self._skip_step(problem, timings)
+        # step 3: rewards
         for name, rollout in rollouts.items():
             rollout.scores = self._shape_scores(name, rollout)
         problem = _agreed(_nonfinite_rollout(rollouts, fields=("scores",)))
         if problem is not None:
             return self._skip_step(problem, timings)
+        # step 4: advantages
+        for name, rollout in rollouts.items():
+            rollout.advantages, rollout.returns = self._estimate_advantages(name, rollout)
         timings["time/score"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        # step 5: update
         stats = {}
         for name, rollout in rollouts.items():
-            policy_stats = self._optimize(self.policies[name], rollout)
-            prefix = "" if len(self.policies) == 1 else f"{name}/"
-            stats.update({prefix + k: v for k, v in policy_stats.items()})
+            stats.update(self._prefixed(name, self._optimize(self.policies[name], rollout)))
         timings["time/optimize"] = time.perf_counter() - t0
 
-        for name in self.policies:
-            prefix = "" if len(self.policies) == 1 else f"{name}/"
-            # Each controller sees its own policy's KL over every rank's responses (the same on all ranks).
-            policy_kl = distributed.mean(stats[prefix + "objective/kl"])
-            self.kl_ctls[name].update(policy_kl, cfg.batch_size * distributed.world_size())
-            stats[prefix + "objective/kl_coef"] = self.kl_ctls[name].value
+        stats.update(self._after_update(stats))
+        return self._finish_step(rollouts, stats, timings)
+
+    def _sample(self, prompts: list[str]) -> tuple[dict[str, Rollout], str | None]:
+        """Phase 1 for every policy; a sampling error from non-finite logits becomes a skipped step."""
+        try:
+            return {name: sample(self.model, self.tokenizer, prompts, name, self.cfg, perf=self.perf,
+                                 stop_ids=self.stop_ids) for name in self.policies}, None
+        except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
+            if not _is_nonfinite_error(err):
+                raise
+            return {}, f"sampling hit non-finite logits ({' '.join(str(err).split())})"
+
+    def _finish_step(self, rollouts: dict[str, Rollout], stats: dict, timings: dict) -> dict:
         self.last_rollouts = rollouts
         self.step_count += 1
         skipped = sum(v for k, v in stats.items() if k.endswith("ppo/skipped_nonfinite"))
@@ -155,86 +175,65 @@ class PPOTrainer:
         stats["perf/rollout_tokens_per_s"] = tokens / max(timings["time/rollout"], 1e-9)
         return stats
 
-    # ------------------------------------------------------------------------- non-finite values
-    def _updates_per_step(self) -> int:
-        return self.cfg.ppo_epochs * math.ceil(self.cfg.batch_size / self.cfg.mini_batch_size) * len(self.policies)
+    def _prefixed(self, name: str, stats: dict) -> dict:
+        """A policy's metrics under ``<name>/`` when several policies train on the base."""
+        prefix = "" if len(self.policies) == 1 else f"{name}/"
+        return {prefix + k: v for k, v in stats.items()}
 
-    def _skip_step(self, problem: str, timings: dict) -> dict:
-        """A step whose rollout had non-finite values: nothing is updated (weights, optimizer, KL
-        controller, score statistics); the step still counts, so the prompt stream moves on."""
-        self.step_count += 1
-        timings["time/step"] = sum(timings.values())
-        stats = {**timings, "ppo/skipped_nonfinite": float(self._updates_per_step()),
-                 **{("" if len(self.policies) == 1 else f"{name}/") + "objective/kl_coef": ctl.value
-                    for name, ctl in self.kl_ctls.items()}}
-        stats.update(self._count_bad_step(problem, stats))
-        return stats
+    # ---------------------------------------------------------------------- hooks of the algorithm
+    def _next_prompts(self) -> list[str]:
+        return [self.prompt_rng.choice(self.prompts) for _ in range(self.cfg.batch_size)]
 
-    def _count_bad_step(self, problem: str | None, stats: dict) -> dict:
-        """Update the bad-step counters; raise TrainingDiverged after ``max_bad_steps`` in a row."""
-        if problem is None:
-            self.bad_steps_in_a_row = 0
-        else:
-            self.bad_steps_in_a_row += 1
-            self.bad_steps_total += 1
-        counters = {"ppo/nonfinite_step": float(problem is not None),
-                    "ppo/nonfinite_steps_total": float(self.bad_steps_total),
-                    "ppo/nonfinite_steps_in_a_row": float(self.bad_steps_in_a_row)}
-        if problem is None:
-            return counters
-        limit = self.cfg.max_bad_steps
-        log.warning("PPO step %d: %s; its update was skipped (%d bad step(s) in a row, the run stops at %d)",
-                    self.step_count, problem, self.bad_steps_in_a_row, limit)
-        if self.bad_steps_in_a_row >= limit:
-            err = TrainingDiverged(
-                f"PPO stopped at step {self.step_count}: {self.bad_steps_in_a_row} steps in a row had non-finite "
-                f"values (last: {problem}); stage.max_bad_steps={limit}. No update of those steps was applied and "
-                "the last checkpoint is intact; lower stage.learning_rate or check the reward model, then resume "
-                "with stage.resume=auto")
-            err.stats = {**stats, **counters}
-            raise err
-        return counters
+    def _trained_parameters(self, name: str) -> list:
+        return self.model.trainable_parameters(name)
+
+    def _updates_per_batch(self) -> int:
+        raise NotImplementedError
 
     def _shape_scores(self, name: str, rollout: Rollout) -> torch.Tensor:
-        """Score options, in the order applied: missing-EOS penalty, running whitening, scale, clip."""
-        cfg, scores = self.cfg, rollout.raw_scores.clone()
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (~rollout.has_eos).float()
-        if cfg.whiten_scores:
-            moments = self.score_moments[name]
-            moments.update(distributed.cat_tensors(scores))  # every rank's scores of this policy
-            scores = (scores - moments.mean) / moments.std
-        scores = scores * cfg.score_scale
-        if cfg.score_clip is not None:
-            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-        return scores
+        raise NotImplementedError
+
+    def _estimate_advantages(self, name: str, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(advantages [B, R], returns [B, R] or None) of one policy's rollout."""
+        raise NotImplementedError
 
     def _optimize(self, policy: PolicyState, rollout: Rollout) -> dict:
-        cfg, mask = self.cfg, rollout.response_mask
-        kl_coef = self.kl_ctls[policy.name].value
-        # Per-token rewards: -β·KL on every response token, the score added at the last one.
-        rewards, non_score = core.compute_rewards(rollout.scores, rollout.kl, mask, kl_coef)
-        advantages, returns = core.compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = core.masked_whiten(advantages, mask)
+        raise NotImplementedError
 
+    def _micro_batch_backward(self, name: str, rollout: Rollout, rows: torch.Tensor, mini_batch: torch.Tensor) -> dict:
+        """Backward the loss of ``rows`` (part of ``mini_batch``); returns its stats with ``skipped``
+        (and ``nonfinite``) set when it did not backward."""
+        raise NotImplementedError
+
+    def _stop_epochs(self, epoch_stats: list[dict]) -> bool:
+        """After an epoch over the batch: stop this step's updates now?"""
+        return False
+
+    def _after_update(self, stats: dict) -> dict:
+        return {}
+
+    def _skip_stats(self) -> dict:
+        """Metrics a skipped step still reports (e.g. a KL coefficient that did not move)."""
+        return {}
+
+    # ------------------------------------------------------------------------------------- updates
+    def _run_epochs(self, policy: PolicyState, rollout: Rollout, epochs: int) -> tuple[list[dict], bool, int]:
+        """``epochs`` passes over the rollout in shuffled mini-batches, one optimizer step each (gradient
+        accumulation over micro-batches). Returns (per-micro-batch stats, stopped early, non-finite updates)."""
+        cfg = self.cfg
         epoch_stats: list[dict] = []
         batch = rollout.query_ids.shape[0]
         micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
         stopped_early = False
         nonfinite_updates = 0
-        for _ in range(cfg.ppo_epochs):
+        for _ in range(epochs):
             epoch_start = len(epoch_stats)
             order = torch.randperm(batch, generator=self.shuffle_gen)
             for start in range(0, batch, cfg.mini_batch_size):
                 mb = order[start:start + cfg.mini_batch_size]
                 policy.optimizer.zero_grad(set_to_none=True)
-                mb_stats = []
-                for m_start in range(0, len(mb), micro):
-                    rows = mb[m_start:m_start + micro]
-                    weight = len(rows) / len(mb)  # gradient accumulation averages over the mini-batch
-                    s = self._loss_backward(policy.name, rollout.select(rows), advantages[rows], returns[rows], weight)
-                    mb_stats.append(s)
+                mb_stats = [self._micro_batch_backward(policy.name, rollout, mb[m_start:m_start + micro], mb)
+                            for m_start in range(0, len(mb), micro)]
                 skipped = any([s.pop("skipped") for s in mb_stats])  # a list: pop from every one
                 nonfinite = any([s.pop("nonfinite", False) for s in mb_stats])
                 skipped = distributed.any_rank(skipped)  # ranks skip together (or deadlock)
@@ -251,19 +250,147 @@ class PPOTrainer:
                 nonfinite_updates += int(nonfinite)
                 epoch_stats.extend(mb_stats)
                 epoch_stats[-1]["ppo/skipped_batches"] = float(skipped)
-            # Decided on this epoch's mini-batches alone: an average over all epochs so far would be diluted
-            # by the first one, whose approx-KL starts at 0 (the policy is the rollout policy there).
-            this_epoch = epoch_stats[epoch_start:]
-            approxkl = _mean([s["ppo/policy/approxkl"] for s in this_epoch if "ppo/policy/approxkl" in s])
-            approxkl = distributed.mean(approxkl)  # one decision for all ranks
-            if cfg.early_stop_kl is not None and approxkl > cfg.early_stop_kl:
-                stopped_early = True  # the policy moved too far from the rollout policy
+            if self._stop_epochs(epoch_stats[epoch_start:]):
+                stopped_early = True
                 break
         policy.optimizer.zero_grad(set_to_none=True)
+        return epoch_stats, stopped_early, nonfinite_updates
+
+    # ------------------------------------------------------------------------- non-finite values
+    def _updates_per_step(self) -> int:
+        return self._updates_per_batch() * math.ceil(self.cfg.batch_size / self.cfg.mini_batch_size) * len(self.policies)
+
+    def _skip_step(self, problem: str, timings: dict) -> dict:
+        """A step whose rollout had non-finite values: nothing is updated (weights, optimizer, KL
+        controller, score statistics); the step still counts, so the prompt stream moves on."""
+        self.step_count += 1
+        timings["time/step"] = sum(timings.values())
+        stats = {**timings, "ppo/skipped_nonfinite": float(self._updates_per_step()), **self._skip_stats()}
+        stats.update(self._count_bad_step(problem, stats))
+        return stats
+
+    def _count_bad_step(self, problem: str | None, stats: dict) -> dict:
+        """Update the bad-step counters; raise TrainingDiverged after ``max_bad_steps`` in a row."""
+        if problem is None:
+            self.bad_steps_in_a_row = 0
+        else:
+            self.bad_steps_in_a_row += 1
+            self.bad_steps_total += 1
+        counters = {"ppo/nonfinite_step": float(problem is not None),
+                    "ppo/nonfinite_steps_total": float(self.bad_steps_total),
+                    "ppo/nonfinite_steps_in_a_row": float(self.bad_steps_in_a_row)}
+        if problem is None:
+            return counters
+        limit, algorithm = self.cfg.max_bad_steps, getattr(self.cfg, "name", "ppo").upper()
+        log.warning("%s step %d: %s; its update was skipped (%d bad step(s) in a row, the run stops at %d)",
+                    algorithm, self.step_count, problem, self.bad_steps_in_a_row, limit)
+        if self.bad_steps_in_a_row >= limit:
+            err = TrainingDiverged(
+                f"{algorithm} stopped at step {self.step_count}: {self.bad_steps_in_a_row} steps in a row "
+                f"had non-finite values (last: {problem}); stage.max_bad_steps={limit}. No update of those steps was "
+                "applied and the last checkpoint is intact; lower stage.learning_rate or check the reward model, then "
+                "resume with stage.resume=auto")
+            err.stats = {**stats, **counters}
+            raise err
+        return counters
+
+    # ----------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step_count,
+            "prompt_rng": self.prompt_rng.getstate(),
+            "shuffle_gen": self.shuffle_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "optimizers": {n: p.optimizer.state_dict() for n, p in self.policies.items()},
+            "schedulers": {n: p.scheduler.state_dict() for n, p in self.policies.items()},
+            "bad_steps": [self.bad_steps_in_a_row, self.bad_steps_total],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = state["step"]
+        self.bad_steps_in_a_row, self.bad_steps_total = state.get("bad_steps", (0, 0))
+        self.prompt_rng.setstate(_as_tuple(state["prompt_rng"]))
+        self.shuffle_gen.set_state(state["shuffle_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        for name, policy in self.policies.items():
+            policy.optimizer.load_state_dict(state["optimizers"][name])
+            policy.scheduler.load_state_dict(state["schedulers"][name])
+
+
+class PPOTrainer(RLTrainer):
+    """PPO: per-token rewards with a KL penalty (adaptive coefficient), GAE advantages from a value head
+    or critic adapter, ``ppo_epochs`` epochs of clipped policy and value updates."""
+
+    def __init__(self, roles: SharedRoles, tokenizer, cfg, prompts: list[str], seed: int,
+                 perf: PerfOptions = DEFAULT_PERF):
+        self.critic = cfg.critic
+        # Each policy its own KL coefficient and score statistics: they follow that policy's responses only.
+        self.kl_ctls = {name: core.make_kl_controller(cfg.adaptive_kl, cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+                        for name in cfg.policies}
+        self.score_moments = {name: RunningMoments() for name in cfg.policies}
+        super().__init__(roles, tokenizer, cfg, prompts, seed, perf)
+
+    def _trained_parameters(self, name: str) -> list:
+        params = self.model.trainable_parameters(name)
+        if self.cfg.critic == "adapter":
+            params += self.model.trainable_parameters(critic_name(name))
+        return params
+
+    def _updates_per_batch(self) -> int:
+        return self.cfg.ppo_epochs
+
+    def _after_update(self, stats: dict) -> dict:
+        out = {}
+        for name in self.policies:
+            prefix = "" if len(self.policies) == 1 else f"{name}/"
+            # Each controller sees its own policy's KL over every rank's responses (the same on all ranks).
+            policy_kl = distributed.mean(stats[prefix + "objective/kl"])
+            self.kl_ctls[name].update(policy_kl, self.cfg.batch_size * distributed.world_size())
+            out[prefix + "objective/kl_coef"] = self.kl_ctls[name].value
+        return out
+
+    def _skip_stats(self) -> dict:
+        return {("" if len(self.policies) == 1 else f"{name}/") + "objective/kl_coef": ctl.value
+                for name, ctl in self.kl_ctls.items()}
+
+    def _shape_scores(self, name: str, rollout: Rollout) -> torch.Tensor:
+        """Score options, in the order applied: missing-EOS penalty, running whitening, scale, clip."""
+        cfg, scores = self.cfg, rollout.raw_scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~rollout.has_eos).float()
+        if cfg.whiten_scores:
+            moments = self.score_moments[name]
+            moments.update(distributed.cat_tensors(scores))  # every rank's scores of this policy
+            scores = (scores - moments.mean) / moments.std
+        scores = scores * cfg.score_scale
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        return scores
+
+    def _estimate_advantages(self, name: str, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token rewards -β·KL on every response token, the score added at the last one; GAE."""
+        cfg, mask = self.cfg, rollout.response_mask
+        rewards, _ = core.compute_rewards(rollout.scores, rollout.kl, mask, self.kl_ctls[name].value)
+        advantages, returns = core.compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = core.masked_whiten(advantages, mask)
+        return advantages, returns
+
+    def _optimize(self, policy: PolicyState, rollout: Rollout) -> dict:
+        cfg, mask = self.cfg, rollout.response_mask
+        kl_coef = self.kl_ctls[policy.name].value
+        if rollout.advantages is None:  # called on its own (tests, benchmarks), not from ``step``
+            rollout.advantages, rollout.returns = self._estimate_advantages(policy.name, rollout)
+        advantages, returns = rollout.advantages, rollout.returns
+        epoch_stats, stopped_early, nonfinite_updates = self._run_epochs(policy, rollout, cfg.ppo_epochs)
 
         keys = sorted(set().union(*epoch_stats))
         stats = {k: _mean([s[k] for s in epoch_stats if k in s]) for k in keys}
         kl_sum = core.masked_sum(rollout.kl, mask, dim=1)
+        _, non_score = core.compute_rewards(rollout.scores, rollout.kl, mask, kl_coef)
         stats.update({
             "objective/kl": kl_sum.mean().item(),
             "objective/kl_per_token": core.masked_mean(rollout.kl, mask).item(),
@@ -283,6 +410,17 @@ class PPOTrainer:
             "ppo/learning_rate": policy.scheduler.get_last_lr()[0],
         })
         return stats
+
+    def _micro_batch_backward(self, name: str, rollout: Rollout, rows: torch.Tensor, mini_batch: torch.Tensor) -> dict:
+        weight = len(rows) / len(mini_batch)  # gradient accumulation averages over the mini-batch
+        return self._loss_backward(name, rollout.select(rows), rollout.advantages[rows], rollout.returns[rows], weight)
+
+    def _stop_epochs(self, epoch_stats: list[dict]) -> bool:
+        # Decided on this epoch's mini-batches alone: an average over all epochs so far would be diluted
+        # by the first one, whose approx-KL starts at 0 (the policy is the rollout policy there).
+        approxkl = _mean([s["ppo/policy/approxkl"] for s in epoch_stats if "ppo/policy/approxkl" in s])
+        approxkl = distributed.mean(approxkl)  # one decision for all ranks
+        return self.cfg.early_stop_kl is not None and approxkl > self.cfg.early_stop_kl
 
     def _loss_backward(self, name: str, mb: Rollout, advantages, returns, weight: float) -> dict:
         cfg, mask = self.cfg, mb.response_mask
@@ -352,32 +490,16 @@ class PPOTrainer:
     # ----------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
         return {
-            "step": self.step_count,
+            **super().state_dict(),
             "kl_ctl": {name: ctl.state_dict() for name, ctl in self.kl_ctls.items()},
             "score_moments": {name: m.state_dict() for name, m in self.score_moments.items()},
-            "prompt_rng": self.prompt_rng.getstate(),
-            "shuffle_gen": self.shuffle_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "optimizers": {n: p.optimizer.state_dict() for n, p in self.policies.items()},
-            "schedulers": {n: p.scheduler.state_dict() for n, p in self.policies.items()},
-            "bad_steps": [self.bad_steps_in_a_row, self.bad_steps_total],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count = state["step"]
-        self.bad_steps_in_a_row, self.bad_steps_total = state.get("bad_steps", (0, 0))
+        super().load_state_dict(state)
         for name in self.policies:
             self.kl_ctls[name].load_state_dict(_per_policy(state["kl_ctl"], name))
             self.score_moments[name].load_state_dict(_per_policy(state["score_moments"], name))
-        self.prompt_rng.setstate(_as_tuple(state["prompt_rng"]))
-        self.shuffle_gen.set_state(state["shuffle_gen"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        for name, policy in self.policies.items():
-            policy.optimizer.load_state_dict(state["optimizers"][name])
-            policy.scheduler.load_state_dict(state["schedulers"][name])
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from marl_exp import distributed, lineage
-from marl_exp.config import AdapterConfig, Config, QuantConfig, STAGE_SCHEMAS, to_yaml
+from marl_exp.config import RL_STAGES, AdapterConfig, Config, QuantConfig, STAGE_SCHEMAS, to_yaml
 from marl_exp.io import atomic_write_json, atomic_write_text
 from marl_exp.stages.common import environment_record
 from marl_exp.tracking import Tracker
@@ -28,7 +28,7 @@ from marl_exp.tracking import Tracker
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when a stage's output format changes so stale caches are not reused
 COMPLETE_MARKER = "summary.json"  # written last by every stage
-OUTPUT_SUBDIR = {"sft": "model", "reward": "reward_adapter", "ppo": "policies"}
+OUTPUT_SUBDIR = {"sft": "model", "reward": "reward_adapter", **{name: "policies" for name in RL_STAGES}}
 
 
 def run_stage(cfg: DictConfig, run_dir: Path, publish_dir: Path | None = None) -> dict:

@@ -1,7 +1,9 @@
-"""Stage 3, PPO: train policy adapter(s) on the SFT base against the frozen reward adapter.
+"""Stage 3, RL: train policy adapter(s) on the SFT base against the frozen reward adapter, with PPO
+(``stage=ppo``) or a critic-free algorithm (``stage=grpo|rloo|reinforce_pp``); one stage loop for all.
 
 Output: ``<run_dir>/policies/<name>/`` — a PEFT adapter dir (loads with plain peft) plus
-``value_head.safetensors`` and ``marl_exp_base.json``; checkpoints under ``checkpoints/``.
+``value_head.safetensors`` (untrained under the critic-free stages) and ``marl_exp_base.json``;
+checkpoints under ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from marl_exp.modeling.multi_adapter import (
     reward_head_labels,
 )
 from marl_exp.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from marl_exp.ppo.critic_free import CriticFreeTrainer
 from marl_exp.ppo.evaluate import evaluate
 from marl_exp.ppo.roles import SeparateRoles, SharedRoles, critic_name
 from marl_exp.ppo.rollout import PerfOptions
-from marl_exp.ppo.trainer import PPOTrainer
+from marl_exp.ppo.trainer import PPOTrainer, RLTrainer
 from marl_exp.stages.common import count_parameters, lora_config
 from marl_exp.tracking import Tracker
 
@@ -57,7 +60,7 @@ def build_roles(cfg, sft_model: str, reward_adapter: str, device: torch.device, 
         gradient_checkpointing=stage.gradient_checkpointing, reward_pad_token_id=reward_pad)
     for name in stage.policies[1:]:
         model.add_policy(name, lora)
-    if stage.critic == "adapter":
+    if critic_of(stage) == "adapter":
         for name in stage.policies:
             model.add_policy(critic_name(name), lora)
     model.activate_policy(stage.policies[0])
@@ -73,6 +76,16 @@ def build_roles(cfg, sft_model: str, reward_adapter: str, device: torch.device, 
     classifier.config.get_text_config().pad_token_id = reward_pad  # where it pools, as in its training
     reward = PeftModel.from_pretrained(classifier, reward_adapter, adapter_name="reward")
     return SeparateRoles(model, reference, reward)
+
+
+def critic_of(stage) -> str:
+    """The PPO stage's critic (value_head | adapter); ``none`` for the critic-free stages."""
+    return stage.critic if stage.name == "ppo" else "none"
+
+
+def make_trainer(stage, roles, tokenizer, prompts: list[str], seed: int) -> RLTrainer:
+    trainer_class = PPOTrainer if stage.name == "ppo" else CriticFreeTrainer
+    return trainer_class(roles, tokenizer, stage, prompts, seed=seed, perf=PerfOptions(fused_scoring=stage.fused_scoring))
 
 
 def run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: str) -> dict:
@@ -95,11 +108,11 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
     model.train(not stage.disable_dropout)  # eval mode = no dropout: ratio is exactly 1 at the first epoch
     # Data parallel: every rank samples its own prompts and responses (same weights, other seeds).
     sampling_seed = cfg.seed + 1000 * distributed.rank()
-    trainer = PPOTrainer(roles, tokenizer, stage, task.prompts_train, seed=sampling_seed,
-                         perf=PerfOptions(fused_scoring=stage.fused_scoring))
+    trainer = make_trainer(stage, roles, tokenizer, task.prompts_train, sampling_seed)
     if distributed.rank() > 0:  # rank 0 (and a plain run) keeps the stream it had: same results as before
         torch.manual_seed(sampling_seed)
-    saved_adapters = list(stage.policies) + ([critic_name(n) for n in stage.policies] if stage.critic == "adapter" else [])
+    saved_adapters = list(stage.policies) + ([critic_name(n) for n in stage.policies]
+                                             if critic_of(stage) == "adapter" else [])
 
     def run_eval(tag: str, step: int) -> dict:
         metrics = {}
@@ -136,10 +149,10 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
             checkpoint = checkpoint_now(step)
             tracker.update_summary({"train/interrupted_at_step": step})
             stop.request_from_peer()
-            stop.raise_if_requested("ppo", step, checkpoint)
+            stop.raise_if_requested(stage.name, step, checkpoint)
 
     interrupt_if_requested()  # a signal during loading or the first evaluation
-    progress = tqdm(range(trainer.step_count, stage.steps), desc="PPO", initial=trainer.step_count,
+    progress = tqdm(range(trainer.step_count, stage.steps), desc=stage.name.upper(), initial=trainer.step_count,
                     total=stage.steps, dynamic_ncols=True)
     for _ in progress:
         # Raises TrainingDiverged after stage.max_bad_steps non-finite steps in a row (no checkpoint
@@ -150,7 +163,7 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
             tracker.log(getattr(err, "stats", {}), step=trainer.step_count)  # the counters of the last step
             raise
         step = trainer.step_count
-        progress.set_postfix(reward=f"{stats.get('env/reward_mean', float('nan')):.3f}",
+        progress.set_postfix(reward=f"{stats.get('env/reward_mean', stats.get('reward', float('nan'))):.3f}",
                              kl=f"{stats.get('objective/kl', float('nan')):.2f}")
         if step % stage.log_every == 0 or stats.get("ppo/nonfinite_step"):
             tracker.log(stats, step=step)
@@ -180,7 +193,7 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
     return summary
 
 
-def save_checkpoint_on_main(run_dir: Path, step: int, model, adapters: list[str], trainer: PPOTrainer,
+def save_checkpoint_on_main(run_dir: Path, step: int, model, adapters: list[str], trainer: RLTrainer,
                             summary: dict) -> Path:
     """Rank 0 writes the checkpoint, with every rank's random state so a resume samples as before."""
     state = trainer.state_dict()
