@@ -13,6 +13,7 @@ import torch
 
 from conftest import compose
 from marl_exp.config import ConfigError, validate
+from marl_exp.data import build_task
 from marl_exp.modeling.loading import load_tokenizer, resolve_device
 from marl_exp.ppo import core
 from marl_exp.ppo.critic_free import CriticFreeTrainer
@@ -22,7 +23,6 @@ from marl_exp.stages.ppo import build_roles
 
 SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.num_generations=4", "stage.mini_batch_size=4",
          "stage.eval_samples=8", "stage.max_new_tokens=8", "stage.eval_every=0", "stage.save_every=0")
-PROMPTS = ["the movie was", "this show is", "the plot felt", "i watched it"]
 
 
 def rl_cfg(chain, out, stage, *overrides):
@@ -35,13 +35,13 @@ def roles_and_tokenizer(trained_chain, tmp_path_factory):
     cfg = rl_cfg(trained_chain, tmp_path_factory.mktemp("cf"), "grpo")
     roles = build_roles(cfg, str(trained_chain["sft_model"]), str(trained_chain["reward_adapter"]), resolve_device("cpu"))
     roles.model.train(False)
-    return roles, load_tokenizer(str(trained_chain["sft_model"]))
+    return roles, load_tokenizer(str(trained_chain["sft_model"])), build_task(cfg.data).prompts_train
 
 
 @pytest.fixture
 def fresh_policy(roles_and_tokenizer):
     """The policy adapter back to its initial weights after the test (the roles are shared)."""
-    roles, _ = roles_and_tokenizer
+    roles = roles_and_tokenizer[0]
     saved = {n: p.detach().clone() for n, p in roles.model.named_parameters()}
     yield
     with torch.no_grad():
@@ -55,8 +55,8 @@ def _stage(trained_chain, tmp_path, stage, *overrides):
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
 def test_a_step_changes_only_the_policy_lora_weights(roles_and_tokenizer, fresh_policy, trained_chain, tmp_path, stage):
-    roles, tokenizer = roles_and_tokenizer
-    trainer = CriticFreeTrainer(roles, tokenizer, _stage(trained_chain, tmp_path, stage), PROMPTS, seed=0)
+    roles, tokenizer, prompts = roles_and_tokenizer
+    trainer = CriticFreeTrainer(roles, tokenizer, _stage(trained_chain, tmp_path, stage), prompts, seed=0)
     before = {n: p.detach().clone() for n, p in roles.model.named_parameters()}
     torch.manual_seed(0)
     stats = trainer.step()
@@ -73,8 +73,8 @@ def test_a_step_changes_only_the_policy_lora_weights(roles_and_tokenizer, fresh_
 
 def test_groups_with_equal_rewards_are_counted_and_get_no_advantage(roles_and_tokenizer, fresh_policy,
                                                                      trained_chain, tmp_path):
-    roles, tokenizer = roles_and_tokenizer
-    trainer = CriticFreeTrainer(roles, tokenizer, _stage(trained_chain, tmp_path, "grpo"), PROMPTS, seed=0)
+    roles, tokenizer, prompts = roles_and_tokenizer
+    trainer = CriticFreeTrainer(roles, tokenizer, _stage(trained_chain, tmp_path, "grpo"), prompts, seed=0)
     torch.manual_seed(0)
     rollout = score(roles, sample(roles.model, tokenizer, trainer._next_prompts(), "policy", trainer.cfg),
                     "policy", "none", trainer.cfg, tokenizer)
@@ -90,11 +90,11 @@ def test_groups_with_equal_rewards_are_counted_and_get_no_advantage(roles_and_to
 
 def test_every_iteration_uses_the_sampling_policys_logprobs(roles_and_tokenizer, fresh_policy, trained_chain,
                                                            tmp_path, monkeypatch):
-    roles, tokenizer = roles_and_tokenizer
+    roles, tokenizer, prompts = roles_and_tokenizer
     # One mini-batch per iteration (mini_batch_size = batch_size): iteration 2 runs on moved weights.
     stage = _stage(trained_chain, tmp_path, "grpo", "stage.num_iterations=3", "stage.mini_batch_size=8",
                    "stage.learning_rate=0.01")
-    trainer = CriticFreeTrainer(roles, tokenizer, stage, PROMPTS, seed=0)
+    trainer = CriticFreeTrainer(roles, tokenizer, stage, prompts, seed=0)
     calls = []
     original = core.clipped_surrogate
 
@@ -117,12 +117,12 @@ def test_every_iteration_uses_the_sampling_policys_logprobs(roles_and_tokenizer,
 
 
 def test_loss_matches_a_hand_computation_at_ratio_one(roles_and_tokenizer, fresh_policy, trained_chain, tmp_path):
-    roles, tokenizer = roles_and_tokenizer
+    roles, tokenizer, prompts = roles_and_tokenizer
     # One update over the whole batch: at ratio 1 the clipped surrogate is -A per token, and with the KL
     # as a loss term each token adds beta * k3(pi, ref). dapo divides the sum by the batch's token count.
     stage = _stage(trained_chain, tmp_path, "grpo", "stage.num_iterations=1", "stage.mini_batch_size=8",
                    "stage.beta=0.1", "stage.loss_type=dapo")
-    trainer = CriticFreeTrainer(roles, tokenizer, stage, PROMPTS, seed=0)
+    trainer = CriticFreeTrainer(roles, tokenizer, stage, prompts, seed=0)
     with torch.no_grad():  # a policy that differs from the reference, so the KL term is not 0
         for n, p in roles.model.named_parameters():
             if "lora_B" in n and ".policy." in n:
@@ -195,3 +195,17 @@ def test_each_stage_composes_with_its_trl_names(stage):
     for key in ("num_generations", "beta", "epsilon", "epsilon_high", "loss_type", "scale_rewards",
                 "num_iterations", "mask_truncated_completions", "learning_rate"):
         assert key in cfg.stage, key
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_oracle_score_within_kl_budget(trained_chain, tmp_path):
+    # Default GRPO settings, 40 of the default 200 steps (40 x 64 responses): the oracle must clearly rise,
+    # as PPO's test asks after 60 steps. Measured on this chain: 0.513 -> 0.769, KL 4.4 nats, ~95 s.
+    cfg = compose("stage=grpo", "logger=none", f"output_dir={tmp_path}", "stage.steps=40", "stage.eval_every=0",
+                  "stage.save_every=0", f"stage.sft_model={trained_chain['sft_model']}",
+                  f"stage.reward_adapter={trained_chain['reward_adapter']}")
+    summary = run_stage(cfg, tmp_path / "run")
+    before, after = summary["eval/before/oracle_score"], summary["eval/after/oracle_score"]
+    assert after - before >= 0.2, (before, after)
+    assert summary["eval/after/kl"] <= 20.0
+    assert summary["eval/after/reward_score"] > summary["eval/before/reward_score"] + 1.0

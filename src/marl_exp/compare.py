@@ -28,7 +28,8 @@ DEFAULT_METRICS = ("eval/after/oracle_score", "eval/after/reward_score", "eval/a
                    "eval/loss", "time/total_s")
 # Learning-curve panels: (title, how to pick the metric keys of metrics.jsonl).
 CURVES = (
-    ("reward (env/reward_mean)", re.compile(r"^env/reward_mean$")),
+    # PPO logs env/reward_mean, the critic-free stages TRL's name: reward.
+    ("reward (env/reward_mean)", re.compile(r"^(env/reward_mean|reward)$")),
     ("oracle score (eval/*/oracle_score)", re.compile(r"^eval/(before|during|after)/oracle_score$")),
     ("KL (objective/kl)", re.compile(r"^objective/kl$")),
     ("train/loss", re.compile(r"^train/loss$")),
