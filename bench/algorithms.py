@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence import learning_curve  # noqa: E402  (bench/ is not a package)
@@ -39,8 +41,10 @@ def run(algorithm: str, seed: int, out: Path, extra: list[str]) -> dict:
         return {"algorithm": algorithm, "seed": seed, "failed": True, "minutes": minutes}
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    responses = sum(1 for r in rows if "time/rollout" in r)  # logged steps
-    return {"algorithm": algorithm, "seed": seed, "failed": False, "minutes": minutes, "steps": responses,
+    steps = sum(1 for r in rows if "time/rollout" in r)  # logged steps (log_every=1)
+    per_step = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())["stage"]["batch_size"]
+    return {"algorithm": algorithm, "seed": seed, "failed": False, "minutes": minutes, "steps": steps,
+            "responses_per_step": per_step,
             **{k: summary[k] for k in ("eval/before/oracle_score", "eval/after/oracle_score", "eval/before/reward_score",
                                        "eval/after/reward_score", "eval/after/kl", "eval/after/response_length")},
             "curve": learning_curve(run_dir / "metrics.jsonl")}
@@ -60,17 +64,50 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path) -> Path:
+    """Held-out oracle score against generated responses, one line per run, one colour per algorithm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = dict(zip(ALGORITHMS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    for r in rows:
+        if r["failed"]:
+            continue
+        per_step = r["responses_per_step"]
+        ax.plot([s * per_step for s in r["curve"]["step"]], r["curve"]["oracle"], color=colours[r["algorithm"]],
+                alpha=0.8, label=r["algorithm"] if r["seed"] == min(x["seed"] for x in rows) else None)
+    ax.set_xlabel("generated responses")
+    ax.set_ylabel("held-out oracle score")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench-algorithms")
+    parser.add_argument("--plot", type=Path, default=None, help="learning curves PNG (default: <out>/algorithms.png)")
+    parser.add_argument("--from-json", nargs="*", type=Path, default=[],
+                        help="tabulate and plot saved algorithms.json files instead of running")
     parser.add_argument("extra", nargs="*", help="overrides for every run, after --")
     args = parser.parse_args(argv)
-    rows = [run(a, s, args.out, args.extra) for s in args.seeds for a in args.algorithms]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "algorithms.json").write_text(json.dumps(rows, indent=1))
+    if args.from_json:
+        rows = [row for path in args.from_json for row in json.loads(path.read_text())]
+    else:
+        rows = [run(a, s, args.out, args.extra) for s in args.seeds for a in args.algorithms]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "algorithms.json").write_text(json.dumps(rows, indent=1))
+    rows.sort(key=lambda r: (ALGORITHMS.index(r["algorithm"]), r["seed"]))
     print(markdown(rows))
+    print(f"learning curves: {plot(rows, args.plot or args.out / 'algorithms.png')}")
     return int(any(r["failed"] for r in rows))
 
 

@@ -209,3 +209,13 @@ def test_grpo_raises_the_oracle_score_within_kl_budget(trained_chain, tmp_path):
     assert after - before >= 0.2, (before, after)
     assert summary["eval/after/kl"] <= 20.0
     assert summary["eval/after/reward_score"] > summary["eval/before/reward_score"] + 1.0
+
+
+def test_two_policies_with_separate_reference_and_reward_models(trained_chain, tmp_path):
+    cfg = rl_cfg(trained_chain, tmp_path, "rloo", "stage.policies=[alice,bob]", "stage.sharing=separate", "stage.steps=1")
+    summary = run_stage(cfg, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for name in ("alice", "bob"):
+        assert f"eval/after/{name}/oracle_score" in summary
+        assert (tmp_path / "run" / "policies" / name / "adapter_model.safetensors").exists()
+        assert any(f"{name}/loss" in r and f"{name}/frac_reward_zero_std" in r for r in records)
