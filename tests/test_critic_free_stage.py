@@ -219,3 +219,22 @@ def test_two_policies_with_separate_reference_and_reward_models(trained_chain, t
         assert f"eval/after/{name}/oracle_score" in summary
         assert (tmp_path / "run" / "policies" / name / "adapter_model.safetensors").exists()
         assert any(f"{name}/loss" in r and f"{name}/frac_reward_zero_std" in r for r in records)
+
+
+@pytest.mark.slow
+def test_grpo_data_parallel_on_two_cpu_processes(trained_chain, tmp_path):
+    from test_distributed import WORLD, accelerate_launch
+
+    # dapo's denominator is the update's token count over both ranks (a collective in every micro-batch).
+    result = accelerate_launch(
+        tmp_path, "stage=grpo", "logger=none", f"stage.sft_model={trained_chain['sft_model']}",
+        f"stage.reward_adapter={trained_chain['reward_adapter']}", "stage.steps=2", "stage.batch_size=8",
+        "stage.mini_batch_size=4", "stage.gradient_accumulation_steps=2", "stage.loss_type=dapo",
+        "stage.eval_samples=8", "stage.save_every=1", "stage.max_new_tokens=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dist/world_size"] == WORLD
+    assert summary["dist/max_weight_divergence"] == 0.0  # gradients averaged: the ranks agree exactly
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"frac_reward_zero_std"' in line]
+    assert [s["step"] for s in steps] == [1, 2]
