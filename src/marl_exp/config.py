@@ -532,16 +532,6 @@ def _validate_ppo(stage: DictConfig) -> None:
                 "log_every", "max_bad_steps"):
         _positive(f"stage.{key}", stage[key])
     _check(stage.learning_rate > 0, f"stage.learning_rate={stage.learning_rate!r} must be > 0")
-    _check(stage.mini_batch_size <= stage.batch_size,
-           f"stage.mini_batch_size={stage.mini_batch_size} is larger than stage.batch_size={stage.batch_size}; "
-           "lower it or raise the batch size")
-    _check(stage.mini_batch_size % stage.gradient_accumulation_steps == 0,
-           f"stage.mini_batch_size={stage.mini_batch_size} is not divisible by "
-           f"stage.gradient_accumulation_steps={stage.gradient_accumulation_steps}")
-    _check(0 < stage.top_p <= 1, f"stage.top_p={stage.top_p!r} must be in (0, 1]")
-    _check(stage.top_k >= 0, f"stage.top_k={stage.top_k!r} must be >= 0 (0 turns it off)")
-    _check(0 <= stage.min_new_tokens <= stage.max_new_tokens,
-           f"stage.min_new_tokens={stage.min_new_tokens} must be in [0, stage.max_new_tokens={stage.max_new_tokens}]")
     _check(0 <= stage.gamma <= 1 and 0 <= stage.lam <= 1,
            f"stage.gamma={stage.gamma!r} and stage.lam={stage.lam!r} must be in [0, 1]")
     _one_of("stage.kl_penalty", stage.kl_penalty, ("kl", "abs", "mse", "full"))
@@ -551,22 +541,17 @@ def _validate_ppo(stage: DictConfig) -> None:
         _positive("stage.target_kl", stage.target_kl, "or set stage.adaptive_kl=false")
         _positive("stage.kl_horizon", stage.kl_horizon, "or set stage.adaptive_kl=false")
     _one_of("stage.critic", stage.critic, ("value_head", "adapter"))
-    _one_of("stage.sharing", stage.sharing, ("shared", "separate"))
-    _one_of("stage.optimizer", stage.optimizer, ("adamw", "adamw_8bit"))
-    _one_of("stage.lr_scheduler", stage.lr_scheduler, ("constant", "linear", "cosine"))
-    policies = list(stage.policies)
-    _check(len(policies) > 0 and len(set(policies)) == len(policies) and all(policies),
-           f"stage.policies={policies} must be a non-empty list of distinct names")
-    _check(not any(p.endswith("_critic") or p in ("reward", "__base__") for p in policies),
-           f"stage.policies={policies}: names ending in _critic, 'reward' and '__base__' are reserved")
-    _check(stage.ratio_threshold > 1, f"stage.ratio_threshold={stage.ratio_threshold!r} must be > 1")
-    if stage.resume not in (None, "auto"):
-        _check(os.path.isdir(stage.resume), f"stage.resume={stage.resume!r} does not exist; "
-               "give a checkpoints/step-* dir or use stage.resume=auto")
+    _validate_shared_rl(stage)
 
 
 def _validate_shared_rl(stage: DictConfig) -> None:
-    """Rules every RL stage shares: sampling, roles, optimizer, resume."""
+    """Rules every RL stage shares: batches, sampling, roles, optimizer, resume."""
+    _check(stage.mini_batch_size <= stage.batch_size,
+           f"stage.mini_batch_size={stage.mini_batch_size} is larger than stage.batch_size={stage.batch_size}; "
+           "lower it or raise the batch size")
+    _check(stage.mini_batch_size % stage.gradient_accumulation_steps == 0,
+           f"stage.mini_batch_size={stage.mini_batch_size} is not divisible by "
+           f"stage.gradient_accumulation_steps={stage.gradient_accumulation_steps}")
     _check(0 < stage.top_p <= 1, f"stage.top_p={stage.top_p!r} must be in (0, 1]")
     _check(stage.top_k >= 0, f"stage.top_k={stage.top_k!r} must be >= 0 (0 turns it off)")
     _check(0 <= stage.min_new_tokens <= stage.max_new_tokens,
@@ -598,12 +583,6 @@ def _validate_critic_free(stage: DictConfig) -> None:
     _check(stage.batch_size % stage.num_generations == 0,
            f"stage.batch_size={stage.batch_size} is not divisible by stage.num_generations={stage.num_generations}; "
            f"use a multiple of it, e.g. stage.batch_size={stage.num_generations * max(1, stage.batch_size // stage.num_generations)}")
-    _check(stage.mini_batch_size <= stage.batch_size,
-           f"stage.mini_batch_size={stage.mini_batch_size} is larger than stage.batch_size={stage.batch_size}; "
-           "lower it or raise the batch size")
-    _check(stage.mini_batch_size % stage.gradient_accumulation_steps == 0,
-           f"stage.mini_batch_size={stage.mini_batch_size} is not divisible by "
-           f"stage.gradient_accumulation_steps={stage.gradient_accumulation_steps}")
     _check(stage.beta >= 0, f"stage.beta={stage.beta!r} must be >= 0; 0 turns the KL term off")
     _check(0 <= stage.epsilon < 1, f"stage.epsilon={stage.epsilon!r} must be in [0, 1); 0.2 is usual")
     _check(stage.epsilon_high is None or stage.epsilon_high >= 0,
