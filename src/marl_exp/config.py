@@ -260,6 +260,9 @@ class GRPOStageConfig(CriticFreeStageConfig):
 
     name: str = "grpo"
     advantage_estimator: str = "grpo"
+    # TRL's default is 0; without a KL term GRPO drifted to 30-42 nats on the built-in task and the oracle
+    # fell back to 0.77-0.78 by step 200 (3 seeds); with 0.04 (DeepSeekMath's) it ends at 0.81-0.84.
+    beta: float = 0.04
 
 
 @dataclass
