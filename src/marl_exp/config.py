@@ -233,17 +233,19 @@ class DataConfig:
     num_sft_eval: int = 400
     num_pairs_train: int = 6000
     num_pairs_eval: int = 400
-    # Preference pairs differ by at least this much oracle score (ambiguous pairs teach nothing).
+    # Preference pairs are ordered by the strict gold (reviews.strict_preference): a well-formed review
+    # beats any ill-formed text; two reviews need an oracle-score gap of at least pair_min_gap
+    # (ambiguous pairs teach nothing); two ill-formed texts make no pair.
     pair_min_gap: float = 0.25
-    # Share of pair sides that are unfinished reviews, so the reward model knows where they rank
-    # (without them PPO learned to stop early on a stub the reward model happened to like).
+    # Share of training-pair sides that are unfinished reviews, so the reward model learns that they rank
+    # below any review (without them PPO learned to stop early on a stub the reward model happened to like).
     pair_truncate_prob: float = 0.2
     # Negated units in the pairs ("not boring"): more than in the SFT corpus (0.15), so the reward
     # model learns that "not" flips polarity (with 0.15 one seed's reward model did not, and PPO
     # exploited it with "not great").
     pair_negation_prob: float = 0.25
-    # Share of pair sides with a stretch of another review spliced in (off-grammar text such as two
-    # closings), so the reward model counts sentiment wherever it stands, not by position.
+    # Share of training-pair sides with a stretch of another review spliced in (mostly off-grammar text
+    # such as two closings), so the reward model learns that they rank below any review too.
     pair_splice_prob: float = 0.2
 
 
