@@ -87,13 +87,17 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
         metrics = {}
         if not distributed.is_main():  # the weights are the same on every rank: rank 0 evaluates
             return metrics
+        # The headline split "eval" as eval/<tag>/<metric>, each extra split as eval/<tag>/<split>/<metric>.
         for i, name in enumerate(stage.policies):
-            values, samples = evaluate(roles, tokenizer, task.prompts_eval, name, stage, oracle=task.oracle)
-            prefixes = [f"eval/{tag}/"] if i == 0 else []
-            if len(stage.policies) > 1:
-                prefixes.append(f"eval/{tag}/{name}/")
-            metrics.update({p + k: v for p in prefixes for k, v in values.items()})
-            _log_samples(tracker, run_dir, step, tag, name, samples)
+            for split in ("eval", *task.extra_eval_splits):
+                values, samples = evaluate(roles, tokenizer, task.prompts(split), name, stage, oracle=task.oracle,
+                                           judge=task.judge)
+                prefixes = [f"eval/{tag}/"] if i == 0 else []
+                if len(stage.policies) > 1:
+                    prefixes.append(f"eval/{tag}/{name}/")
+                infix = "" if split == "eval" else f"{split}/"
+                metrics.update({p + infix + k: v for p in prefixes for k, v in values.items()})
+                _log_samples(tracker, run_dir, step, tag, name, samples, split)
         return metrics
 
     summary: dict = {**count_parameters(model), **{f"memory/{k}": v for k, v in model.memory_footprint().items()}}
@@ -198,16 +202,18 @@ def _weight_divergence(model, adapters: list[str]) -> float:
     return max(float((other - everyone[0]).abs().max()) for other in everyone)
 
 
-def _log_samples(tracker: Tracker, run_dir: Path, step: int, tag: str, policy: str, samples: list[dict]) -> None:
+def _log_samples(tracker: Tracker, run_dir: Path, step: int, tag: str, policy: str, samples: list[dict],
+                 split: str = "eval") -> None:
     """A few sampled responses: appended to samples.jsonl, and a W&B table when W&B is on."""
     import json
 
     with (run_dir / "samples.jsonl").open("a") as handle:
         for sample in samples:
-            handle.write(json.dumps({"step": step, "eval": tag, "policy": policy, **sample}) + "\n")
+            handle.write(json.dumps({"step": step, "eval": tag, "split": split, "policy": policy, **sample}) + "\n")
     if tracker.wandb_run is not None:
         import wandb
 
-        columns = ["query", "response", "reward", "oracle"]
+        columns = ["query", "response", "reward", "oracle", "well_formed"]
         table = wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])
-        tracker.wandb_run.log({f"samples/{policy}": table}, step=step)
+        key = f"samples/{policy}" if split == "eval" else f"samples/{policy}/{split}"
+        tracker.wandb_run.log({key: table}, step=step)
