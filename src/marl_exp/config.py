@@ -239,14 +239,17 @@ class DataConfig:
     pair_min_gap: float = 0.25
     # Share of training-pair sides that are unfinished reviews, so the reward model learns that they rank
     # below any review (without them PPO learned to stop early on a stub the reward model happened to like).
-    pair_truncate_prob: float = 0.2
+    # A pair with one ill-formed side teaches grammar only (its sentiment does not decide it), so these
+    # shares set the mix: 0.1 + 0.1 gives 40% grammar pairs; 0.2 + 0.2 gave 62% and left too few
+    # sentiment pairs (held-out accuracy 0.80 / 0.93 on two reward seeds, vs 0.96 / 0.95; grammar 0.98-0.99).
+    pair_truncate_prob: float = 0.1
     # Negated units in the pairs ("not boring"): more than in the SFT corpus (0.15), so the reward
     # model learns that "not" flips polarity (with 0.15 one seed's reward model did not, and PPO
     # exploited it with "not great").
     pair_negation_prob: float = 0.25
     # Share of training-pair sides with a stretch of another review spliced in (mostly off-grammar text
     # such as two closings), so the reward model learns that they rank below any review too.
-    pair_splice_prob: float = 0.2
+    pair_splice_prob: float = 0.1
 
 
 # -------------------------------------------------------------------------------------------- logger
