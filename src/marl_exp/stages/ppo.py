@@ -105,13 +105,17 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
         metrics = {}
         if not distributed.is_main():  # the weights are the same on every rank: rank 0 evaluates
             return metrics
+        # The headline split "eval" as eval/<tag>/<metric>, each extra split as eval/<tag>/<split>/<metric>.
         for i, name in enumerate(stage.policies):
-            values, samples = evaluate(roles, tokenizer, task.prompts_eval, name, stage, oracle=task.oracle)
-            prefixes = [f"eval/{tag}/"] if i == 0 else []
-            if len(stage.policies) > 1:
-                prefixes.append(f"eval/{tag}/{name}/")
-            metrics.update({p + k: v for p in prefixes for k, v in values.items()})
-            _log_samples(tracker, run_dir, step, tag, name, samples)
+            for split in ("eval", *task.extra_eval_splits):
+                values, samples = evaluate(roles, tokenizer, task.prompts(split), name, stage, oracle=task.oracle,
+                                           judge=task.judge)
+                prefixes = [f"eval/{tag}/"] if i == 0 else []
+                if len(stage.policies) > 1:
+                    prefixes.append(f"eval/{tag}/{name}/")
+                infix = "" if split == "eval" else f"{split}/"
+                metrics.update({p + infix + k: v for p in prefixes for k, v in values.items()})
+                _log_samples(tracker, run_dir, step, tag, name, samples, split)
         return metrics
 
     summary: dict = {**count_parameters(model), **{f"memory/{k}": v for k, v in model.memory_footprint().items()}}
@@ -156,7 +160,8 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
             tracker.log(stats, step=step)
         if stage.samples_every and step % stage.samples_every == 0 and distributed.is_main():
             for name, rollout in trainer.last_rollouts.items():
-                _log_samples(tracker, run_dir, step, "train", name, rollout_samples(rollout, tokenizer, task.oracle))
+                _log_samples(tracker, run_dir, step, "train", name,
+                             rollout_samples(rollout, tokenizer, task.oracle, task.judge), split="train")
         if stage.eval_every and step % stage.eval_every == 0 and step < stage.steps:
             tracker.log(run_eval("during", step), step=step)
         # Not after a step with non-finite values: the last checkpoint stays the last good one.
@@ -219,25 +224,29 @@ def _weight_divergence(model, adapters: list[str]) -> float:
     return max(float((other - everyone[0]).abs().max()) for other in everyone)
 
 
-def rollout_samples(rollout, tokenizer, oracle=None, limit: int = 8) -> list[dict]:
-    """The first ``limit`` responses of a training rollout, decoded, with their raw reward."""
+def rollout_samples(rollout, tokenizer, oracle=None, judge=None, limit: int = 8) -> list[dict]:
+    """The first ``limit`` responses of a training rollout, decoded, with their raw reward (and the task's
+    oracle and judge, when it has them)."""
     queries = tokenizer.batch_decode(rollout.query_ids[:limit], skip_special_tokens=True)
     responses = tokenizer.batch_decode(rollout.response_ids[:limit], skip_special_tokens=True)
     rewards = rollout.raw_scores[:limit].tolist() if rollout.raw_scores is not None else [None] * len(queries)
-    return [{"query": q, "response": r, "reward": w, "oracle": oracle(q + r) if oracle is not None else None}
+    return [{"query": q, "response": r, "reward": w, "oracle": oracle(q + r) if oracle is not None else None,
+             "well_formed": judge(q + r) if judge is not None else None}
             for q, r, w in zip(queries, responses, rewards)]
 
 
-def _log_samples(tracker: Tracker, run_dir: Path, step: int, tag: str, policy: str, samples: list[dict]) -> None:
+def _log_samples(tracker: Tracker, run_dir: Path, step: int, tag: str, policy: str, samples: list[dict],
+                 split: str = "eval") -> None:
     """A few sampled responses: appended to samples.jsonl, and a W&B table when W&B is on."""
     import json
 
     with (run_dir / "samples.jsonl").open("a") as handle:
         for sample in samples:
-            handle.write(json.dumps({"step": step, "eval": tag, "policy": policy, **sample}) + "\n")
+            handle.write(json.dumps({"step": step, "eval": tag, "split": split, "policy": policy, **sample}) + "\n")
     if tracker.wandb_run is not None:
         import wandb
 
-        columns = ["query", "response", "reward", "oracle"]
+        columns = ["query", "response", "reward", "oracle", "well_formed"]
         table = wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])
-        tracker.wandb_run.log({f"samples/{policy}": table}, step=step)
+        key = f"samples/{policy}" if split == "eval" else f"samples/{policy}/{split}"
+        tracker.wandb_run.log({key: table}, step=step)
