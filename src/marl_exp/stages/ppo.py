@@ -18,7 +18,7 @@ from marl_exp.data import build_task
 from marl_exp.interrupt import TrainingDiverged, stop_on_signal
 from marl_exp.modeling.loading import context_length, load_model, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.modeling.multi_adapter import MultiAdapterModel, base_record, check_same_base
-from marl_exp.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from marl_exp.ppo.checkpoint import checkpoint_step, load_checkpoint, resolve_resume, save_checkpoint
 from marl_exp.ppo.evaluate import evaluate
 from marl_exp.ppo.roles import SeparateRoles, SharedRoles, critic_name
 from marl_exp.ppo.rollout import PerfOptions
@@ -98,6 +98,7 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
 
     summary: dict = {**count_parameters(model), **{f"memory/{k}": v for k, v in model.memory_footprint().items()}}
     checkpoint = resolve_resume(stage.resume, run_dir)
+    tracker.continue_from(checkpoint_step(checkpoint))  # a resume: metrics.jsonl cut back, W&B steps continue
     if checkpoint is not None:
         trainer_state, saved_summary = load_checkpoint(checkpoint, model, saved_adapters)
         trainer.load_state_dict(own_rank_state(trainer_state, fresh=trainer.state_dict()))
