@@ -56,7 +56,7 @@ CURVES = (
     Curve("eval/loss", re.compile(r"^eval/loss$"), True),
 )
 # Config keys that say where a run went, not what it computed: never a difference worth a column.
-BOOKKEEPING_KEYS = ("stage.resume", "run_name", "output_dir")
+BOOKKEEPING_KEYS = ("stage.resume", "run_name", "output_dir", "logger")
 BOOKKEEPING_PREFIXES = ("logger.",)
 SEED = "seed"
 # Directories inside a run that never hold other runs.
@@ -83,6 +83,11 @@ class Run:
     def settings(self) -> dict[str, Any]:
         """What the run ran with: its effective config, or its overrides for a run dir without one."""
         return self.config or self.overrides
+
+    def value(self, key: str) -> Any:
+        """``key``'s effective value; for a config group chosen on the command line (``quant=4bit``),
+        the option's name."""
+        return self.config[key] if key in self.config else self.overrides.get(key)
 
 
 # ------------------------------------------------------------------------------------------ discovery
@@ -204,7 +209,7 @@ def differing_keys(runs: Sequence[Run]) -> list[str]:
     keys: list[str] = []
     for run in runs:
         keys.extend(key for key in run.settings if key not in keys and not _is_bookkeeping(key))
-    return [key for key in keys if len({_text(run.settings.get(key)) for run in runs}) > 1]
+    return [key for key in keys if len({_text(run.value(key)) for run in runs}) > 1]
 
 
 # The name the earlier versions used; the keys now come from the effective config.
@@ -256,7 +261,7 @@ def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> list[Group]:
     """One group per combination of the differing ``keys`` but the seed, in order of first appearance."""
     by_setting: dict[tuple, Group] = {}
     for run in runs:
-        setting = {key: run.settings.get(key) for key in keys if key != SEED}
+        setting = {key: run.value(key) for key in keys if key != SEED}
         marker = tuple(_text(v) for v in setting.values())
         by_setting.setdefault(marker, Group(runs=[], setting=setting)).runs.append(run)
     return list(by_setting.values())
@@ -286,7 +291,7 @@ def build_table(runs: Sequence[Run], metrics: Sequence[str] | None = None, sort:
     rows = []
     for run in runs:
         row: list[Any] = [run.label, run.status, run.last_step]
-        row += [run.settings.get(key) for key in columns]
+        row += [run.value(key) for key in columns]
         row += [run.summary.get(metric) for metric in metrics]
         rows.append(row)
     return header, rows
@@ -399,7 +404,7 @@ def draw_curves(runs: Sequence[Run], smooth: float = 0.0, group: bool = False):
 
     keys = differing_keys(runs)
     lines = [(g.runs, _legend(g.setting, len(g.runs))) for g in group_runs(runs, keys)] if group else \
-        [([run], _legend({k: run.settings.get(k) for k in keys}, None) if keys else run.label) for run in runs]
+        [([run], _legend({k: run.value(k) for k in keys}, None) if keys else run.label) for run in runs]
     panels = []
     for curve in CURVES:
         series = [(members, label, [_curve(run, curve.pattern) for run in members]) for members, label in lines]

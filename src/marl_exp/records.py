@@ -196,9 +196,12 @@ def hydra_output_dir() -> Path | None:
         hydra_cfg = HydraConfig.get()
     except ValueError:
         return None
-    if hydra_cfg.output_subdir is None:
+    from omegaconf import OmegaConf
+
+    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", throw_on_missing=False)
+    if hydra_cfg.output_subdir is None or output_dir is None:  # composed, not run: no dir was made
         return None
-    return Path(hydra_cfg.runtime.output_dir) / str(hydra_cfg.output_subdir)
+    return Path(output_dir) / str(hydra_cfg.output_subdir)
 
 
 def keep_original_hydra_files(run_dir: Path, segment: int, hydra_dir: Path | None = None) -> None:
