@@ -291,6 +291,18 @@ def test_cut_metrics_keeps_the_rows_up_to_the_step(tmp_path):
     assert records.cut_metrics(tmp_path / "none", 3) == []
 
 
+def test_a_resume_writes_its_run_record_beside_the_original(tmp_path):
+    cfg, resume = compose("stage=ppo"), compose("stage=ppo", "stage.resume=auto")
+    original = ("resolved_config.yaml", "run_record.json")
+    assert records.run_record_names(resume, tmp_path) == original  # a fresh dir: nothing to resume
+    (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)  # a checkpoint copied in, no record
+    assert records.is_resuming(resume, tmp_path) and records.run_record_names(resume, tmp_path) == original
+    (tmp_path / "resolved_config.yaml").write_text("seed: 0\n")
+    (tmp_path / "summary.json").write_text(json.dumps({"segments": [_segment("killed"), _segment("interrupted")]}))
+    assert records.run_record_names(resume, tmp_path) == ("resolved_config.resume-2.yaml", "run_record.resume-2.json")
+    assert not records.is_resuming(cfg, tmp_path) and records.run_record_names(cfg, tmp_path) == original
+
+
 def _hydra_files(directory: Path, overrides: list[str]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "overrides.yaml").write_text(yaml.safe_dump(overrides))

@@ -80,8 +80,9 @@ def last_step(rows: list[dict[str, Any]]) -> int | None:
 
 # ------------------------------------------------------------------------------------------ segments
 def is_resuming(cfg, run_dir: Path) -> bool:
-    """A resume continues this run dir's run: ``stage.resume`` is set and an earlier segment left a summary."""
-    return bool(cfg.stage.get("resume")) and (Path(run_dir) / SUMMARY).is_file()
+    """A resume continues this run dir's run: ``stage.resume`` is set and an earlier segment left
+    something here (a summary, metrics or a checkpoint)."""
+    return bool(cfg.stage.get("resume")) and not is_fresh(run_dir)
 
 
 def segment_index(cfg, run_dir: Path) -> int:
@@ -96,7 +97,9 @@ def run_record_names(cfg, run_dir: Path) -> tuple[str, str]:
     ``.resume-<n>`` for a resume (the original run's files are kept)."""
     index = segment_index(cfg, run_dir)
     names = ("resolved_config.yaml", "run_record.json")
-    return names if index == 0 else tuple(resume_name(name, index) for name in names)
+    if index == 0 or not (Path(run_dir) / names[0]).exists():  # no original to keep (a copied checkpoint)
+        return names
+    return tuple(resume_name(name, index) for name in names)
 
 
 class Segments:

@@ -235,10 +235,10 @@ class Tracker:
             **({"id": run_id, "resume": "allow"} if run_id else {}),
         )
         offline = bool(getattr(run, "offline", False))
-        run_dir = Path(getattr(run, "dir", "") or ".").parent
+        wandb_dir = Path(getattr(run, "dir", "") or ".").parent  # <run dir>/wandb/offline-run-<time>-<id>
         self.segments.current["wandb"] = {
             "id": getattr(run, "id", None), "mode": "offline" if offline else "online",
-            "dir": str(run_dir.relative_to(self.run_dir)) if run_dir.is_relative_to(self.run_dir) else str(run_dir)}
+            "dir": str(wandb_dir.relative_to(self.run_dir) if wandb_dir.is_relative_to(self.run_dir) else wandb_dir)}
         if run_id:
             log.info("W&B: continuing run %s (%s)", run_id, "offline" if offline else "online")
         return SegmentRun(run)
@@ -262,24 +262,22 @@ class Tracker:
             self._continue_wandb(step)
 
     def _continue_wandb(self, step: int | None) -> None:
-        run = self.wandb_run
+        run, through = self.wandb_run, -1 if step is None else step
         if not getattr(run, "offline", False) and getattr(run, "resumed", False):
             first_new = int(run.starting_step)  # what the W&B server holds
         else:  # what `wandb sync` will upload: the earlier segments' offline files
             first_new = wandb_next_step(self.run_dir, self.segments.earlier)
         # Steps up to the checkpoint that W&B never got (the process died before wandb wrote them).
-        missing = [row for row in records.read_metrics(self.run_dir)
-                   if first_new <= row["step"] <= (step if step is not None else -1)]
+        missing = [row for row in records.read_metrics(self.run_dir) if first_new <= row["step"] <= through]
         for row in missing:
             run.log({k: _from_json(v) for k, v in row.items() if k != "step"}, step=row["step"])
         if missing:
             log.info("W&B: replayed %d row(s) of steps %d..%d from metrics.jsonl (the earlier segment's W&B run "
                      "never got them)", len(missing), missing[0]["step"], missing[-1]["step"])
         run.first_new_step = first_new
-        if first_new > (step if step is not None else -1) + 1:
+        if first_new > through + 1:
             log.info("W&B: steps %d..%d are in W&B already (logged before the interruption, computed again to "
-                     "the same values); they go to metrics.jsonl only", (step if step is not None else -1) + 1,
-                     first_new - 1)
+                     "the same values); they go to metrics.jsonl only", through + 1, first_new - 1)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.writes:
