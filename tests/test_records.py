@@ -435,12 +435,26 @@ def test_resume_auto_without_a_run_dir_finds_the_latest_interrupted_run_of_the_s
     assert records.resume_run_dir(task, fresh) == fresh
 
 
-def test_resume_auto_with_nothing_to_resume_fails_with_one_line(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    result = subprocess.run([sys.executable, "train.py", "logger=none", f"output_dir={tmp_path}", "stage.resume=auto"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if "stage.resume=auto found no interrupted run" in line]
-    assert len(errors) == 1 and "hydra.run.dir=<run dir> stage.resume=auto" in errors[0]
-    assert "Traceback" not in result.stderr
+def test_resume_auto_with_nothing_to_resume_fails_with_one_line(tmp_path, capsys):
+    """Through ``cli.main`` under Hydra (as ``python train.py stage.resume=auto`` runs it): exit 2, one line,
+    before anything loads."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from marl_exp import cli
+
+    cfg = _compose_with_hydra("logger=none", f"output_dir={tmp_path}", "stage.resume=auto")
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    fresh = tmp_path / "runs" / "2026-01-31" / "12-00-00_ppo"  # the dir Hydra made for this process
+    fresh.mkdir(parents=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(task, run_dir=fresh)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and "stage.resume=auto found no interrupted run of this config" in errors[0]
+    assert "hydra.run.dir=<run dir> stage.resume=auto" in errors[0]
+    assert (fresh / "FAILED").exists() and not (fresh / "summary.json").exists()

@@ -212,9 +212,6 @@ def differing_keys(runs: Sequence[Run]) -> list[str]:
     return [key for key in keys if len({_text(run.value(key)) for run in runs}) > 1]
 
 
-# The name the earlier versions used; the keys now come from the effective config.
-differing_overrides = differing_keys
-
 
 def _text(value: Any) -> str:
     if value is None:
