@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from marl_exp import distributed
+from marl_exp import distributed, records
 from marl_exp.config import ConfigError, to_yaml, validate
 from marl_exp.interrupt import StageInterrupted, TrainingDiverged
 from marl_exp.io import atomic_write_text
@@ -54,6 +54,7 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     run_dir = Path(distributed.broadcast(str(run_dir)))
     try:
         validate(cfg)
+        run_dir = records.resume_run_dir(cfg, run_dir)  # stage.resume=auto without a run dir: find the run
         if distributed.is_main():
             print(to_yaml(cfg), flush=True)
         from marl_exp.stages.pipeline import run_stage

@@ -14,12 +14,11 @@ import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from marl_exp import distributed, lineage
+from marl_exp import distributed, lineage, records
 from marl_exp.config import AdapterConfig, Config, QuantConfig, STAGE_SCHEMAS, to_yaml
 from marl_exp.io import atomic_write_json, atomic_write_text
 from marl_exp.stages.common import environment_record
@@ -40,11 +39,11 @@ def run_stage(cfg: DictConfig, run_dir: Path, publish_dir: Path | None = None) -
     run_dir = Path(run_dir)
     inputs = resolve_inputs(cfg)
     save_run_record(cfg, run_dir, inputs)
-    with Tracker(cfg, run_dir, job_type=cfg.stage.name) as tracker:
+    with Tracker(cfg, run_dir, job_type=cfg.stage.name, publish_dir=publish_dir) as tracker:
         lineage.use_inputs(tracker, cfg, inputs)
-        started = time.perf_counter()
         summary = _runner(cfg.stage.name)(cfg, run_dir, tracker, **inputs)
-        tracker.update_summary({"time/total_s": time.perf_counter() - started,
+        # Every segment of a resumed run counts (marl_exp.records).
+        tracker.update_summary({"time/total_s": tracker.total_seconds(),
                                 **({"dist/world_size": distributed.world_size()} if distributed.is_distributed() else {})})
         lineage.log_outputs(tracker, cfg, run_dir, tracker.summary, publish_dir or run_dir)
     return {**summary, "time/total_s": tracker.summary["time/total_s"]}
@@ -194,5 +193,6 @@ def save_run_record(cfg: DictConfig, run_dir: Path, inputs: dict) -> None:
     if not distributed.is_main():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "resolved_config.yaml", to_yaml(cfg))
-    atomic_write_json(run_dir / "run_record.json", {"inputs": inputs, **environment_record()})
+    config_name, record_name = records.run_record_names(cfg, run_dir)  # a resume's go beside the original's
+    atomic_write_text(run_dir / config_name, to_yaml(cfg))
+    atomic_write_json(run_dir / record_name, {"inputs": inputs, **environment_record()})

@@ -26,7 +26,7 @@ from marl_exp.modeling.multi_adapter import (
     reward_adapter_pad_token_id,
     reward_head_labels,
 )
-from marl_exp.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from marl_exp.ppo.checkpoint import checkpoint_step, load_checkpoint, resolve_resume, save_checkpoint
 from marl_exp.ppo.evaluate import evaluate
 from marl_exp.ppo.roles import SeparateRoles, SharedRoles, critic_name
 from marl_exp.ppo.rollout import PerfOptions
@@ -120,6 +120,7 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
 
     summary: dict = {**count_parameters(model), **{f"memory/{k}": v for k, v in model.memory_footprint().items()}}
     checkpoint = resolve_resume(stage.resume, run_dir)
+    tracker.continue_from(checkpoint_step(checkpoint))  # a resume: metrics.jsonl cut back, W&B steps continue
     if checkpoint is not None:
         trainer_state, saved_summary = load_checkpoint(checkpoint, model, saved_adapters)
         trainer.load_state_dict(own_rank_state(trainer_state, fresh=trainer.state_dict()))
