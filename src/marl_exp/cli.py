@@ -20,7 +20,7 @@ from marl_exp.modeling.loading import ModelLoadError
 log = logging.getLogger("marl_exp")
 FAILURE_MARKER = "FAILED"
 # The metric returned to an optimizing sweeper, per stage (minimize eval/loss, maximize the others).
-OBJECTIVE = {"sft": "eval/loss", "reward": "eval/pairwise_accuracy", "ppo": "eval/after/oracle_score"}
+OBJECTIVE = {"sft": "eval/loss", "reward": "eval/pairwise_accuracy", "ppo": "eval/after/oracle_strict"}
 
 
 def run_dir_from_hydra(cfg: DictConfig) -> Path:

@@ -34,8 +34,8 @@ FAILURE_MARKER = records.FAILURE_MARKER
 SUMMARY = records.SUMMARY
 RESOLVED_CONFIG = "resolved_config.yaml"
 # Final metrics shown by default (those that exist in at least one run), in this order.
-DEFAULT_METRICS = ("eval/after/oracle_score", "eval/after/reward_score", "eval/after/kl", "eval/pairwise_accuracy",
-                   "eval/loss", "time/total_s")
+DEFAULT_METRICS = ("eval/after/oracle_strict", "eval/after/well_formed", "eval/after/oracle_score",
+                   "eval/after/reward_score", "eval/after/kl", "eval/pairwise_accuracy", "eval/loss", "time/total_s")
 # Metrics where lower is better (the table sorts best first).
 LOWER_IS_BETTER = re.compile(r"(^|/)(loss|kl|perplexity)$|^time/|_s$")
 
@@ -50,7 +50,8 @@ class Curve:
 # Learning-curve panels: which keys of metrics.jsonl each one draws.
 CURVES = (
     Curve("reward (env/reward_mean)", re.compile(r"^env/reward_mean$")),
-    Curve("oracle score (eval/*/oracle_score)", re.compile(r"^eval/(before|during|after)/oracle_score$"), True),
+    Curve("strict gold (eval/*/oracle_strict)", re.compile(r"^eval/(before|during|after)/oracle_strict$"), True),
+    Curve("well formed (eval/*/well_formed)", re.compile(r"^eval/(before|during|after)/well_formed$"), True),
     Curve("KL (objective/kl)", re.compile(r"^objective/kl$")),
     Curve("train/loss", re.compile(r"^train/loss$")),
     Curve("eval/loss", re.compile(r"^eval/loss$"), True),
