@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 
-from marl_exp import distributed
+from marl_exp import console, distributed
 from marl_exp.data import build_task
 from marl_exp.interrupt import TrainingDiverged, stop_on_signal
 from marl_exp.modeling.loading import context_length, load_model, load_tokenizer, local_model_dir, resolve_device
@@ -74,6 +74,8 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
         task.fit_prompts(tokenizer, context - stage.max_new_tokens, cfg.data.on_bad_row)
     roles = build_roles(cfg, sft_model, reward_adapter, device)
     model = roles.model
+    if distributed.is_main():
+        console.say(console.memory_line(model.memory_footprint()))
     model.train(not stage.disable_dropout)  # eval mode = no dropout: ratio is exactly 1 at the first epoch
     # Data parallel: every rank samples its own prompts and responses (same weights, other seeds).
     sampling_seed = cfg.seed + 1000 * distributed.rank()
@@ -89,6 +91,7 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
             return metrics
         for i, name in enumerate(stage.policies):
             values, samples = evaluate(roles, tokenizer, task.prompts_eval, name, stage, oracle=task.oracle)
+            console.say(console.eval_line(tag, step, stage.steps, values, name if len(stage.policies) > 1 else None))
             prefixes = [f"eval/{tag}/"] if i == 0 else []
             if len(stage.policies) > 1:
                 prefixes.append(f"eval/{tag}/{name}/")
