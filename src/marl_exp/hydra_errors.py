@@ -14,7 +14,6 @@ import difflib
 import os
 import re
 import sys
-from pathlib import Path
 
 from marl_exp.config import ConfigError, STAGE_SCHEMAS, unknown_key_message, valid_keys
 
@@ -99,9 +98,8 @@ def _composition(err: BaseException, overrides: list[str]) -> str | None:
         key = unknown.group(1)
         if key.startswith("hydra."):
             return f"{key} is not a Hydra setting; `python train.py --hydra-help` lists them"
-        message = unknown_key_message(key, _value_of(key, overrides), valid_keys(_stage_of(overrides)),
-                                      _stage_of(overrides))
-        return message.replace("is not a config key", "is not a config key (a + would add it unused)")
+        return unknown_key_message(key, _value_of(key, overrides), valid_keys(_stage_of(overrides)),
+                                   _stage_of(overrides))
     merging = re.match(r"Error merging override (.+)", _first_line(text))
     if merging and cause is not None:  # a value of the wrong type for its key
         override = merging.group(1)
@@ -164,8 +162,3 @@ def install() -> None:
 
 def _reraise(err: BaseException):
     raise err
-
-
-def conf_dir_options(conf_dir: Path, group: str) -> list[str]:
-    """The options of a config group on disk (schema entries are registered in code, not files)."""
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
