@@ -84,8 +84,16 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         return _input_error(err, run_dir)
     console.quiet_libraries()
     choice = threads.configure(cfg.threads)  # before torch is imported: OpenMP reads its settings once
-    with console.progress_as_lines():
-        return _run(cfg, run_dir, choice)
+    try:
+        with console.progress_as_lines():
+            return _run(cfg, run_dir, choice)
+    except KeyboardInterrupt:  # while the heavy stack loads (``_run`` handles it once the stage has begun)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if is_main_process():
+            print("marl-exp: interrupted (Ctrl-C) before the stage started; nothing was trained", file=sys.stderr,
+                  flush=True)
+        sys.exit(130)
 
 
 def _input_error(err: BaseException, run_dir: Path) -> float | None:

@@ -49,10 +49,24 @@ def check(cfg: DictConfig) -> None:
 # ------------------------------------------------------------------------------------------ outputs
 def check_output_dir(path: str, key: str) -> None:
     """``path`` exists as a directory (created if missing, like the run would) and a file can be written there."""
-    target = Path(path).expanduser()
-    fix = f"choose a writable directory, e.g. {key}=$HOME/marl-exp-outputs"
+    reason = _unwritable(Path(path).expanduser())
+    if reason:
+        raise ConfigError(f"{key}={path!r} {reason}; choose a writable directory, e.g. {key}=$HOME/marl-exp-outputs")
+
+
+def check_run_dir_parent(run_dir: str, key: str = "hydra.run.dir") -> None:
+    """The directory Hydra is about to create can be created (its parent is made and written to)."""
+    parent = Path(run_dir).expanduser().parent
+    reason = _unwritable(parent)
+    if reason:
+        raise ConfigError(f"{key}={run_dir!r} cannot be created: {parent} {reason}; set output_dir (or {key}) to a "
+                          "writable directory")
+
+
+def _unwritable(target: Path) -> str | None:
+    """Why ``target`` cannot be used as an output directory (None when it can: it exists or was created)."""
     if target.exists() and not target.is_dir():
-        raise ConfigError(f"{key}={path!r} is a file, not a directory; {fix}")
+        return "is a file, not a directory"
     try:
         target.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target, prefix=".marl-exp-write-test-"):
@@ -60,17 +74,8 @@ def check_output_dir(path: str, key: str) -> None:
     except OSError as err:
         reason = err.strerror or type(err).__name__
         where = f" ({err.filename})" if err.filename and str(err.filename) != str(target) else ""
-        raise ConfigError(f"{key}={path!r} cannot be created or written: {reason}{where}; {fix}") from None
-
-
-def check_run_dir_parent(run_dir: str, key: str = "hydra.run.dir") -> None:
-    """The directory Hydra is about to create can be created (its parent is made and written to)."""
-    try:
-        check_output_dir(str(Path(run_dir).expanduser().parent), key)
-    except ConfigError as err:
-        reason = str(err).split(" cannot be created or written: ", 1)[-1].split("; choose", 1)[0]
-        raise ConfigError(f"{key}={run_dir!r} cannot be created: {reason}; set output_dir (or {key}) "
-                          "to a writable directory") from None
+        return f"cannot be created or written: {reason}{where}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -159,7 +164,7 @@ def check_same_base(reward_adapter: str, sft_model: str, allow_mismatch: bool) -
 # ----------------------------------------------------------------------------------- kinds of paths
 def local_kind(path: Path) -> str:
     """What a local path holds: model | reward_adapter | policy_adapter | sft_adapter | adapter_unknown_head |
-    run_dir | cache_entry | config_only | file | missing | other."""
+    run_dir | config_only | file | missing | other."""
     if not path.exists():
         return "missing"
     if not path.is_dir():
@@ -174,10 +179,8 @@ def local_kind(path: Path) -> str:
     if (path / "config.json").is_file():
         weights = [*path.glob("*.safetensors"), *path.glob("*.bin"), *path.glob("*.index.json")]
         return "model" if weights else "config_only"
-    if (path / "run_record.json").is_file() or (path / ".hydra").is_dir():
-        return "run_dir"
-    if (path / "summary.json").is_file():
-        return "cache_entry"
+    if (path / "run_record.json").is_file() or (path / ".hydra").is_dir() or (path / "summary.json").is_file():
+        return "run_dir"  # a run's dir, or a stage-cache entry (the dir of the run that built it)
     return "other"
 
 
@@ -193,7 +196,6 @@ def _wrong_kind(key: str, value: str, kind: str, wanted: str) -> str:
         "config_only": "has a config.json but no weights (*.safetensors, *.bin)",
         "model": "is a model directory",
         "run_dir": "is a run directory",
-        "cache_entry": "is a stage-cache entry",
         "other": "is a directory without a model or an adapter",
     }[kind]
     inside = [f"{path / sub}" for sub in ("model", "reward_adapter") if (path / sub).is_dir()]

@@ -167,7 +167,8 @@ def sample_side_by_side(model, tokenizer, prompts: list[str], policy: str, stage
             kls = core.masked_sum(rollout.logprobs - rollout.ref_logprobs, rollout.response_mask, dim=1).tolist()
         responses = tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
-            rows.append({"policy": policy, "role": role, "prompt": prompt, "response": response,
+            tokens = rollout.response_ids[i][rollout.response_mask[i].bool()].tolist()
+            rows.append({"policy": policy, "role": role, "prompt": prompt, "response": response, "response_ids": tokens,
                          "reward": rewards[i], "kl": kls[i] if role == "policy" else None,
                          "oracle": oracle(prompt + response) if oracle is not None else None})
     return rows
