@@ -350,13 +350,20 @@ def test_ctrl_c_while_waiting_for_the_cache_lock_is_one_line_exit_130(tmp_path, 
     cfg = compose("stage=reward", "logger=none", f"output_dir={tmp_path}")
     target = cache_dir(upstream_config(cfg, "sft"))
     target.parent.mkdir(parents=True)
-    with open(target.with_name(f".{target.name}.lock"), "a") as held:  # another job is building this entry
-        fcntl.flock(held, fcntl.LOCK_EX)
-        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
-        with pytest.raises(SystemExit) as exit_:
-            cli.main(cfg, run_dir=tmp_path / "run")
-        timer.join()
+    class CtrlCWhileWaiting(logging.Handler):  # Ctrl-C once the run says it waits for the lock
+        def emit(self, record):
+            if record.getMessage().startswith("another job is building"):
+                threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    waiting = CtrlCWhileWaiting()
+    logging.getLogger("marl_exp.stages.pipeline").addHandler(waiting)
+    try:
+        with open(target.with_name(f".{target.name}.lock"), "a") as held:  # another job is building this entry
+            fcntl.flock(held, fcntl.LOCK_EX)
+            with pytest.raises(SystemExit) as exit_:
+                cli.main(cfg, run_dir=tmp_path / "run")
+    finally:
+        logging.getLogger("marl_exp.stages.pipeline").removeHandler(waiting)
     assert exit_.value.code == 130
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("marl-exp")]
     assert len(lines) == 1 and lines[0].startswith("marl-exp: interrupted (Ctrl-C); stopped at once. Rerun with: ")

@@ -356,7 +356,8 @@ class Preflight(Callback):
         try:
             checks()
         except ConfigError as err:
-            print(f"marl-exp: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+            if int(os.environ.get("RANK", "0") or 0) == 0:  # one line, not one per process of a parallel launch
+                print(f"marl-exp: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
             sys.exit(2)
 
 
