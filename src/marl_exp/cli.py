@@ -42,7 +42,7 @@ def run_app(config_dir: Path | str) -> None:
     except KeyboardInterrupt:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print("marl-exp: interrupted (Ctrl-C) before the stage started; nothing was written", file=sys.stderr, flush=True)
+        print("marl-exp: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.exit(130)
 
 

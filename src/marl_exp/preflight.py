@@ -82,10 +82,11 @@ def _unwritable(target: Path) -> str | None:
 def check_inputs(cfg: DictConfig) -> None:
     stage = cfg.stage
     local_only = bool(cfg.model.local_files_only)
-    check_model_path(cfg.model.path, cfg.model.get("revision"), local_only)
     sft_model = stage.get("sft_model") if stage.name in ("reward", "ppo") else None
     if sft_model:
         check_model_source("stage.sft_model", sft_model, local_only)
+    else:  # model.path is read only by an SFT stage (this one, or the upstream one the cache builds)
+        check_model_path(cfg.model.path, cfg.model.get("revision"), local_only)
     reward_adapter = stage.get("reward_adapter") if stage.name == "ppo" else None
     if reward_adapter:
         check_reward_adapter("stage.reward_adapter", reward_adapter, local_only)
