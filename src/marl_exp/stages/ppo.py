@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 
-from marl_exp import distributed
+from marl_exp import console, distributed
 from marl_exp.data import build_task
 from marl_exp.interrupt import TrainingDiverged, stop_on_signal
 from marl_exp.modeling.loading import context_length, load_model, load_tokenizer, local_model_dir, resolve_device
@@ -92,6 +92,8 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
         task.fit_prompts(tokenizer, context - stage.max_new_tokens, cfg.data.on_bad_row)
     roles = build_roles(cfg, sft_model, reward_adapter, device, tokenizer)
     model = roles.model
+    if distributed.is_main():
+        console.say(console.memory_line(model.memory_footprint()))
     model.train(not stage.disable_dropout)  # eval mode = no dropout: ratio is exactly 1 at the first epoch
     # Data parallel: every rank samples its own prompts and responses (same weights, other seeds).
     sampling_seed = cfg.seed + 1000 * distributed.rank()
@@ -110,6 +112,9 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
             for split in ("eval", *task.extra_eval_splits):
                 values, samples = evaluate(roles, tokenizer, task.prompts(split), name, stage, oracle=task.oracle,
                                            judge=task.judge)
+                if split == "eval":
+                    console.say(console.eval_line(tag, step, stage.steps, values,
+                                                  name if len(stage.policies) > 1 else None))
                 prefixes = [f"eval/{tag}/"] if i == 0 else []
                 if len(stage.policies) > 1:
                     prefixes.append(f"eval/{tag}/{name}/")
