@@ -237,8 +237,9 @@ def memory_line(parts: dict[str, int]) -> str:
 
 # ------------------------------------------------------------------------------------------ evaluation
 def eval_line(tag: str, step: int, steps: int, values: dict[str, Any], policy: str | None = None) -> str:
-    """One line per evaluation: ``eval during step 20/200 [policy]: reward 0.53 | oracle 0.61 | KL 3.2 | length 14``."""
-    names = {"reward_score": "reward", "oracle_score": "oracle", "kl": "KL", "response_length": "length"}
+    """One line per evaluation: ``eval during step 20/200 [policy]: reward 0.53 | strict gold 0.48 | ... | length 14``."""
+    names = {"reward_score": "reward", "oracle_strict": "strict gold", "well_formed": "well formed",
+             "oracle_score": "oracle", "kl": "KL", "response_length": "length"}
     shown = [f"{label} {_number(values[key])}" for key, label in names.items() if key in values]
     who = f" [{policy}]" if policy else ""
     return f"eval {tag} step {step}/{steps}{who}: {' | '.join(shown)}"
@@ -281,7 +282,8 @@ def _row(label: str, before: Any, after: Any) -> str:
 
 
 def _ppo_table(cfg: DictConfig, summary: dict[str, Any]) -> list[str]:
-    labels = {"reward_score": "reward", "oracle_score": "oracle score", "kl": "KL to reference (nats)",
+    labels = {"reward_score": "reward", "oracle_strict": "strict gold (oracle_strict)",
+              "well_formed": "well-formed share", "oracle_score": "oracle score", "kl": "KL to reference (nats)",
               "response_length": "response length"}
     lines = [f"  {'':<26} {'before':>9}    {'after':>9}"]
     policies = list(cfg.stage.policies)

@@ -162,7 +162,7 @@ def sample_side_by_side(model, tokenizer, prompts: list[str], policy: str, stage
         rollout = sample(sampler, tokenizer, prompts, policy, stage)
         rewards, kls = [None] * len(prompts), [None] * len(prompts)
         if model.score_head is not None:
-            rollout = score(SharedRoles(model), rollout, policy, "value_head", stage)
+            rollout = score(SharedRoles(model), rollout, policy, "value_head", stage, tokenizer)
             rewards = rollout.raw_scores.tolist()
             kls = core.masked_sum(rollout.logprobs - rollout.ref_logprobs, rollout.response_mask, dim=1).tolist()
         responses = tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
