@@ -607,8 +607,9 @@ def test_sample_of_an_untrained_adapter_equals_the_reference(ppo_run, tmp_path):
     classifier = AutoModelForSequenceClassification.from_pretrained(chain["sft_model"], num_labels=1)
     classifier.config.pad_token_id = tokenizer.pad_token_id
     reward_model = PeftModel.from_pretrained(classifier, chain["reward_adapter"]).eval()
-    for row in reference:  # the sampled tokens themselves (EOS included), after the prompt's
-        ids = torch.tensor([tokenizer(row["prompt"]).input_ids + row["response_ids"]])
+    for row in reference:  # the sampled tokens after the prompt's, then EOS unless they end in it (RewardTrainer's input)
+        eos = [] if row["response_ids"][-1:] == [tokenizer.eos_token_id] else [tokenizer.eos_token_id]
+        ids = torch.tensor([tokenizer(row["prompt"]).input_ids + row["response_ids"] + eos])
         with torch.no_grad():
             expected = reward_model(input_ids=ids).logits[0, 0].item()
         assert row["reward"] == pytest.approx(expected, abs=2e-3)

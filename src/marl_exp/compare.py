@@ -52,6 +52,7 @@ CURVES = (
     Curve("reward (env/reward_mean)", re.compile(r"^env/reward_mean$")),
     Curve("strict gold (eval/*/oracle_strict)", re.compile(r"^eval/(before|during|after)/oracle_strict$"), True),
     Curve("well formed (eval/*/well_formed)", re.compile(r"^eval/(before|during|after)/well_formed$"), True),
+    Curve("oracle score (eval/*/oracle_score)", re.compile(r"^eval/(before|during|after)/oracle_score$"), True),
     Curve("KL (objective/kl)", re.compile(r"^objective/kl$")),
     Curve("train/loss", re.compile(r"^train/loss$")),
     Curve("eval/loss", re.compile(r"^eval/loss$"), True),
