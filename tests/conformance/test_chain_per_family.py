@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from marl_exp.conformance.families import build_family_model
 
@@ -46,4 +47,8 @@ def test_whole_chain_runs_on_every_family(tmp_path):
         sft = Path(record["inputs"]["sft_model"])
         model_type = json.loads((path / "config.json").read_text())["model_type"]
         assert json.loads((sft / "config.json").read_text())["model_type"] == model_type, family
-        assert (sft / "tokenizer.json").read_text() == (path / "tokenizer.json").read_text(), family
+        # Same tokenizer (transformers may rewrite the file, e.g. as Qwen2Tokenizer): the same ids and specials.
+        original, saved = AutoTokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(sft)
+        texts = ["the movie was great . i loved it .", "this show is not really boring"]
+        assert saved(texts).input_ids == original(texts).input_ids, family
+        assert (saved.eos_token_id, saved.bos_token) == (original.eos_token_id, original.bos_token), family
