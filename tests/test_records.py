@@ -48,6 +48,9 @@ def killed_then_resumed(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
            "WANDB_DATA_DIR": str(out.parent / "wandb-data")}
     env.pop("HYDRA_FULL_ERROR", None)
+    # An earlier test's in-process W&B run exported WANDB_SERVICE: a child would join that service, which keeps
+    # the killed run registered ("run ID is in use"). A user's shell has no such service; neither do these runs.
+    env.pop("WANDB_SERVICE", None)
     command = [sys.executable, "train.py", *KILLED_RUN, f"output_dir={out}"]
     out.mkdir(parents=True)
     with open(out.parent / "first.log", "w") as log_file:
