@@ -139,7 +139,7 @@ def opening_of(text: str) -> str:
 
 
 def test_task_pairs_have_the_same_opening_and_follow_the_strict_gold():
-    task = build_task(small_data(pair_min_gap=0.3, num_pairs_train=300))
+    task = build_task(small_data(pair_min_gap=0.3, num_pairs_train=300, pair_gold="strict"))
     for split in (task.pairs_train, task.pairs_eval):
         for chosen, rejected in zip(split["chosen"], split["rejected"]):
             assert opening_of(chosen) == opening_of(rejected)
@@ -245,3 +245,11 @@ def test_preference_pairs_draw_from_the_opening_pool():
     assert {generator.review().opening for _ in range(50)} == set(pool)
     with pytest.raises(ValueError, match="opening_pool"):
         ReviewGenerator(seed=0, opening_pool=[])
+
+
+def test_plain_gold_orders_pairs_by_the_oracle_whatever_their_shape():
+    task = build_task(small_data(pair_min_gap=0.3, num_pairs_train=300, pair_gold="plain"))
+    pairs = list(zip(task.pairs_train["chosen"], task.pairs_train["rejected"]))
+    assert all(oracle_score(c) - oracle_score(r) >= 0.3 for c, r in pairs)
+    # Unlike the strict gold, an ill-formed text can be chosen over a review (a stub with only positive words).
+    assert any(not well_formed(c) and well_formed(r) for c, r in pairs)

@@ -258,24 +258,27 @@ class DataConfig:
     num_sft_eval: int = 400
     num_pairs_train: int = 6000
     num_pairs_eval: int = 400
-    # Preference pairs are ordered by the strict gold (reviews.strict_preference): a well-formed review
-    # beats any ill-formed text; two reviews need an oracle-score gap of at least pair_min_gap
-    # (ambiguous pairs teach nothing); two ill-formed texts make no pair.
+    # How preference pairs are ordered. strict (reviews.strict_preference): a well-formed review beats any
+    # ill-formed text, two reviews need an oracle-score gap of at least pair_min_gap (ambiguous pairs teach
+    # nothing), two ill-formed texts make no pair; the labelling the strict evaluation calls for, with
+    # pair_truncate_prob = pair_splice_prob = 0.1 (see below). plain (the default until PPO converges against
+    # a strict reward model, issue 13): every pair by the plain oracle's gap, with the 0.2 / 0.2 mix.
+    pair_gold: str = "plain"
     pair_min_gap: float = 0.25
     # Share of training-pair sides that are unfinished reviews, so the reward model learns that they rank
     # below any review (without them PPO learned to stop early on a stub the reward model happened to like).
     # A pair with one ill-formed side teaches grammar only (its sentiment does not decide it), so these
     # shares set the mix: 0.1 + 0.1 gives 40% grammar pairs; 0.2 + 0.2 gave 62% and left too few
     # sentiment pairs (held-out accuracy 0.80-0.93, mean 0.85 over 4 reward runs, vs 0.93-0.98, mean 0.95
-    # over 5; ranking reviews above ill-formed texts 0.98-0.99 with either).
-    pair_truncate_prob: float = 0.1
+    # over 5; ranking reviews above ill-formed texts 0.98-0.99 with either): use 0.1 with pair_gold=strict.
+    pair_truncate_prob: float = 0.2
     # Negated units in the pairs ("not boring"): more than in the SFT corpus (0.15), so the reward
     # model learns that "not" flips polarity (with 0.15 one seed's reward model did not, and PPO
     # exploited it with "not great").
     pair_negation_prob: float = 0.25
     # Share of training-pair sides with a stretch of another review spliced in (mostly off-grammar text
-    # such as two closings), so the reward model learns that they rank below any review too.
-    pair_splice_prob: float = 0.1
+    # such as two closings), so the reward model learns that they rank below any review too (0.1 with strict).
+    pair_splice_prob: float = 0.2
 
 
 # -------------------------------------------------------------------------------------------- logger
@@ -536,6 +539,7 @@ def _validate_data(data: DictConfig) -> None:
     _positive("data.prompt_words", data.prompt_words)
     for key in ("num_sft_train", "num_sft_eval", "num_pairs_train", "num_pairs_eval"):
         _positive(f"data.{key}", data[key])
+    _one_of("data.pair_gold", data.pair_gold, ("strict", "plain"))
     _check(0 <= data.pair_min_gap < 1, f"data.pair_min_gap={data.pair_min_gap!r} must be in [0, 1)")
     _check(0 <= data.pair_negation_prob <= 1,
            f"data.pair_negation_prob={data.pair_negation_prob!r} must be in [0, 1]")

@@ -162,6 +162,15 @@ def oracle_strict(text: str) -> float:
     return oracle_score(text) if well_formed(text) else 0.0
 
 
+def plain_preference(a: str, b: str, min_gap: float) -> int:
+    """Which text the plain oracle prefers (its score higher by at least ``min_gap``, not a tie), whatever
+    the texts' shape: the labelling before the strict gold, kept as ``data.pair_gold=plain``."""
+    gap = oracle_score(a) - oracle_score(b)
+    if gap == 0 or abs(gap) < min_gap:
+        return 0
+    return 1 if gap > 0 else -1
+
+
 def strict_preference(a: str, b: str, min_gap: float) -> int:
     """Which text the strict gold prefers: 1 for ``a``, -1 for ``b``, 0 for no clear preference.
 
@@ -251,7 +260,7 @@ class ReviewGenerator:
         return Review(review.opening, " ".join(words[:cut] + piece + words[cut:]), review.sentiment)
 
     def preference_pair(self, min_gap: float, truncate_prob: float = 0.0,
-                        splice_prob: float = 0.0) -> tuple[Review, Review]:
+                        splice_prob: float = 0.0, gold: str = "strict") -> tuple[Review, Review]:
         """(chosen, rejected) with the same opening, ordered by the strict gold (``strict_preference``):
         a well-formed review over an ill-formed text, else the higher oracle score by at least ``min_gap``.
 
@@ -259,7 +268,8 @@ class ReviewGenerator:
         stretch of another review spliced in. A reward model that never saw such texts scores them
         arbitrarily, and PPO finds that out (it learned to stop early, "the movie was truly", or to
         splice, "i disliked . i enjoyed it ."); these pairs teach it that they rank below any review.
-        Draws where both sides are ill-formed have no order and are drawn again.
+        Draws where both sides are ill-formed have no order and are drawn again. ``gold="plain"`` orders
+        every pair by the plain oracle instead (``plain_preference``).
         """
         opening = self.rng.choice(self.opening_pool)
         while True:
@@ -272,6 +282,6 @@ class ReviewGenerator:
                 a = self.spliced(a)
             if self.rng.random() < splice_prob:
                 b = self.spliced(b)
-            order = strict_preference(a.text, b.text, min_gap)
+            order = (strict_preference if gold == "strict" else plain_preference)(a.text, b.text, min_gap)
             if order:
                 return (a, b) if order > 0 else (b, a)

@@ -95,12 +95,12 @@ def _reviews_task(data_cfg) -> Task:
     def pairs(offset: int, n: int, augmented: bool) -> Dataset:
         # Training pairs are augmented (unfinished, spliced, more negation: see config.DataConfig) and
         # avoid the evaluation openings; held-out pairs are the task's own reviews over every training
-        # opening, so accuracy measures the task, not the augmentation. Both are ordered by the strict gold.
+        # opening, so accuracy measures the task, not the augmentation. Both are ordered by data.pair_gold.
         extra = ({"negation_prob": data_cfg.pair_negation_prob, "opening_pool": prompt_splits["train"]}
                  if augmented else {})
         generator = reviews.ReviewGenerator(data_cfg.seed + offset, **extra)
         truncate, splice = (data_cfg.pair_truncate_prob, data_cfg.pair_splice_prob) if augmented else (0.0, 0.0)
-        chosen, rejected = zip(*(generator.preference_pair(data_cfg.pair_min_gap, truncate, splice)
+        chosen, rejected = zip(*(generator.preference_pair(data_cfg.pair_min_gap, truncate, splice, data_cfg.pair_gold)
                                  for _ in range(n)))
         return Dataset.from_dict({"chosen": [r.text for r in chosen], "rejected": [r.text for r in rejected]})
 
