@@ -194,7 +194,7 @@ class UpstreamConfig:
 
 
 # ---------------------------------------------------------------------------------------------- data
-DATA_NAMES = ("reviews", "imdb", "hh_rlhf", "local")
+DATA_NAMES = ("reviews", "reviews_chat", "imdb", "hh_rlhf", "local")
 DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -207,6 +207,9 @@ class DataColumns:
     rejected: str = "rejected"
     prompt: str = "prompt"  # PPO prompts
     label: str = "label"  # imdb: sentiment label
+    # ---- conversational rows (TRL's formats, message lists): see README "Conversations"
+    messages: str = "messages"  # SFT from whole conversations
+    completion: str = "completion"  # SFT from prompt + completion (both message lists)
 
 
 @dataclass
@@ -245,6 +248,12 @@ class DataConfig:
     # Share of pair sides with a stretch of another review spliced in (off-grammar text such as two
     # closings), so the reward model counts sentiment wherever it stands, not by position.
     pair_splice_prob: float = 0.2
+
+    # ---- conversations (instruct models; marl_exp.data.chat)
+    # The chat template: null = the tokenizer's own; a name in conf/chat_templates/ (chatml) or a .jinja file.
+    chat_template: Optional[str] = None
+    system_prompt: Optional[str] = None  # reviews_chat / hh_rlhf conversations: a system turn first (null = none)
+    conversational: bool = False  # hh_rlhf: load the dialogues as message lists rather than raw text
 
 
 # -------------------------------------------------------------------------------------------- logger
@@ -352,6 +361,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _validate_data(data: DictConfig) -> None:
+    _validate_chat(data)
     _one_of("data.name", data.name, DATA_NAMES)
     _one_of("data.on_bad_row", data.on_bad_row, ("error", "skip"))
     if data.name in ("imdb", "hh_rlhf"):
@@ -457,6 +467,17 @@ def _validate_ppo(stage: DictConfig) -> None:
     if stage.resume not in (None, "auto"):
         _check(os.path.isdir(stage.resume), f"stage.resume={stage.resume!r} does not exist; "
                "give a checkpoints/step-* dir or use stage.resume=auto")
+
+
+# ---- conversations (chat templates): kept apart from the rest of _validate_data
+def _validate_chat(data: DictConfig) -> None:
+    if data.get("chat_template"):
+        from marl_exp.data.chat import resolve_template
+
+        resolve_template(data.chat_template)  # a ConfigError naming the key when neither file nor name
+    if data.get("conversational"):
+        _check(data.name == "hh_rlhf", f"data.conversational=true is for data=hh_rlhf (data.name={data.name!r}); "
+               "local files are conversational when their columns hold message lists")
 
 
 def sft_finetune_mode(cfg: DictConfig) -> str:

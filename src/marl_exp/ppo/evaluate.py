@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from marl_exp.data import chat
 from marl_exp.ppo import core
 from marl_exp.ppo.rollout import sample, score
 
@@ -35,12 +36,14 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
             lengths.append(mask.sum(1).float().cpu())
             responses = tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
             for query, response, reward in zip(batch, responses, rollout.raw_scores.tolist()):
-                text = f"{query}{response}"
+                # A conversation's oracle reads the assistant turn; a plain text's, prompt + continuation.
+                text = response if chat.is_conversational(query) else f"{query}{response}"
                 value = oracle(text) if oracle is not None else None
                 if value is not None:
                     oracles.append(value)
                 if len(samples) < 8:
-                    samples.append({"query": query, "response": response, "reward": reward, "oracle": value})
+                    samples.append({"query": chat.prompt_text(tokenizer, query), "response": response,
+                                    "reward": reward, "oracle": value})
     metrics = {
         "reward_score": torch.cat(rewards).mean().item(),
         "kl": torch.cat(kls).mean().item(),
