@@ -204,8 +204,8 @@ def test_ppo_reads_the_reward_of_a_conversation_where_the_reward_model_learned_i
 
 
 # ----------------------------------------------------------------------------- the whole chain
-CHAIN = ("logger=none", "upstream.sft.max_steps=40", "upstream.sft.learning_rate=3e-3", "upstream.reward.max_steps=3",
-         "upstream.sft.batch_size=16", "upstream.reward.batch_size=8", "data.num_sft_train=640", "data.num_sft_eval=8",
+CHAIN = ("logger=none", "upstream.sft.max_steps=3", "upstream.reward.max_steps=3",
+         "upstream.sft.batch_size=8", "upstream.reward.batch_size=8", "data.num_sft_train=32", "data.num_sft_eval=8",
          "data.num_pairs_train=32", "data.num_pairs_eval=8", "stage.steps=2", "stage.batch_size=8",
          "stage.mini_batch_size=8", "stage.ppo_epochs=1", "stage.eval_samples=8", "stage.eval_every=0",
          "stage.save_every=0")
@@ -213,7 +213,7 @@ CHAIN = ("logger=none", "upstream.sft.max_steps=40", "upstream.sft.learning_rate
 
 @pytest.fixture(scope="module")
 def chat_chain(tmp_path_factory):
-    """SFT (long enough to learn where a reply ends) -> reward -> 2 PPO steps on reviews_chat, via train.py."""
+    """SFT -> reward -> 2 PPO steps on reviews_chat through train.py (plumbing: a few steps, tiny data)."""
     out = tmp_path_factory.mktemp("chat_chain")
     done = subprocess.run([sys.executable, "train.py", "data=reviews_chat", f"output_dir={out}",
                            f"hydra.run.dir={out / 'run'}", *CHAIN], cwd=REPO, capture_output=True, text=True,
@@ -239,19 +239,34 @@ def test_whole_chain_on_reviews_chat(chat_chain):
     assert all(s["oracle"] == oracle_score(s["response"]) for s in samples)  # the assistant turn's text
 
 
-def test_the_sft_policy_stops_at_the_end_of_turn_token(chat_chain):
-    cfg = compose("stage=ppo", "data=reviews_chat", "logger=none", *[c for c in CHAIN if c.startswith("stage.")])
-    record = json.loads((chat_chain / "run" / "run_record.json").read_text())
-    probe_dir = record["inputs"]["sft_model"]
-    probe = Probe(probe_dir, "fp32", chat_chain / "probe")
-    roles, _ = probe.roles()
+@pytest.mark.parametrize("told", [True, False])
+def test_the_policy_stops_at_the_end_of_turn_token(chat_model, tmp_path, told):
+    """``told``: the end-of-turn token is in the generation config, as the SFT and PPO stages put it. The
+    random model is made to emit it often (+8 on its logit), so stopping is visible within a few tokens."""
+    probe = Probe(str(chat_model), "fp32", tmp_path)
+    roles, cfg = probe.roles(max_new_tokens=24)
     tokenizer = probe.tokenizer
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    torch.manual_seed(0)
-    prompts = build_task(cfg.data).prompts_eval
-    rollout = sample(roles.model, tokenizer, prompts, "policy", cfg.stage)  # stop ids from the saved config
+    if told:
+        chat.stop_at_end_of_turn(roles.model.generation_config, tokenizer)
+
+    def favour_end_of_turn(module, inputs, logits):
+        logits[..., im_end] += 8.0
+        return logits
+
+    head = roles.model.peft_model.get_base_model().get_output_embeddings().register_forward_hook(favour_end_of_turn)
+    try:
+        torch.manual_seed(0)
+        prompts = [user(f"review: {o}") for o in ("the movie was", "this show is", "the plot felt", "the cast seemed")]
+        rollout = sample(roles.model, tokenizer, prompts * 4, "policy", cfg.stage)
+    finally:
+        head.remove()
+    inside = rollout.response_ids * rollout.response_mask
     lengths = rollout.response_mask.sum(1)
     last = rollout.response_ids[torch.arange(len(lengths)), lengths - 1]
-    assert (last == im_end).float().mean() > 0.8, tokenizer.batch_decode(rollout.response_ids)
-    inside = rollout.response_ids * rollout.response_mask
-    assert int((inside == im_end).sum(1).max()) <= 1  # nothing sampled past the end of the turn
+    if told:
+        assert rollout.has_eos.float().mean() > 0.9
+        assert ((last == im_end) | (last == tokenizer.eos_token_id))[rollout.has_eos].all()
+        assert int((inside == im_end).sum(1).max()) == 1, "a response ran past the end of its turn"
+    else:  # the control: with only EOS as a stop id, replies run on past the end of the turn
+        assert int((inside == im_end).sum(1).max()) > 1
