@@ -270,3 +270,22 @@ def test_the_policy_stops_at_the_end_of_turn_token(chat_model, tmp_path, told):
         assert int((inside == im_end).sum(1).max()) == 1, "a response ran past the end of its turn"
     else:  # the control: with only EOS as a stop id, replies run on past the end of the turn
         assert int((inside == im_end).sum(1).max()) > 1
+
+
+def test_instruct_preset_runs_on_the_local_hh_fixture(chat_model, tmp_path):
+    """experiment=instruct_hh_chat with its hub ids swapped for local copies: reward adapter on the chat
+    model through the stage cache, then PPO on the dialogues as conversations."""
+    preset = compose("experiment=instruct_hh_chat")
+    assert (preset.model.path, preset.data.name, preset.data.conversational) == \
+        ("Qwen/Qwen2.5-0.5B-Instruct", "hh_rlhf", True)
+    assert preset.stage.sft_model == preset.model.path and preset.adapter.target_modules == ["all-linear"]
+    cfg = compose("experiment=instruct_hh_chat", "quant=fp32", "logger=none", f"output_dir={tmp_path}",
+                  f"model.path={chat_model}", f"data.path={FIXTURES / 'hh_rlhf'}", "upstream.reward.max_steps=2",
+                  "upstream.reward.batch_size=2", "stage.steps=1", "stage.batch_size=4", "stage.mini_batch_size=2",
+                  "stage.ppo_epochs=1", "stage.eval_samples=2", "stage.max_new_tokens=8", "stage.eval_every=0",
+                  "stage.save_every=0")
+    summary = run_stage(cfg, tmp_path / "run")
+    assert summary["train/steps"] == 1 and isinstance(summary["eval/after/reward_score"], float)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["query"].startswith("<|im_start|>user\n") and s["query"].endswith(
+        "<|im_start|>assistant\n") for s in samples)
