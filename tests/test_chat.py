@@ -289,3 +289,23 @@ def test_instruct_preset_runs_on_the_local_hh_fixture(chat_model, tmp_path):
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["query"].startswith("<|im_start|>user\n") and s["query"].endswith(
         "<|im_start|>assistant\n") for s in samples)
+
+
+def test_lora_sft_trains_the_added_template_tokens(tmp_path):
+    """A base without the template's tokens, LoRA SFT on conversations: the tokens are added, their input
+    embedding rows and the (untied) output embeddings are trained, and the merged model keeps them."""
+    from safetensors.torch import load_file
+
+    cfg = compose("stage=sft", "stage.finetune=lora", "logger=none", f"output_dir={tmp_path}", "data=local",
+                  f"data.train_file={CHAT / 'conversations.jsonl'}", f"data.eval_file={CHAT / 'conversations.jsonl'}",
+                  "data.chat_template=chatml", "stage.max_steps=2", "stage.batch_size=4", "stage.learning_rate=1e-2")
+    run_stage(cfg, tmp_path / "run")
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    deltas = [v for k, v in saved.items() if "embed_tokens" in k and "trainable_tokens" in k]
+    assert deltas and all(float(v.abs().max()) > 0 for v in deltas), list(saved)  # the new rows moved
+    assert any("lm_head" in k for k in saved), list(saved)  # the untied output embeddings, trained whole
+    merged = tmp_path / "run" / "model"
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer) == 485
+    assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]

@@ -49,7 +49,7 @@ def _run(cfg, run_dir: Path, tracker: Tracker, stop) -> dict:
     if sft_finetune_mode(cfg) == "lora":
         peft_config = lora_config(cfg.adapter, task_type="CAUSAL_LM")
         if added:  # LoRA alone would leave the new tokens' embeddings untrained
-            peft_config.trainable_token_indices = new_token_modules(model, tokenizer.convert_tokens_to_ids(added))
+            train_new_tokens(peft_config, model, tokenizer.convert_tokens_to_ids(added))
         if cfg.quant.mode in ("8bit", "4bit"):
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=cfg.stage.gradient_checkpointing)
@@ -97,15 +97,15 @@ def _save(model, tokenizer, run_dir: Path, base_path: str, cfg, conversational: 
     log.info("SFT model saved to %s", out)
 
 
-def new_token_modules(model, token_ids: list[int]) -> dict[str, list[int]]:
-    """peft's ``trainable_token_indices`` for tokens added to the vocabulary: their rows of the input
-    embeddings and, when not tied to them, of the output embeddings."""
+def train_new_tokens(peft_config, model, token_ids: list[int]) -> None:
+    """Let LoRA SFT train tokens added to the vocabulary: their input-embedding rows (peft's
+    ``trainable_token_indices``) and, when not tied to them, the output embeddings whole (``modules_to_save``:
+    TRL's fused LM head reads the plain weight, which peft's token wrapper does not expose)."""
     names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
-    layers = [model.get_input_embeddings()]
-    if model.get_output_embeddings() is not None and \
-            model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
-        layers.append(model.get_output_embeddings())
-    return {names[layer]: list(token_ids) for layer in layers}
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    peft_config.trainable_token_indices = {names[inputs]: list(token_ids)}
+    if outputs is not None and outputs.weight is not inputs.weight:
+        peft_config.modules_to_save = [*(peft_config.modules_to_save or []), names[outputs]]
 
 
 def _fp32(quant_cfg):
