@@ -122,6 +122,19 @@ def test_local_files_pick_the_conversational_format_from_their_columns():
     assert plain.sft_train.column_names == ["text"]
 
 
+def test_conversational_prompts_are_measured_as_the_template_renders_them(chat_model):
+    from marl_exp.data.checks import DataError, fit_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    prompts = [user("review: the movie was"), user("great " * 80)]
+    rendered = chat.prompt_length(tokenizer, prompts[0])
+    assert rendered == len(tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, tokenize=True,
+                                                         return_dict=True)["input_ids"]) > 10
+    assert fit_prompts(prompts, ["a", "b"], tokenizer, 60, "skip", "prompts") == prompts[:1]
+    with pytest.raises(DataError, match=r"b: prompt has \d+ tokens, more than the 60"):
+        fit_prompts(prompts, ["a", "b"], tokenizer, 60, "error", "prompts")
+
+
 def test_a_blank_turn_is_a_bad_row(tmp_path):
     path = tmp_path / "bad.jsonl"
     rows = [{"messages": user("hi") + [{"role": "assistant", "content": "hello"}]},

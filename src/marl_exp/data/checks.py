@@ -11,6 +11,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from marl_exp.config import ConfigError
+from marl_exp.data.chat import is_conversational, prompt_length
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,10 @@ def drop_empty_rows(dataset: Dataset, source: str, columns: list[str], on_bad_ro
 def fit_prompts(prompts: list[str], origins: list[str], tokenizer, max_prompt_tokens: int, on_bad_row: str,
                 what: str) -> list[str]:
     """Prompts longer than ``max_prompt_tokens`` (context minus the response): an error, or skipped."""
-    from marl_exp.data.chat import prompt_length
-
-    lengths = [prompt_length(tokenizer, p) for p in prompts]  # message lists as the chat template renders them
+    if prompts and is_conversational(prompts[0]):  # message lists: as the chat template renders them
+        lengths = [prompt_length(tokenizer, p) for p in prompts]
+    else:
+        lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
     too_long = [i for i, n in enumerate(lengths) if n > max_prompt_tokens]
     if not too_long:
         return prompts
