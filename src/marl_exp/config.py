@@ -219,7 +219,7 @@ class UpstreamConfig:
 
 
 # ---------------------------------------------------------------------------------------------- data
-DATA_NAMES = ("reviews", "imdb", "hh_rlhf", "local")
+DATA_NAMES = ("reviews", "reviews_chat", "imdb", "hh_rlhf", "local")
 DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -232,6 +232,9 @@ class DataColumns:
     rejected: str = "rejected"
     prompt: str = "prompt"  # PPO prompts
     label: str = "label"  # imdb: sentiment label
+    # ---- conversational rows (TRL's formats, message lists): see README "Conversations"
+    messages: str = "messages"  # SFT from whole conversations
+    completion: str = "completion"  # SFT from prompt + completion (both message lists)
 
 
 @dataclass
@@ -279,6 +282,12 @@ class DataConfig:
     # Share of training-pair sides with a stretch of another review spliced in (mostly off-grammar text
     # such as two closings), so the reward model learns that they rank below any review too (0.1 with strict).
     pair_splice_prob: float = 0.2
+
+    # ---- conversations (instruct models; marl_exp.data.chat)
+    # The chat template: null = the tokenizer's own; a name in conf/chat_templates/ (chatml) or a .jinja file.
+    chat_template: Optional[str] = None
+    system_prompt: Optional[str] = None  # reviews_chat / hh_rlhf conversations: a system turn first (null = none)
+    conversational: bool = False  # hh_rlhf: load the dialogues as message lists rather than raw text
 
 
 # -------------------------------------------------------------------------------------------- logger
@@ -518,6 +527,7 @@ def upstream_quant_mode(cfg: DictConfig, name: str) -> str:
 
 
 def _validate_data(data: DictConfig) -> None:
+    _validate_chat(data)
     _one_of("data.name", data.name, DATA_NAMES)
     _one_of("data.on_bad_row", data.on_bad_row, ("error", "skip"))
     if data.name in ("imdb", "hh_rlhf"):
@@ -633,6 +643,17 @@ def _validate_ppo(stage: DictConfig) -> None:
 def _divisor_near(total: int, wanted: int) -> int:
     """The divisor of ``total`` closest to ``wanted`` (the smaller one on a tie)."""
     return min((d for d in range(1, total + 1) if total % d == 0), key=lambda d: (abs(d - wanted), d))
+
+
+# ---- conversations (chat templates): kept apart from the rest of _validate_data
+def _validate_chat(data: DictConfig) -> None:
+    if data.get("chat_template"):
+        from marl_exp.data.chat import resolve_template
+
+        resolve_template(data.chat_template)  # a ConfigError naming the key when neither file nor name
+    if data.get("conversational"):
+        _check(data.name == "hh_rlhf", f"data.conversational=true is for data=hh_rlhf (data.name={data.name!r}); "
+               "local files are conversational when their columns hold message lists")
 
 
 def sft_finetune_mode(cfg: DictConfig) -> str:

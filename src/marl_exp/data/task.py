@@ -71,10 +71,14 @@ class Task:
 def build_task(data_cfg) -> Task:
     if data_cfg.name == "reviews":
         return _reviews_task(data_cfg)
+    if data_cfg.name == "reviews_chat":  # the same task as conversations (marl_exp.data.reviews_chat)
+        from marl_exp.data.reviews_chat import as_chat_task
+
+        return as_chat_task(_reviews_task(data_cfg), data_cfg)
     if data_cfg.name in ("imdb", "hh_rlhf", "local"):
         return Task(data_cfg.name, partial(loaders.sft_texts, data_cfg), partial(loaders.preference_pairs, data_cfg),
                     partial(loaders.prompts, data_cfg))
-    raise ConfigError(f"data.name={data_cfg.name!r} is not a known task; use data=reviews, imdb, hh_rlhf or local")
+    raise ConfigError(f"data.name={data_cfg.name!r} is not a known task; use data=reviews, reviews_chat, imdb, hh_rlhf or local")
 
 
 def _reviews_task(data_cfg) -> Task:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from marl_exp.data import chat
 from marl_exp.ppo import core
 from marl_exp.ppo.response_metrics import response_metrics
 from marl_exp.ppo.rollout import sample, score
@@ -41,11 +42,12 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
                         else (rollout.response_ids == tokenizer.eos_token_id).any(1)).tolist()
             all_responses += responses
             for query, response, reward in zip(batch, responses, rollout.raw_scores.tolist()):
-                text = f"{query}{response}"
+                # A conversation's judges read the assistant turn; a plain text's, prompt + continuation.
+                text = response if chat.is_conversational(query) else f"{query}{response}"
                 texts.append(text)
                 if len(samples) < 8:
-                    samples.append({"query": query, "response": response, "reward": reward,
-                                    "oracle": oracle(text) if oracle is not None else None,
+                    samples.append({"query": chat.prompt_text(tokenizer, query), "response": response,
+                                    "reward": reward, "oracle": oracle(text) if oracle is not None else None,
                                     "well_formed": judge(text) if judge is not None else None})
     metrics = {
         "reward_score": torch.cat(rewards).mean().item(),

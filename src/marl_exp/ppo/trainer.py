@@ -116,7 +116,7 @@ class PPOTrainer:
 
         t0 = time.perf_counter()
         if problem is None:
-            score_many(self.roles, rollouts, cfg.critic, cfg, self.tokenizer, perf=self.perf)
+            score_many(self.roles, rollouts, cfg.critic, cfg, self.tokenizer, perf=self.perf, stop_ids=self.stop_ids)
             # Checked before the scores are shaped: NaN must not reach the running score statistics.
             problem = _nonfinite_rollout(rollouts)
         problem = _agreed(problem)  # in a data-parallel run every rank skips, or none does

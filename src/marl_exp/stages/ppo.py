@@ -14,7 +14,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 
 from marl_exp import console, distributed
-from marl_exp.data import build_task
+from marl_exp.data import build_task, chat
 from marl_exp.interrupt import TrainingDiverged, stop_on_signal
 from marl_exp.modeling.loading import context_length, load_model, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.modeling.multi_adapter import (
@@ -86,6 +86,8 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(sft_model, cfg.model)
     task = build_task(cfg.data)
+    conversational = chat.is_conversational(task.prompts_train[0])  # message lists: the chat template renders them
+    chat.apply_template(tokenizer, cfg.data, conversational)
     # Prompts that leave no room for the response fail (or are skipped) now, before the models load.
     context = context_length(sft_model, cfg.model)
     if context:
@@ -94,6 +96,8 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
     model = roles.model
     if distributed.is_main():
         console.say(console.memory_line(model.memory_footprint()))
+    if conversational:  # replies end at the template's end-of-turn token (also when the SFT model did not say so)
+        log.info("PPO stops responses at token ids %s", chat.stop_at_end_of_turn(model.generation_config, tokenizer))
     model.train(not stage.disable_dropout)  # eval mode = no dropout: ratio is exactly 1 at the first epoch
     # Data parallel: every rank samples its own prompts and responses (same weights, other seeds).
     sampling_seed = cfg.seed + 1000 * distributed.rank()
@@ -236,9 +240,11 @@ def rollout_samples(rollout, tokenizer, oracle=None, judge=None, limit: int = 8)
     queries = tokenizer.batch_decode(rollout.query_ids[:limit], skip_special_tokens=True)
     responses = tokenizer.batch_decode(rollout.response_ids[:limit], skip_special_tokens=True)
     rewards = rollout.raw_scores[:limit].tolist() if rollout.raw_scores is not None else [None] * len(queries)
-    return [{"query": q, "response": r, "reward": w, "oracle": oracle(q + r) if oracle is not None else None,
-             "well_formed": judge(q + r) if judge is not None else None}
-            for q, r, w in zip(queries, responses, rewards)]
+    # A conversation's judges read the assistant turn only; a plain text's, the prompt and its continuation.
+    judged = responses if rollout.conversations is not None else [q + r for q, r in zip(queries, responses)]
+    return [{"query": q, "response": r, "reward": w, "oracle": oracle(t) if oracle is not None else None,
+             "well_formed": judge(t) if judge is not None else None}
+            for q, r, w, t in zip(queries, responses, rewards, judged)]
 
 
 def _log_samples(tracker: Tracker, run_dir: Path, step: int, tag: str, policy: str, samples: list[dict],
