@@ -320,5 +320,5 @@ def test_lora_sft_trains_the_added_template_tokens(tmp_path):
     merged = tmp_path / "run" / "model"
     tokenizer = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged)
-    assert model.get_input_embeddings().num_embeddings == len(tokenizer) == 485
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
     assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
