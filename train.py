@@ -1,18 +1,12 @@
-"""Train one stage of multi-adapter RLHF: `python train.py stage=sft|reward|ppo [overrides]`."""
+"""Train one stage of multi-adapter RLHF: `python train.py stage=sft|reward|ppo [overrides]`.
 
-import hydra
-from omegaconf import DictConfig
+Thin on purpose: the config is checked before torch and the rest of the heavy stack are imported
+(``marl_exp.cli``), so a mistake is reported in a second or two.
+"""
 
-from marl_exp.cli import main
-from marl_exp.config import register_configs
+from pathlib import Path
 
-register_configs()
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def train(cfg: DictConfig) -> float | None:
-    return main(cfg)
-
+from marl_exp.cli import run_app
 
 if __name__ == "__main__":
-    train()
+    run_app(Path(__file__).resolve().parent / "conf")

@@ -112,7 +112,7 @@ BAD_CONFIGS = [
     (["stage.optimizer=sgd"], "stage.optimizer='sgd' is not valid"),
     (["stage.lr_scheduler=step"], "stage.lr_scheduler='step' is not valid"),
     (["stage.top_k=-1"], "stage.top_k=-1 must be >= 0"),
-    (["stage.mini_batch_size=6", "stage.gradient_accumulation_steps=4"],
+    (["stage.batch_size=12", "stage.mini_batch_size=6", "stage.gradient_accumulation_steps=4"],
      "stage.mini_batch_size=6 is not divisible by stage.gradient_accumulation_steps=4"),
     (["stage.target_kl=0"], "stage.target_kl=0.0 must be > 0"),
     (["stage=sft", "stage.finetune=half"], "stage.finetune='half' is not valid"),

@@ -205,6 +205,7 @@ def test_grpo_raises_the_oracle_score_within_kl_budget(trained_chain, tmp_path):
                   "stage.save_every=0", f"stage.sft_model={trained_chain['sft_model']}",
                   f"stage.reward_adapter={trained_chain['reward_adapter']}")
     summary = run_stage(cfg, tmp_path / "run")
+    print({k: v for k, v in summary.items() if k.startswith("eval/")})
     before, after = summary["eval/before/oracle_score"], summary["eval/after/oracle_score"]
     assert after - before >= 0.2, (before, after)
     assert summary["eval/after/kl"] <= 20.0

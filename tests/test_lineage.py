@@ -1,24 +1,21 @@
 """W&B lineage: stage outputs logged as model artifacts, inputs declared as used, offline for `wandb sync`.
 
-The offline checks read what wandb wrote to disk: the run's ``.wandb`` file, a LevelDB-style log of
-protobuf records (what ``wandb sync`` replays), decoded with wandb's own protobuf classes.
+The offline checks read what wandb wrote to disk (``wandb_files``: the run's ``.wandb`` file, and a stub
+W&B server for ``wandb sync``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from conftest import QUICK, compose
+from wandb_files import StubWandbServer, wandb_records
 from marl_exp import lineage
 from marl_exp.config import ConfigError
 from marl_exp.stages.pipeline import cache_dir, run_stage, upstream_config
@@ -34,55 +31,6 @@ PPO_SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.mini_batch_size=4", "
 def wandb_data_dir(tmp_path, monkeypatch):
     """wandb stages copies of uploaded artifact files under WANDB_DATA_DIR (default: in HOME)."""
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
-
-
-# ------------------------------------------------------------------------------- reading .wandb files
-def wandb_records(run_dir: Path, timeout_s: float = 60.0) -> list:
-    """Every record of the one offline W&B run under ``run_dir``.
-
-    wandb-core writes the file in the background and may still be writing when ``run.finish()``
-    returns, so read until the run's exit record is there.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        (path,) = (Path(run_dir) / "wandb").glob("offline-run-*/run-*.wandb")
-        records = _parse_wandb_log(path.read_bytes())
-        if records is not None and any(r.WhichOneof("record_type") == "exit" for r in records):
-            return records
-        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout_s} s"
-        time.sleep(0.2)
-
-
-def _parse_wandb_log(data: bytes) -> list | None:
-    """Records of a LevelDB-style log (header ':W&B', 32 KiB blocks of 7-byte-header chunks), or None
-    when the data ends inside a record."""
-    from wandb.proto import wandb_internal_pb2
-
-    block, header = 32768, 7
-    if len(data) < header:
-        return None
-    ident, magic, _version = struct.unpack("<4sHB", data[:header])
-    assert (ident, magic) == (b":W&B", 0xBEE1)
-    records, chunks, pos = [], [], header
-    while pos + header <= len(data):
-        room = block - pos % block
-        if room < header:  # block trailer
-            pos += room
-            continue
-        _checksum, length, kind = struct.unpack("<IHB", data[pos:pos + header])
-        if kind == 0 and length == 0:  # zero padding
-            pos += room
-            continue
-        if pos + header + length > len(data):
-            return None
-        chunks.append(data[pos + header:pos + header + length])
-        pos += header + length
-        if kind in (1, 4):  # FULL or LAST
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(chunks))
-            records.append(record)
-            chunks = []
-    return None if chunks else records
 
 
 def artifact_records(run_dir: Path) -> tuple[list, list]:
@@ -325,85 +273,6 @@ def ppo_cfg_name(cfg) -> str:
     from marl_exp.stages.pipeline import config_hash
 
     return f"ppo-{config_hash(cfg)}"
-
-
-class StubWandbServer:
-    """Enough of a W&B server for `wandb sync` (wandb 0.31): answers the GraphQL operations a sync sends,
-    keeps one artifact version per (name, digest) as the real server does, and records every operation.
-    Unknown operations get an empty answer."""
-
-    def __init__(self):
-        self.operations: list[tuple[str, dict, dict]] = []  # (name, input variables, data answered)
-        self.versions: dict[tuple[str, str], dict] = {}
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self):  # GraphQL, file stream, telemetry
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if not self.path.startswith("/graphql"):
-                    return self._reply({})
-                request = json.loads(body)
-                variables = request.get("variables") or {}
-                variables = variables.get("input") or variables
-                data = stub.answer(request.get("operationName", ""), variables)
-                stub.operations.append((request.get("operationName", ""), variables, data))
-                self._reply({"data": data})
-
-            def do_PUT(self):  # file uploads to the URLs handed out
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-
-    def answer(self, operation: str, v: dict) -> dict:
-        if operation == "UpsertBucket":
-            return {"upsertBucket": {"inserted": True, "bucket": {
-                "id": v.get("name"), "name": v.get("name"), "displayName": v.get("name"),
-                "project": {"id": "p", "name": v.get("project") or "p", "entity": {"id": "e", "name": "e"}}}}}
-        if operation == "CreateRunFiles":
-            return {"createRunFiles": {"runID": "r", "uploadHeaders": [],
-                                       "files": [{"name": f, "uploadUrl": f"{self.url}/up/{f}"} for f in v["files"]]}}
-        if operation == "CreateArtifact":
-            version = self.versions.setdefault((v["artifactCollectionName"], v["digest"]),
-                                               {"id": f"artifact-{len(self.versions)}", "state": "PENDING"})
-            return {"createArtifact": {"artifact": {**version, "artifactSequence": {"latestArtifact": None}}}}
-        if operation == "CreateArtifactManifest":
-            return {"createArtifactManifest": {"artifactManifest": {"id": "manifest", "file": {
-                "id": "f", "uploadUrl": f"{self.url}/up/manifest", "uploadHeaders": []}}}}
-        if operation == "CreateArtifactFiles":
-            return {"createArtifactFiles": {"files": {"edges": [
-                {"node": {"id": spec["name"], "uploadUrl": f"{self.url}/up/{spec['name']}", "uploadHeaders": [],
-                          "artifact": {"id": spec["artifactID"]}}} for spec in v["artifactFiles"]]}}}
-        if operation == "CommitArtifact":
-            for version in self.versions.values():
-                if version["id"] == v["artifactID"]:
-                    version["state"] = "COMMITTED"
-            return {"commitArtifact": {"artifact": {"id": v["artifactID"]}}}
-        if operation == "UseArtifact":
-            return {"useArtifact": {"artifact": {"id": v["artifactID"]}}}
-        return {}
-
-    def __enter__(self) -> "StubWandbServer":
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.mark.slow

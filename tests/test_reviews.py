@@ -1,19 +1,27 @@
-"""The built-in reviews task: the oracle, the seeded generator, preference pairs and the task splits."""
+"""The built-in reviews task: the oracle, the seeded generator, preference pairs and the task splits
+(the grammar judge and the strict gold: tests/test_judge.py)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
 
 from marl_exp.config import ConfigError, DataConfig
 from marl_exp.data import build_task
+from marl_exp.data.checks import DataError
 from marl_exp.data.reviews import (
     INTENSIFIERS,
     NEGATIVE_ADJECTIVES,
     POSITIVE_ADJECTIVES,
+    SUBJECTS,
+    UNSEEN_SUBJECTS,
     ReviewGenerator,
     openings,
     oracle_score,
+    strict_preference,
+    well_formed,
 )
 
 
@@ -97,7 +105,7 @@ def test_preference_pairs_share_the_opening_and_respect_the_gap(min_gap):
 
 # -------------------------------------------------------------------------------------------- task
 def small_data(**overrides):
-    values = dict(num_sft_train=40, num_sft_eval=12, num_pairs_train=30, num_pairs_eval=9, **overrides)
+    values = {"num_sft_train": 40, "num_sft_eval": 12, "num_pairs_train": 30, "num_pairs_eval": 9, **overrides}
     return OmegaConf.merge(OmegaConf.structured(DataConfig), values)
 
 
@@ -108,7 +116,8 @@ def test_build_task_sizes_follow_the_data_config():
     assert len(task.pairs_train) == 30 and len(task.pairs_eval) == 9
     assert task.sft_train.column_names == ["text"]
     assert set(task.pairs_train.column_names) == {"chosen", "rejected"}
-    assert task.oracle is oracle_score
+    assert task.oracle is oracle_score and task.judge is well_formed
+    assert task.extra_eval_splits == ("unseen_subjects",)
 
 
 def test_build_task_is_deterministic_and_seeded_by_data_seed():
@@ -125,17 +134,20 @@ def test_task_splits_come_from_different_streams():
 
 
 def opening_of(text: str) -> str:
-    (opening,) = [o for o in openings() if text.startswith(o + " ")]
+    (opening,) = [o for o in openings() if text == o or text.startswith(o + " ")]
     return opening
 
 
-def test_task_pairs_have_the_same_opening_and_a_gap():
-    data = small_data(pair_min_gap=0.3)
-    task = build_task(data)
+def test_task_pairs_have_the_same_opening_and_follow_the_strict_gold():
+    task = build_task(small_data(pair_min_gap=0.3, num_pairs_train=300, pair_gold="strict"))
     for split in (task.pairs_train, task.pairs_eval):
         for chosen, rejected in zip(split["chosen"], split["rejected"]):
             assert opening_of(chosen) == opening_of(rejected)
-            assert oracle_score(chosen) - oracle_score(rejected) >= 0.3 - 1e-12
+            assert strict_preference(chosen, rejected, 0.3) == 1
+    # Held-out pairs are the task's own reviews (accuracy measures the task, not the augmentation).
+    assert all(well_formed(t) for t in list(task.pairs_eval["chosen"]) + list(task.pairs_eval["rejected"]))
+    assert not all(well_formed(t) for t in task.pairs_train["rejected"])
+    assert all(well_formed(t) for t in task.pairs_train["chosen"])
 
 
 def test_prompts_train_and_eval_are_disjoint_openings():
@@ -144,10 +156,55 @@ def test_prompts_train_and_eval_are_disjoint_openings():
     assert train.isdisjoint(evaluation)
     assert train | evaluation == set(openings())
     assert len(evaluation) == len(openings()) // 4
-    # The held-out prompts are not one narrow slice: every verb occurs on both sides.
+    # The held-out prompts are not one narrow slice: every verb and every subject occurs among them.
     for verb in ("was", "is", "felt", "seemed"):
         assert any(p.endswith(" " + verb) for p in evaluation)
         assert any(p.endswith(" " + verb) for p in train)
+    assert {opening.rsplit(" ", 1)[0] for opening in evaluation} == set(SUBJECTS)
+
+
+def test_evaluation_openings_are_in_no_training_pair():
+    task = build_task(small_data(num_pairs_train=2000))
+    evaluation = set(task.prompts_eval)
+    pair_openings = {opening_of(t) for t in list(task.pairs_train["chosen"]) + list(task.pairs_train["rejected"])}
+    assert pair_openings == set(task.prompts_train)  # every training opening, and nothing else
+    assert pair_openings.isdisjoint(evaluation)
+
+
+def test_unseen_subjects_are_in_no_training_text():
+    task = build_task(small_data(num_sft_train=2000, num_pairs_train=1000))
+    unseen = task.prompts("unseen_subjects")
+    assert unseen == openings(UNSEEN_SUBJECTS) and len(unseen) == 4 * len(UNSEEN_SUBJECTS)
+    assert set(UNSEEN_SUBJECTS).isdisjoint(SUBJECTS)
+    texts = [t for data, column in [(task.sft_train, "text"), (task.sft_eval, "text"), (task.pairs_train, "chosen"),
+                                    (task.pairs_train, "rejected"), (task.pairs_eval, "chosen"),
+                                    (task.pairs_eval, "rejected")] for t in data[column]]
+    texts += task.prompts_train + task.prompts_eval
+    assert not [t for t in texts for subject in UNSEEN_SUBJECTS if subject.split()[1] in t.split()]
+    # ... yet the judge reads their reviews like any other, and the tokenizer has one token per word.
+    generator = ReviewGenerator(seed=0, opening_pool=unseen)
+    assert all(well_formed(generator.review().text) for _ in range(100))
+
+
+def test_builtin_tokenizer_knows_every_word_of_the_unseen_subjects():
+    from marl_exp.modeling.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(512)
+    for opening in openings(SUBJECTS + UNSEEN_SUBJECTS):
+        assert len(tokenizer(opening, add_special_tokens=False).input_ids) == len(opening.split()), opening
+
+
+def test_fit_prompts_checks_the_unseen_subjects_split_too():
+    class Tokenizer:  # one token per word, but "sequel" is long
+        def __call__(self, prompts):
+            return SimpleNamespace(input_ids=[p.split() + ["x"] * 10 * ("sequel" in p) for p in prompts])
+
+    with pytest.raises(DataError, match=r"reviews unseen_subjects opening 12 \('this sequel was'\): prompt has 13 tokens"):
+        build_task(small_data()).fit_prompts(Tokenizer(), max_prompt_tokens=4, on_bad_row="error")
+    task = build_task(small_data())
+    task.fit_prompts(Tokenizer(), max_prompt_tokens=4, on_bad_row="skip")
+    assert task.prompts("unseen_subjects") == openings(UNSEEN_SUBJECTS[:3])
+    assert task.prompts_train + task.prompts_eval != [] and len(task.prompts_eval) == 12
 
 
 def test_unknown_task_is_a_config_error():
@@ -155,22 +212,44 @@ def test_unknown_task_is_a_config_error():
         build_task(small_data(name="squad"))
 
 
-def test_preference_pairs_include_unfinished_reviews_ranked_by_the_oracle():
+def test_preference_pairs_rank_unfinished_reviews_below_every_review():
     generator = ReviewGenerator(seed=11)
-    pairs = [generator.preference_pair(min_gap=0.25, truncate_prob=0.5) for _ in range(200)]
-    sides = [r for pair in pairs for r in pair]
-    unfinished = [r for r in sides if not r.text.endswith(" .")]
-    assert 0.3 < len(unfinished) / len(sides) < 0.7  # about half of the sides, as asked
+    pairs = [generator.preference_pair(min_gap=0.25, truncate_prob=0.5) for _ in range(300)]
+    unfinished = [r for pair in pairs for r in pair if not r.text.endswith(" .")]
+    assert 0.25 < len(unfinished) / len(pairs) < 0.9  # a side of most pairs (both unfinished: no pair)
     assert any(r.text == r.opening for r in unfinished)  # cut before the first body word
     for chosen, rejected in pairs:
         assert chosen.opening == rejected.opening
-        assert oracle_score(chosen.text) - oracle_score(rejected.text) >= 0.25
+        assert well_formed(chosen.text)  # never an unfinished review, however positive
+        if well_formed(rejected.text):
+            assert oracle_score(chosen.text) - oracle_score(rejected.text) >= 0.25
+    # The issue's case: a stub the plain oracle prefers is rejected in favour of a finished review.
+    assert any(oracle_score(rejected.text) > oracle_score(chosen.text) for chosen, rejected in pairs)
 
 
-def test_spliced_pairs_go_off_grammar_but_keep_the_oracle_order():
+def test_spliced_pairs_go_off_grammar_and_lose_to_every_review():
     generator = ReviewGenerator(seed=12)
-    pairs = [generator.preference_pair(min_gap=0.25, splice_prob=1.0) for _ in range(100)]
-    # Every side got a stretch of another review: longer than any grammatical body of one closing.
-    assert sum(r.text.count(" i ") > 1 or r.text.count(" .") > 2 for pair in pairs for r in pair) > 50
+    pairs = [generator.preference_pair(min_gap=0.25, splice_prob=0.5) for _ in range(200)]
+    rejected_off_grammar = [r.text for _, r in pairs if not well_formed(r.text)]
+    # Most spliced sides are off the grammar: two closings, a phrase after the closing, ...
+    assert len(rejected_off_grammar) > 0.5 * len(pairs)
+    assert sum(t.count(" i ") > 1 or t.count(" .") > 2 for t in rejected_off_grammar) > 0.3 * len(pairs)
     for chosen, rejected in pairs:
-        assert oracle_score(chosen.text) - oracle_score(rejected.text) >= 0.25
+        assert well_formed(chosen.text) and strict_preference(chosen.text, rejected.text, 0.25) == 1
+
+
+def test_preference_pairs_draw_from_the_opening_pool():
+    pool = ["the plot was", "this show is"]
+    generator = ReviewGenerator(seed=13, opening_pool=pool)
+    assert {generator.preference_pair(0.25, 0.2, 0.2)[0].opening for _ in range(50)} == set(pool)
+    assert {generator.review().opening for _ in range(50)} == set(pool)
+    with pytest.raises(ValueError, match="opening_pool"):
+        ReviewGenerator(seed=0, opening_pool=[])
+
+
+def test_plain_gold_orders_pairs_by_the_oracle_whatever_their_shape():
+    task = build_task(small_data(pair_min_gap=0.3, num_pairs_train=300, pair_gold="plain"))
+    pairs = list(zip(task.pairs_train["chosen"], task.pairs_train["rejected"]))
+    assert all(oracle_score(c) - oracle_score(r) >= 0.3 for c, r in pairs)
+    # Unlike the strict gold, an ill-formed text can be chosen over a review (a stub with only positive words).
+    assert any(not well_formed(c) and well_formed(r) for c, r in pairs)

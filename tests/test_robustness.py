@@ -127,10 +127,9 @@ def test_sigterm_during_an_upstream_sft_build_stops_without_a_complete_cache_ent
         "marl-exp: the sft stage was interrupted by SIGTERM at step 1; the SFT and reward stages keep no "
         "checkpoints (they are short): resuming means rerunning, with: python train.py <same overrides> "
         f"hydra.run.dir={tmp_path / 'run'}"]
-    # The interrupted build is not in the cache: no complete entry, no summary, no model.
+    # The interrupted build is not in the cache, and its half-built dir is gone too (issue 15: no stale dirs).
     assert not list((tmp_path / "cache").glob("sft-*"))
-    building = list((tmp_path / "cache").glob(".sft-*.building-*"))
-    assert building and not any((b / "summary.json").exists() or (b / "model").exists() for b in building)
+    assert not list((tmp_path / "cache").glob(".sft-*.building-*"))
     assert (tmp_path / "run" / cli.INTERRUPTED_MARKER).exists()
 
 

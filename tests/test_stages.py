@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from conftest import QUICK, REPO, compose
 from marl_exp.data import build_task
+from marl_exp.data.reviews import well_formed
 from marl_exp.modeling.loading import fingerprint
 from marl_exp.stages import pipeline, reward, sft
 from marl_exp.stages.pipeline import cache_dir, resolve_inputs, run_stage, upstream_config
@@ -321,27 +322,6 @@ def test_trained_chain_reward_quality(trained_chain):
     assert sft_summary["eval/loss"] < sft_summary["eval/loss_before"] - 2.0
 
 
-def review_grammar():
-    import re
-
-    from marl_exp.data import reviews as r
-
-    def alt(words):
-        return "(?:" + "|".join(map(re.escape, sorted(words, key=len, reverse=True))) + ")"
-
-    phrase = f"(?:not )?(?:{alt(r.INTENSIFIERS)} )?{alt(r.POSITIVE_ADJECTIVES + r.NEGATIVE_ADJECTIVES)}"
-    closing = f"i {alt(r.POSITIVE_VERBS + r.NEGATIVE_VERBS)} it"
-    return re.compile(f"^{alt(r.openings())} {phrase}(?: {alt(r.CONNECTORS)} {phrase})* \\. {closing} \\.$")
-
-
-def test_review_grammar_matches_generated_reviews():
-    from marl_exp.data.reviews import ReviewGenerator
-
-    grammar, generator = review_grammar(), ReviewGenerator(seed=1)
-    assert all(grammar.match(generator.review().text) for _ in range(300))
-    assert not grammar.match("the movie was great . i brilliant . i liked it .")
-
-
 @pytest.mark.slow
 def test_trained_sft_model_writes_reviews(trained_chain):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -349,13 +329,15 @@ def test_trained_sft_model_writes_reviews(trained_chain):
     model = AutoModelForCausalLM.from_pretrained(trained_chain["sft_model"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(trained_chain["sft_model"])
     prompts = build_task(trained_chain["cfg"].data).prompts_eval
-    grammar, ok = review_grammar(), 0
-    for prompt in prompts:
+    # Sampled, as PPO samples it (greedy decoding of a small model falls into loops that sampling never sees).
+    ok, texts = 0, []
+    torch.manual_seed(0)
+    for prompt in prompts * 4:
         inputs = tokenizer(prompt, return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0]
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        ok += out[-1].item() == tokenizer.eos_token_id and bool(grammar.match(text))
-    assert ok >= 0.75 * len(prompts)
+        out = model.generate(**inputs, max_new_tokens=40, do_sample=True, top_k=0, pad_token_id=tokenizer.pad_token_id)[0]
+        texts.append(tokenizer.decode(out, skip_special_tokens=True))
+        ok += out[-1].item() == tokenizer.eos_token_id and well_formed(texts[-1])
+    assert ok >= 0.75 * len(texts), texts
 
 
 @pytest.mark.slow

@@ -69,7 +69,7 @@ def test_wandb_sweep_file_runs_train_py_with_hydra_overrides():
     spec = yaml.safe_load((REPO / "sweeps" / "wandb_lora_rank.yaml").read_text())
     assert spec["program"] == "train.py"
     assert "${args_no_hyphens}" in spec["command"]
-    assert spec["metric"] == {"name": "eval/after/oracle_score", "goal": "maximize"}
+    assert spec["metric"] == {"name": "eval/after/oracle_strict", "goal": "maximize"}
     assert spec["parameters"]["adapter.r"]["values"] == [8, 16, 32]
     for key in spec["parameters"]:  # every swept key exists in the config
         assert OmegaConf.select(compose_with_hydra("stage=ppo"), key) is not None

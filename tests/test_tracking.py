@@ -107,7 +107,21 @@ def test_tracker_writes_metrics_and_summary_locally(tmp_path):
     records = [json.loads(line) for line in lines]
     assert records == [{"step": 1, "train/loss": 1.5, "eval/x": "nan"},
                        {"step": 2, "train/loss": 0.5, "vec": [1.0, 2.0]}]
-    assert read_json(tmp_path / "run" / "summary.json") == {"eval/loss": 0.25, "time/total_s": 3.0}
+    summary = read_json(tmp_path / "run" / "summary.json")
+    (segment,) = summary.pop("segments")  # marl_exp.records: one process, finished
+    assert summary == {"eval/loss": 0.25, "time/total_s": 3.0}
+    assert segment["status"] == "finished" and segment["last_step"] == 2 and segment["seconds"] > 0
+    assert segment["pid"] == os.getpid() and segment["wandb"] is None
+
+
+def test_a_stage_that_stops_before_its_summary_leaves_none(tmp_path):
+    """SFT and reward write summary.json last (the stage cache's mark of a complete entry): a tracker that
+    ends without one, e.g. on an interrupt, must not write one."""
+    with pytest.raises(RuntimeError):
+        with Tracker(compose("stage=sft", "logger=none"), tmp_path, job_type="sft") as tracker:
+            tracker.log({"train/loss": 1.0}, step=1)
+            raise RuntimeError("stopped")
+    assert not (tmp_path / "summary.json").exists()
 
 
 def test_hf_metric_names():
@@ -128,6 +142,54 @@ def test_tracker_callback_forwards_trainer_logs(tmp_path):
     callback.on_log(None, SimpleNamespace(is_world_process_zero=False, global_step=8), None, logs={"loss": 1.0})
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records == [{"step": 7, "train/loss": 2.0, "eval/loss": 1.0}]
+
+
+# ------------------------------------------------------------------------------- W&B names in a sweep
+def _sweep_job(tmp_path, job_overrides: list[str], sweep_overrides: list[str] | None, num: int = 3):
+    """A multirun job's Hydra config; its sweep dir holds a multirun.yaml with ``sweep_overrides`` (the
+    command line, comma lists and all), as Hydra's basic sweeper writes it."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from conftest import CONF_DIR
+    from marl_exp.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=job_overrides, return_hydra_config=True)
+    sweep_dir = tmp_path / "multirun" / "2026-01-31" / "12-00-00_ppo"
+    sweep_dir.mkdir(parents=True)
+    if sweep_overrides is not None:
+        OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"task": sweep_overrides},
+                                                   "sweeper": {"params": None}}}), sweep_dir / "multirun.yaml")
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.sweep.dir = str(sweep_dir)
+        cfg.hydra.job.num = num
+        cfg.hydra.job.override_dirname = ",".join(sorted(job_overrides))
+    return cfg
+
+
+@pytest.mark.parametrize("sweep,group,name,swept", [
+    (["adapter.r=8,16", "seed=0,1,2", "stage=ppo"], "2026-01-31_12-00-00_ppo:adapter.r=16", "3:adapter.r=16,seed=1",
+     {"adapter.r": "16", "seed": "1"}),
+    (["seed=0,1,2", "adapter.r=16", "stage=ppo"], "2026-01-31_12-00-00_ppo", "3:seed=1", {"seed": "1"}),
+    (None, "2026-01-31_12-00-00_ppo", "3:adapter.r=16,seed=1,stage=ppo", None),  # no multirun.yaml: overrides
+])
+def test_wandb_group_and_name_of_a_sweep_job_carry_the_swept_keys(tmp_path, sweep, group, name, swept):
+    """Seeds of one setting share a W&B group, so the dashboard averages them as `compare --group` does."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from marl_exp.tracking import wandb_identity
+
+    cfg = _sweep_job(tmp_path, ["adapter.r=16", "seed=1", "stage=ppo"], sweep)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        got_group, got_name, info = wandb_identity(cfg, tmp_path / "run")
+    finally:
+        HydraConfig.instance().cfg = None
+    assert (got_group, got_name, info.get("swept")) == (group, name, swept)
 
 
 # ------------------------------------------------------------------------------------- W&B offline

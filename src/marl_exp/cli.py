@@ -1,4 +1,9 @@
-"""Entry point logic behind ``train.py``: validate, record the config, run the stage, report errors."""
+"""Entry point logic behind ``train.py``: check, record the config, run the stage, report the result and errors.
+
+Import-light on purpose: at module level only omegaconf/Hydra and marl_exp's light modules load, so a
+config or path mistake is reported (one line, exit 2) before torch, transformers, peft, TRL or W&B are
+imported; they load in ``_run`` once everything has been checked.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +16,35 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from marl_exp import distributed
-from marl_exp.config import RL_STAGES, ConfigError, to_yaml, validate
-from marl_exp.interrupt import StageInterrupted, TrainingDiverged
+from marl_exp import console, preflight, records, threads
+from marl_exp.config import RL_STAGES, ConfigError
 from marl_exp.io import atomic_write_text
-from marl_exp.modeling.loading import ModelLoadError
 
 log = logging.getLogger("marl_exp")
 FAILURE_MARKER = "FAILED"
+INPUT_ERROR_EXIT = 2
 # The metric returned to an optimizing sweeper, per stage (minimize eval/loss, maximize the others).
 OBJECTIVE = {"sft": "eval/loss", "reward": "eval/pairwise_accuracy",
-             **{name: "eval/after/oracle_score" for name in RL_STAGES}}
+             **{name: "eval/after/oracle_strict" for name in RL_STAGES}}
+
+
+def run_app(config_dir: Path | str) -> None:
+    """``python train.py`` / ``marl-exp``: the Hydra app over ``config_dir``, with Hydra's own command-line
+    errors reported as one line (exit 2) and Ctrl-C before a stage runs as one line (exit 130)."""
+    import hydra
+
+    from marl_exp import hydra_errors
+    from marl_exp.config import register_configs
+
+    try:
+        register_configs()
+        hydra_errors.install()
+        hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name="config")(main)()
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print("marl-exp: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def run_dir_from_hydra(cfg: DictConfig) -> Path:
@@ -46,36 +69,81 @@ def in_multirun() -> bool:
         return False
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a data-parallel launch (or a plain run), from the launcher's environment: torch may not be
+    imported yet (``distributed.is_main`` agrees once it is)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     """Run one job; returns the stage's objective for sweepers. Bad input exits 2 with one line."""
     _setup_logging()
-    distributed.init(cfg.device)  # under `accelerate launch` / `torchrun`: join the other processes
     run_dir = Path(run_dir) if run_dir is not None else run_dir_from_hydra(cfg)
+    try:
+        preflight.check(cfg)  # the whole config, every path, the output dir: before the heavy imports
+    except ConfigError as err:
+        return _input_error(err, run_dir)
+    console.quiet_libraries()
+    choice = threads.configure(cfg.threads)  # before torch is imported: OpenMP reads its settings once
+    try:
+        with console.progress_as_lines():
+            return _run(cfg, run_dir, choice)
+    except KeyboardInterrupt:  # while the heavy stack loads (``_run`` handles it once the stage has begun)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if is_main_process():
+            print("marl-exp: interrupted (Ctrl-C) before the stage started; nothing was trained", file=sys.stderr,
+                  flush=True)
+        sys.exit(130)
+
+
+def _input_error(err: BaseException, run_dir: Path) -> float | None:
+    """One line on stderr, ``FAILED`` in the run dir, exit 2 (a sweep job returns None and the sweep goes on)."""
+    _mark_failed(run_dir, err)
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    message = " ".join(str(err).split())  # one line, whatever the message
+    if is_main_process():
+        print(f"marl-exp: error: {message}", file=sys.stderr, flush=True)
+    if in_multirun():  # one bad sweep point must not end the sweep (see hydra_callbacks.SweepReport)
+        return None
+    sys.exit(INPUT_ERROR_EXIT)
+
+
+def _run(cfg: DictConfig, run_dir: Path, choice: threads.ThreadChoice) -> float | None:
+    from marl_exp import distributed
+    from marl_exp.interrupt import StageInterrupted, TrainingDiverged
+    from marl_exp.modeling.loading import ModelLoadError
+    from marl_exp.modeling.multi_adapter import BaseMismatchError
+
+    threads.apply_to_torch(choice.threads)
+    distributed.init(cfg.device)  # under `accelerate launch` / `torchrun`: join the other processes
     # Each process's Hydra may have stamped its own time into the run dir; all work in rank 0's.
     run_dir = Path(distributed.broadcast(str(run_dir)))
     try:
-        validate(cfg)
-        if distributed.is_main():
-            print(to_yaml(cfg), flush=True)
+        run_dir = records.resume_run_dir(cfg, run_dir)  # stage.resume=auto without a run dir: find the run
         from marl_exp.stages.pipeline import run_stage
 
-        summary = run_stage(cfg, run_dir)
-    except (ConfigError, ModelLoadError) as err:
-        _mark_failed(run_dir, err)
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        message = " ".join(str(err).split())  # one line, whatever the message
+        upstream = upstream_sources(cfg)
         if distributed.is_main():
-            print(f"marl-exp: error: {message}", file=sys.stderr, flush=True)
-        if in_multirun():  # one bad sweep point must not end the sweep (see hydra_callbacks.SweepReport)
-            return None
-        sys.exit(2)
+            console.say(console.plan(cfg, run_dir, upstream, choice.short()))
+        summary = run_stage(cfg, run_dir)
+    except (ConfigError, ModelLoadError, BaseMismatchError) as err:
+        return _input_error(err, run_dir)
     except StageInterrupted as err:  # SIGINT/SIGTERM: the stage saved what it could; say how to go on
         message = interrupted_message(cfg, run_dir, err)
         if distributed.is_main():
             atomic_write_text(run_dir / INTERRUPTED_MARKER, message + "\n")
             print(f"marl-exp: {message}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)  # 130 for SIGINT, 143 for SIGTERM
+    except KeyboardInterrupt:  # Ctrl-C outside a stage's handler (waiting for a cache lock, loading) or a second one
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = f"interrupted (Ctrl-C); stopped at once. Rerun with: {resume_command(cfg, run_dir)}"
+        if distributed.is_main():
+            atomic_write_text(run_dir / INTERRUPTED_MARKER, message + "\n")
+            print(f"marl-exp: {message}", file=sys.stderr, flush=True)
+        sys.exit(130)
     except TrainingDiverged as err:  # too many non-finite steps: one line, no traceback
         _mark_failed(run_dir, err)
         print(f"marl-exp: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
@@ -92,8 +160,32 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         return None  # rank 0 reports the run and returns its objective
     (run_dir / INTERRUPTED_MARKER).unlink(missing_ok=True)  # an interrupted run, now resumed to the end
     log.info("run finished: %s", run_dir)
+    console.say(console.result(cfg, run_dir, summary))
     value = summary.get(OBJECTIVE[cfg.stage.name])
     return float(value) if value is not None else None
+
+
+def upstream_sources(cfg: DictConfig) -> dict[str, tuple[str, str]]:
+    """Where the stage's upstream inputs come from: {stage: (path, given | cached | to build)}.
+
+    A given reward adapter with a cached (or to-be-built) SFT model is checked against it here, before
+    anything is built or loaded: it must have been trained on that model.
+    """
+    from marl_exp.stages.pipeline import COMPLETE_MARKER, OUTPUT_SUBDIR, cache_dir, upstream_config
+
+    needs = {"sft": [], "reward": ["sft"], **{name: ["sft", "reward"] for name in RL_STAGES}}[cfg.stage.name]
+    given = {"sft": cfg.stage.get("sft_model"), "reward": cfg.stage.get("reward_adapter")}
+    sources = {}
+    for name in needs:
+        if given[name]:
+            sources[name] = (given[name], "given")
+            continue
+        target = cache_dir(upstream_config(cfg, name))
+        output = target / OUTPUT_SUBDIR[name]
+        sources[name] = (str(output), "cached" if (target / COMPLETE_MARKER).exists() and output.exists() else "to build")
+    if "reward" in sources and sources["reward"][1] == "given" and sources["sft"][1] != "given":
+        preflight.check_same_base(sources["reward"][0], sources["sft"][0], cfg.stage.allow_base_mismatch)
+    return sources
 
 
 INTERRUPTED_MARKER = "INTERRUPTED"
@@ -108,6 +200,8 @@ def resume_command(cfg: DictConfig, run_dir: Path) -> str:
                      if not str(o).lstrip("+~").startswith("stage.resume=")]
     except ValueError:  # not under @hydra.main: the overrides are unknown
         overrides = ["<same overrides>"]
+    from marl_exp import distributed
+
     launcher = ["python"] if not distributed.is_distributed() else \
         ["accelerate", "launch", "--num_processes", str(distributed.world_size())]
     parts = [*launcher, "train.py", *overrides, shlex.quote(f"hydra.run.dir={run_dir}")]
@@ -125,10 +219,13 @@ def interrupted_message(cfg: DictConfig, run_dir: Path, err: StageInterrupted) -
 
 
 def _mark_failed(run_dir: Path, err: BaseException) -> None:
-    if not distributed.is_main():
+    if not is_main_process():
         return
     detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-    atomic_write_text(run_dir / FAILURE_MARKER, f"{type(err).__name__}: {err}\n\n{detail}")
+    try:
+        atomic_write_text(run_dir / FAILURE_MARKER, f"{type(err).__name__}: {err}\n\n{detail}")
+    except OSError:  # e.g. the output dir itself is what cannot be written: the error line says so
+        pass
 
 
 def _setup_logging() -> None:

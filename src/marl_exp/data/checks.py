@@ -11,6 +11,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from marl_exp.config import ConfigError
+from marl_exp.data.chat import is_conversational, prompt_length
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,20 @@ def require_columns(dataset: Dataset, source: str, columns: dict[str, str]) -> N
                             f"{', '.join(dataset.column_names)}; set {key}=<one of them>")
 
 
+def _has_text(value) -> bool:
+    """A non-blank string, or a message list (TRL's conversational format) whose every turn has text."""
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(m, dict) and isinstance(m.get("content"), str) and m["content"].strip()
+                                   for m in value)
+    return isinstance(value, str) and bool(value.strip())
+
+
 def drop_empty_rows(dataset: Dataset, source: str, columns: list[str], on_bad_row: str) -> Dataset:
     """Rows whose text in any of ``columns`` is missing or blank: an error naming the first, or dropped."""
     bad = []
     for column in columns:
         for row, value in enumerate(dataset[column]):
-            if not isinstance(value, str) or not value.strip():
+            if not _has_text(value):
                 bad.append((row, column, value))
     if not bad:
         return dataset
@@ -67,7 +76,10 @@ def drop_empty_rows(dataset: Dataset, source: str, columns: list[str], on_bad_ro
 def fit_prompts(prompts: list[str], origins: list[str], tokenizer, max_prompt_tokens: int, on_bad_row: str,
                 what: str) -> list[str]:
     """Prompts longer than ``max_prompt_tokens`` (context minus the response): an error, or skipped."""
-    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
+    if prompts and is_conversational(prompts[0]):  # message lists: as the chat template renders them
+        lengths = [prompt_length(tokenizer, p) for p in prompts]
+    else:
+        lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
     too_long = [i for i, n in enumerate(lengths) if n > max_prompt_tokens]
     if not too_long:
         return prompts

@@ -7,7 +7,10 @@ Each loader gives the three stages their data the way the classic TRL examples d
 - ``hh_rlhf`` (chosen, rejected dialogues): SFT on the chosen dialogues; the pairs as given; PPO
   prompts = a dialogue up to and including its last ``Assistant:`` turn marker.
 - ``local``: a file per split with ``data.columns`` naming the text / chosen / rejected / prompt columns;
-  only the columns a stage needs must exist.
+  only the columns a stage needs must exist. Conversational files (TRL's formats, message lists) are
+  recognised by their columns: SFT from ``messages`` or ``prompt`` + ``completion``; pairs ``chosen`` /
+  ``rejected`` message lists with an optional shared ``prompt``; prompts as message lists.
+- ``hh_rlhf`` with ``data.conversational=true``: the dialogues as message lists (user / assistant turns).
 
 ``data.path`` is a hub id or a local directory of the same schema (``train.jsonl``, ``test.jsonl``, ...),
 loaded by the same ``load_dataset`` call, which is how the tests run these loaders offline.
@@ -16,11 +19,13 @@ loaded by the same ``load_dataset`` call, which is how the tests run these loade
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
 from marl_exp.config import DATA_FILE_FORMATS
+from marl_exp.data.chat import is_conversational
 from marl_exp.data.checks import DataError, check_utf8, drop_empty_rows, require_columns, require_rows
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -113,6 +118,9 @@ def origins(source: Source, n: int) -> list[str]:
 # ------------------------------------------------------------------------------------------ per dataset
 def sft_texts(data_cfg, split: str) -> Dataset:
     source = Source(data_cfg, split)
+    conversational = _sft_conversations(data_cfg, source)
+    if conversational is not None:
+        return conversational
     column = data_cfg.columns.chosen if data_cfg.name == "hh_rlhf" else data_cfg.columns.text
     key = "chosen" if data_cfg.name == "hh_rlhf" else "text"
     dataset = source.columns(**{key: column})
@@ -124,8 +132,16 @@ def preference_pairs(data_cfg, split: str) -> Dataset:
     if data_cfg.name == "imdb":
         return _imdb_pairs(data_cfg, source)
     columns = data_cfg.columns
-    dataset = source.columns(chosen=columns.chosen, rejected=columns.rejected)
-    return Dataset.from_dict({"chosen": list(dataset[columns.chosen]), "rejected": list(dataset[columns.rejected])})
+    keys = {"chosen": columns.chosen, "rejected": columns.rejected}
+    raw = source.dataset
+    if data_cfg.name == "local" and columns.prompt in raw.column_names and columns.chosen in raw.column_names \
+            and is_conversational(raw[0][columns.chosen]):
+        keys = {"prompt": columns.prompt, **keys}  # TRL's explicit prompt: prompt + chosen vs prompt + rejected
+    dataset = source.columns(**keys)
+    if data_cfg.name == "hh_rlhf" and data_cfg.conversational:  # whole dialogues: TRL's implicit prompt
+        return Dataset.from_dict({side: [hh_messages(d, data_cfg.system_prompt) for d in dataset[column]]
+                                  for side, column in keys.items()})
+    return Dataset.from_dict({side: list(dataset[column]) for side, column in keys.items()})
 
 
 def prompts(data_cfg, split: str) -> tuple[list[str], list[str]]:
@@ -138,6 +154,8 @@ def prompts(data_cfg, split: str) -> tuple[list[str], list[str]]:
     elif data_cfg.name == "hh_rlhf":
         dialogues = source.columns(chosen=columns.chosen)[columns.chosen]
         found = [_hh_prompt(d, source.name, row) for row, d in enumerate(dialogues)]
+        if data_cfg.conversational:  # the turns before the last assistant reply, as messages
+            found = [hh_messages(d, data_cfg.system_prompt)[:-1] for d in dialogues]
     else:
         found = source.columns(prompt=columns.prompt)[columns.prompt]
     return list(found), origins(source, len(found))
@@ -159,6 +177,37 @@ def _imdb_pairs(data_cfg, source: Source) -> Dataset:
     rng.shuffle(negative)
     n = min(len(positive), len(negative))
     return Dataset.from_dict({"chosen": positive[:n], "rejected": negative[:n]})
+
+
+# ------------------------------------------------------------------------------------ conversations
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def hh_messages(dialogue: str, system_prompt: str | None = None) -> list[dict]:
+    """An hh-rlhf dialogue (``\\n\\nHuman: ...\\n\\nAssistant: ...``) as TRL's message list."""
+    parts = _HH_TURN.split(dialogue)  # [before, role, text, role, text, ...]
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": _HH_ROLES[role], "content": text.strip()}
+                       for role, text in zip(parts[1::2], parts[2::2])]
+
+
+def _sft_conversations(data_cfg, source: Source) -> Dataset | None:
+    """SFT rows in a conversational format, or None for plain text: hh-rlhf dialogues as ``messages``
+    (``data.conversational``); a local file with a ``messages`` column, or ``prompt`` + ``completion``."""
+    columns = data_cfg.columns
+    if data_cfg.name == "hh_rlhf" and data_cfg.conversational:
+        dialogues = source.columns(chosen=columns.chosen)[columns.chosen]
+        return Dataset.from_dict({"messages": [hh_messages(d, data_cfg.system_prompt) for d in dialogues]})
+    if data_cfg.name != "local":
+        return None
+    names = source.dataset.column_names
+    if columns.messages in names:
+        return Dataset.from_dict({"messages": list(source.columns(messages=columns.messages)[columns.messages])})
+    if columns.text not in names and columns.prompt in names and columns.completion in names:
+        rows = source.columns(prompt=columns.prompt, completion=columns.completion)
+        return Dataset.from_dict({"prompt": list(rows[columns.prompt]), "completion": list(rows[columns.completion])})
+    return None
 
 
 def _hh_prompt(dialogue: str, source: str, row: int) -> str:

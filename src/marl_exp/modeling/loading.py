@@ -6,9 +6,7 @@ One code path for all three: the built-in model is materialised on disk first an
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import json
 from pathlib import Path
 
 import torch
@@ -23,6 +21,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+# Re-exported; it lives in a module without torch so that the CLI compares bases before the heavy imports.
+from marl_exp.fingerprints import fingerprint  # noqa: F401
 from marl_exp.modeling.tiny import BUILTIN_PREFIX, builtin_model_dir
 
 log = logging.getLogger(__name__)
@@ -156,39 +156,11 @@ def _load_hint(what: str, path: str, err: Exception) -> str:
         return f"could not load the {what} from local path {path!r}: {type(err).__name__}: {reason}"
     if not isinstance(err, OSError):  # found, but not loadable (e.g. an unsupported architecture)
         return f"could not load the {what} {path!r}: {type(err).__name__}: {reason}"
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a filesystem path, not a hub id
+        return f"could not load the {what}: {path!r} does not exist; give an existing model directory or a hub id"
     return (f"could not load the {what} {path!r}: it is not a local directory and not in the Hugging Face "
             f"cache, and the hub is unreachable or the id is wrong; on an offline machine download it first "
             f"(`hf download {path}`) or set model.path to a local directory ({type(err).__name__})")
-
-
-# ------------------------------------------------------------------------------------ fingerprints
-_FULL_HASH_LIMIT = 64 * 2**20  # hash whole files up to this size, sample bigger ones
-_SAMPLE_CHUNKS, _CHUNK = 64, 2**16
-
-
-def fingerprint(model_dir: str | Path) -> str:
-    """A short hash of a checkpoint's config and weight files, to tell two bases apart cheaply.
-
-    Small files are hashed whole; big ones by size plus evenly spaced chunks (a 7B model in ~1 s).
-    """
-    model_dir = Path(model_dir)
-    digest = hashlib.sha256()
-    config = json.loads((model_dir / "config.json").read_text())
-    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
-        config.pop(volatile, None)
-    digest.update(json.dumps(config, sort_keys=True).encode())
-    weight_files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    for file in weight_files:
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}".encode())
-        with file.open("rb") as handle:
-            if size <= _FULL_HASH_LIMIT:
-                digest.update(handle.read())
-                continue
-            for i in range(_SAMPLE_CHUNKS):
-                handle.seek(i * (size - _CHUNK) // (_SAMPLE_CHUNKS - 1))
-                digest.update(handle.read(_CHUNK))
-    return digest.hexdigest()[:16]
 
 
 def local_model_dir(path: str, model_cfg=None) -> Path | None:

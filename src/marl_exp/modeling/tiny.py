@@ -21,13 +21,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from marl_exp.config import TinyArchConfig
-from marl_exp.data.reviews import ReviewGenerator
+from marl_exp.data.reviews import SUBJECTS, UNSEEN_SUBJECTS, ReviewGenerator, openings
 from marl_exp.io import current_umask
 
 BUILTIN_PREFIX = "builtin:"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 TOKENIZER_CORPUS_SIZE = 5000
-RECIPE_VERSION = 1  # bump when the recipe changes so old caches are not reused
+RECIPE_VERSION = 2  # bump when the recipe changes so old caches are not reused (2: unseen subjects' words)
 
 
 def cache_root() -> Path:
@@ -71,8 +71,12 @@ def _build(arch: TinyArchConfig, target: Path) -> None:
 
 
 def train_tokenizer(vocab_size: int, model_max_length: int = 128) -> PreTrainedTokenizerFast:
-    """Byte-level BPE on a fixed sample of reviews: lossless round trip, nearly one token per word."""
-    generator = ReviewGenerator(seed=0)
+    """Byte-level BPE on a fixed sample of reviews: lossless round trip, nearly one token per word.
+
+    The sample opens with every subject, the unseen ones included: like a pretrained tokenizer, it knows
+    every word of the task, and only the SFT corpus lacks the subjects held out from training.
+    """
+    generator = ReviewGenerator(seed=0, opening_pool=openings(SUBJECTS + UNSEEN_SUBJECTS))
     corpus = [generator.review().text for _ in range(TOKENIZER_CORPUS_SIZE)]
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

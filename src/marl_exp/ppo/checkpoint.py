@@ -76,6 +76,13 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
+def checkpoint_step(checkpoint: Path | None) -> int | None:
+    """The step a checkpoint was saved at (from its manifest); None for no checkpoint."""
+    if checkpoint is None:
+        return None
+    return int(read_json(Path(checkpoint) / MANIFEST)["step"])
+
+
 def load_checkpoint(checkpoint: Path, model, adapters: list[str]) -> tuple[dict, dict]:
     """Load adapter and value-head weights into ``model``; return (trainer state, summary so far)."""
     for name in adapters:

@@ -1,4 +1,5 @@
-"""Held-out evaluation of a policy adapter: reward score, oracle score, KL to the reference, length.
+"""Held-out evaluation of a policy adapter: reward score, KL to the reference, length, and what the texts
+say (``response_metrics``: the judges' verdicts where the task has them, EOS fraction, distinct-n).
 
 Sampling uses its own fixed seed inside a forked RNG, so every evaluation sees the same sampling
 noise (before/after comparisons use common random numbers) and training's RNG stream is untouched
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from marl_exp.data import chat
 from marl_exp.ppo import core
+from marl_exp.ppo.response_metrics import response_metrics
 from marl_exp.ppo.rollout import sample, score
 
 EVAL_SEED = 12345
@@ -17,11 +20,12 @@ EVAL_SEED = 12345
 
 @torch.no_grad()
 def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None, num_samples: int | None = None,
-             batch_size: int = 64) -> tuple[dict, list[dict]]:
+             batch_size: int = 64, judge=None) -> tuple[dict, list[dict]]:
     """Metrics over ``num_samples`` sampled responses to ``prompts`` (cycled), and a few samples."""
     num_samples = num_samples or cfg.eval_samples
     queries = [prompts[i % len(prompts)] for i in range(num_samples)]
-    rewards, oracles, kls, lengths, samples = [], [], [], [], []
+    rewards, kls, lengths, samples = [], [], [], []
+    texts, all_responses, has_eos = [], [], []
     devices = [roles.model.device] if roles.model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(EVAL_SEED)
@@ -35,18 +39,21 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
             rewards.append(rollout.raw_scores.cpu())
             lengths.append(mask.sum(1).float().cpu())
             responses = tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+            has_eos += (rollout.has_eos if rollout.has_eos is not None
+                        else (rollout.response_ids == tokenizer.eos_token_id).any(1)).tolist()
+            all_responses += responses
             for query, response, reward in zip(batch, responses, rollout.raw_scores.tolist()):
-                text = f"{query}{response}"
-                value = oracle(text) if oracle is not None else None
-                if value is not None:
-                    oracles.append(value)
+                # A conversation's judges read the assistant turn; a plain text's, prompt + continuation.
+                text = response if chat.is_conversational(query) else f"{query}{response}"
+                texts.append(text)
                 if len(samples) < 8:
-                    samples.append({"query": query, "response": response, "reward": reward, "oracle": value})
+                    samples.append({"query": chat.prompt_text(tokenizer, query), "response": response,
+                                    "reward": reward, "oracle": oracle(text) if oracle is not None else None,
+                                    "well_formed": judge(text) if judge is not None else None})
     metrics = {
         "reward_score": torch.cat(rewards).mean().item(),
         "kl": torch.cat(kls).mean().item(),
         "response_length": torch.cat(lengths).mean().item(),
     }
-    if oracles:
-        metrics["oracle_score"] = sum(oracles) / len(oracles)
+    metrics.update(response_metrics(texts, all_responses, has_eos, oracle=oracle, judge=judge))
     return metrics, samples

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 from transformers import GenerationConfig
 
+from marl_exp.data import chat
 from marl_exp.ppo.core import kl_per_token, logprobs_from_logits
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Rollout:
     has_eos: torch.Tensor | None = None  # [B] bool
     advantages: torch.Tensor | None = None  # [B, R] the update's targets (phase 4 of RLTrainer.step)
     returns: torch.Tensor | None = None  # [B, R] the critic's targets (PPO only)
+    conversations: list | None = None  # [B] the prompts as message lists (conversational tasks), else None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -77,8 +79,12 @@ class Rollout:
 
     def select(self, index: torch.Tensor) -> "Rollout":
         """Rows ``index`` of every tensor (a mini-batch)."""
-        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
-                          for f in fields(self)})
+        def rows(value):
+            if isinstance(value, list):
+                return [value[i] for i in torch.as_tensor(index).reshape(-1).tolist()]
+            return None if value is None else value[index]
+
+        return Rollout(**{f.name: rows(getattr(self, f.name)) for f in fields(self)})
 
 
 def response_slice(query_len: int, response_len: int) -> slice:
@@ -143,22 +149,25 @@ def warn_if_sampling_differs(cfg) -> list[str]:
     return reasons
 
 
-def sample(model, tokenizer, prompts: list[str], adapter: str, cfg, perf: PerfOptions = DEFAULT_PERF,
+def sample(model, tokenizer, prompts: list, adapter: str, cfg, perf: PerfOptions = DEFAULT_PERF,
            stop_ids: list[int] | None = None) -> Rollout:
     """Sample one response per prompt from policy ``adapter`` (KV cache, left padding).
 
+    ``prompts``: strings, or message lists rendered by the chat template with the generation prompt.
     Responses end at the first of ``stop_ids`` (default: every EOS id of the model, ``stop_token_ids``).
     """
     stop_ids = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
     warn_if_sampling_differs(cfg)
     # padding_side per call: the tokenizer is shared, and its own setting stays as it was.
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+    enc = chat.encode_prompts(tokenizer, prompts).to(model.device)
     with no_grad_mode(perf.inference_mode):
         out = model.generate(enc.input_ids, enc.attention_mask, adapter=adapter,
                              generation_config=sampling_config(cfg, stop_ids, tokenizer.pad_token_id))
     response = detached(out[:, enc.input_ids.shape[1]:])
     response_ids, response_mask, has_eos = truncate_after_eos(response, stop_ids, tokenizer.pad_token_id)
-    return Rollout(enc.input_ids, enc.attention_mask, response_ids, response_mask, has_eos=has_eos)
+    conversations = list(prompts) if chat.is_conversational(prompts[0]) else None
+    return Rollout(enc.input_ids, enc.attention_mask, response_ids, response_mask, has_eos=has_eos,
+                   conversations=conversations)
 
 
 def reward_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
@@ -183,6 +192,30 @@ def reward_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, respons
     return ids, mask
 
 
+def chat_reward_inputs(tokenizer, conversations: list, response_ids: torch.Tensor, response_mask: torch.Tensor,
+                       stop_ids: list[int], min_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward model's input for conversations, exactly RewardTrainer's: ``prompt + [assistant: response]``
+    rendered by the chat template (``chat.reward_sequences``), so it ends in the template's end-of-turn
+    tokens (``<|im_end|>\\n``), with no EOS appended. The response is its sampled tokens up to, not
+    including, the stop token, decoded as generated. Right-padded to at least ``min_width`` columns (the
+    fused scoring pass lays reward rows beside the policy rows); returns ids and mask.
+    """
+    texts = []
+    for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):
+        ids = [i for i, m in zip(ids, mask) if m]
+        if ids and ids[-1] in stop_ids:
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+    rows = chat.reward_sequences(tokenizer, conversations, texts)
+    width = max(min_width, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids.to(response_ids.device), mask.to(response_ids.device)
+
+
 def pad_response(rollout: Rollout, length: int, pad_token_id: int) -> None:
     """Right-pad the response to ``length`` tokens (masked), so rollouts can share one batch."""
     extra = length - rollout.response_ids.shape[1]
@@ -198,13 +231,14 @@ def score(roles, rollout: Rollout, adapter: str, critic: str, cfg, tokenizer,
 
 
 def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, tokenizer,
-               perf: PerfOptions = DEFAULT_PERF) -> dict[str, Rollout]:
+               perf: PerfOptions = DEFAULT_PERF, stop_ids: list[int] | None = None) -> dict[str, Rollout]:
     """Score the rollouts of several policies on the same prompts.
 
     The reference and reward passes do not depend on the policy, so they run once over all
     policies' responses stacked in one batch; each policy gets its own log-probs and values. On a
     shared base all of it is one forward (``perf.fused_scoring``). The reward reads each sequence as
-    the reward trainer saw its texts (``reward_inputs``).
+    the reward trainer saw its texts (``reward_inputs``, ``chat_reward_inputs`` for conversations);
+    ``stop_ids``: the ids that ended the responses (default ``stop_token_ids``).
     """
     length = max(r.response_ids.shape[1] for r in rollouts.values())
     for rollout in rollouts.values():
@@ -212,8 +246,15 @@ def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, tokenizer,
     ids = torch.cat([r.input_ids for r in rollouts.values()])
     mask = torch.cat([r.attention_mask for r in rollouts.values()])
     response_mask = torch.cat([r.response_mask for r in rollouts.values()])
-    reward_ids, reward_mask = reward_inputs(ids, mask, response_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
     responses = torch.cat([r.response_ids for r in rollouts.values()])
+    conversations = [c for r in rollouts.values() for c in (r.conversations or [])]
+    if conversations:
+        stop_ids = stop_token_ids(tokenizer, roles.model) if stop_ids is None else stop_ids
+        reward_ids, reward_mask = chat_reward_inputs(tokenizer, conversations, responses, response_mask, stop_ids,
+                                                     min_width=ids.shape[1])
+    else:
+        reward_ids, reward_mask = reward_inputs(ids, mask, response_mask, tokenizer.eos_token_id,
+                                                tokenizer.pad_token_id)
     row_policies = [name for name, r in rollouts.items() for _ in range(r.query_ids.shape[0])]
     window = response_slice(ids.shape[1] - length, length)
     with no_grad_mode(perf.inference_mode):

@@ -125,8 +125,9 @@ class RLTrainer:
         t0 = time.perf_counter()
         # step 2: score the roles on the one base
         if problem is None:
-            score_many(self.roles, rollouts, self.critic, self.cfg, self.tokenizer, perf=self.perf)
-            # Checked before the scores are shaped: NaN must not reach running score statistics.
+            score_many(self.roles, rollouts, self.critic, self.cfg, self.tokenizer, perf=self.perf,
+                       stop_ids=self.stop_ids)
+            # Checked before the scores are shaped: NaN must not reach the running score statistics.
             problem = _nonfinite_rollout(rollouts)
         problem = _agreed(problem)  # in a data-parallel run every rank skips, or none does
         if problem is not None:

@@ -14,19 +14,18 @@ import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from marl_exp import distributed, lineage
-from marl_exp.config import RL_STAGES, AdapterConfig, Config, QuantConfig, STAGE_SCHEMAS, to_yaml
+from marl_exp import distributed, lineage, records
+from marl_exp.config import RL_STAGES, UPSTREAM_ONLY_KEYS, AdapterConfig, Config, QuantConfig, STAGE_SCHEMAS, to_yaml
 from marl_exp.io import atomic_write_json, atomic_write_text
 from marl_exp.stages.common import environment_record
 from marl_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when a stage's output format changes so stale caches are not reused
+CACHE_VERSION = 2  # bump when a stage's output (format or data) changes so stale caches are not reused (2: strict gold)
 COMPLETE_MARKER = "summary.json"  # written last by every stage
 OUTPUT_SUBDIR = {"sft": "model", "reward": "reward_adapter", **{name: "policies" for name in RL_STAGES}}
 
@@ -40,11 +39,11 @@ def run_stage(cfg: DictConfig, run_dir: Path, publish_dir: Path | None = None) -
     run_dir = Path(run_dir)
     inputs = resolve_inputs(cfg)
     save_run_record(cfg, run_dir, inputs)
-    with Tracker(cfg, run_dir, job_type=cfg.stage.name) as tracker:
+    with Tracker(cfg, run_dir, job_type=cfg.stage.name, publish_dir=publish_dir) as tracker:
         lineage.use_inputs(tracker, cfg, inputs)
-        started = time.perf_counter()
         summary = _runner(cfg.stage.name)(cfg, run_dir, tracker, **inputs)
-        tracker.update_summary({"time/total_s": time.perf_counter() - started,
+        # Every segment of a resumed run counts (marl_exp.records).
+        tracker.update_summary({"time/total_s": tracker.total_seconds(),
                                 **({"dist/world_size": distributed.world_size()} if distributed.is_distributed() else {})})
         lineage.log_outputs(tracker, cfg, run_dir, tracker.summary, publish_dir or run_dir)
     return {**summary, "time/total_s": tracker.summary["time/total_s"]}
@@ -84,19 +83,31 @@ def _given(path: str | None) -> str | None:
 def upstream_config(cfg: DictConfig, stage: str) -> DictConfig:
     """The config an upstream ``stage`` runs with: this run's model, data and seed, ``cfg.upstream.<stage>``.
 
-    Full-finetune SFT trains in fp32 (quantized weights cannot be trained); the reward adapter uses
-    this run's quantization, the one PPO will use it under.
+    Its adapter and quantization are ``upstream.<stage>.adapter`` and ``upstream.<stage>.quant``: by
+    default SFT trains in fp32 and the reward adapter under this run's quantization (the one PPO will
+    use it under), both with the default LoRA.
     """
-    stage_node = OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[stage]), cfg.get("upstream", {}).get(stage, {}))
+    upstream = OmegaConf.to_container(cfg.get("upstream", {}).get(stage, {}), resolve=True)
+    own = {key: upstream.pop(key) for key in UPSTREAM_ONLY_KEYS if key in upstream}
+    stage_node = OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[stage]), upstream)
     if stage == "reward":
         stage_node.sft_model = cfg.stage.get("sft_model") or stage_node.sft_model
-    quant = cfg.quant if stage == "reward" else OmegaConf.structured(QuantConfig)
     node = {
         "model": cfg.model, "data": cfg.data, "logger": cfg.logger, "seed": cfg.seed, "device": cfg.device,
-        "output_dir": cfg.output_dir, "quant": quant, "adapter": OmegaConf.structured(AdapterConfig),
+        "output_dir": cfg.output_dir, "quant": _upstream_quant(cfg, own.get("quant", "same" if stage == "reward" else "fp32")),
+        "adapter": OmegaConf.merge(OmegaConf.structured(AdapterConfig), own.get("adapter", {})),
         "stage": stage_node, "upstream": cfg.get("upstream", {}),
     }
     return OmegaConf.merge(OmegaConf.structured(Config), node)
+
+
+def _upstream_quant(cfg: DictConfig, mode: str) -> DictConfig:
+    # "same" is this run's node and fp32 the schema's default one: the nodes (and cache hashes) used so far.
+    if mode == "same":
+        return cfg.quant
+    if mode == "fp32":
+        return OmegaConf.structured(QuantConfig)
+    return OmegaConf.merge(cfg.quant, {"mode": mode})  # bnb_4bit_* settings from this run's quant group
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -138,7 +149,11 @@ def cached_output(cfg: DictConfig) -> Path:
         # Build beside the target and rename, so an interrupted build is never mistaken for a result.
         building = target.with_name(f".{target.name}.building-{os.getpid()}")
         # Named after the entry, not after the temporary dir (W&B run name); not part of the hash.
-        run_stage(OmegaConf.merge(cfg, {"run_name": cfg.run_name or target.name}), building, publish_dir=target)
+        try:
+            run_stage(OmegaConf.merge(cfg, {"run_name": cfg.run_name or target.name}), building, publish_dir=target)
+        except BaseException:  # failed or interrupted: no half-built entry stays behind (the run dir has FAILED)
+            shutil.rmtree(building, ignore_errors=True)
+            raise
         shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete dir from an older crash
         os.replace(building, target)
     return output
@@ -194,5 +209,6 @@ def save_run_record(cfg: DictConfig, run_dir: Path, inputs: dict) -> None:
     if not distributed.is_main():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "resolved_config.yaml", to_yaml(cfg))
-    atomic_write_json(run_dir / "run_record.json", {"inputs": inputs, **environment_record()})
+    config_name, record_name = records.run_record_names(cfg, run_dir)  # a resume's go beside the original's
+    atomic_write_text(run_dir / config_name, to_yaml(cfg))
+    atomic_write_json(run_dir / record_name, {"inputs": inputs, **environment_record()})

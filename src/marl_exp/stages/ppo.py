@@ -15,8 +15,8 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 
-from marl_exp import distributed
-from marl_exp.data import build_task
+from marl_exp import console, distributed
+from marl_exp.data import build_task, chat
 from marl_exp.interrupt import TrainingDiverged, stop_on_signal
 from marl_exp.modeling.loading import context_length, load_model, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.modeling.multi_adapter import (
@@ -28,7 +28,7 @@ from marl_exp.modeling.multi_adapter import (
     reward_adapter_pad_token_id,
     reward_head_labels,
 )
-from marl_exp.ppo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from marl_exp.ppo.checkpoint import checkpoint_step, load_checkpoint, resolve_resume, save_checkpoint
 from marl_exp.ppo.critic_free import CriticFreeTrainer
 from marl_exp.ppo.evaluate import evaluate
 from marl_exp.ppo.roles import SeparateRoles, SharedRoles, critic_name
@@ -99,12 +99,18 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(sft_model, cfg.model)
     task = build_task(cfg.data)
+    conversational = chat.is_conversational(task.prompts_train[0])  # message lists: the chat template renders them
+    chat.apply_template(tokenizer, cfg.data, conversational)
     # Prompts that leave no room for the response fail (or are skipped) now, before the models load.
     context = context_length(sft_model, cfg.model)
     if context:
         task.fit_prompts(tokenizer, context - stage.max_new_tokens, cfg.data.on_bad_row)
     roles = build_roles(cfg, sft_model, reward_adapter, device, tokenizer)
     model = roles.model
+    if distributed.is_main():
+        console.say(console.memory_line(model.memory_footprint()))
+    if conversational:  # replies end at the template's end-of-turn token (also when the SFT model did not say so)
+        log.info("PPO stops responses at token ids %s", chat.stop_at_end_of_turn(model.generation_config, tokenizer))
     model.train(not stage.disable_dropout)  # eval mode = no dropout: ratio is exactly 1 at the first epoch
     # Data parallel: every rank samples its own prompts and responses (same weights, other seeds).
     sampling_seed = cfg.seed + 1000 * distributed.rank()
@@ -118,17 +124,25 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
         metrics = {}
         if not distributed.is_main():  # the weights are the same on every rank: rank 0 evaluates
             return metrics
+        # The headline split "eval" as eval/<tag>/<metric>, each extra split as eval/<tag>/<split>/<metric>.
         for i, name in enumerate(stage.policies):
-            values, samples = evaluate(roles, tokenizer, task.prompts_eval, name, stage, oracle=task.oracle)
-            prefixes = [f"eval/{tag}/"] if i == 0 else []
-            if len(stage.policies) > 1:
-                prefixes.append(f"eval/{tag}/{name}/")
-            metrics.update({p + k: v for p in prefixes for k, v in values.items()})
-            _log_samples(tracker, run_dir, step, tag, name, samples)
+            for split in ("eval", *task.extra_eval_splits):
+                values, samples = evaluate(roles, tokenizer, task.prompts(split), name, stage, oracle=task.oracle,
+                                           judge=task.judge)
+                if split == "eval":
+                    console.say(console.eval_line(tag, step, stage.steps, values,
+                                                  name if len(stage.policies) > 1 else None))
+                prefixes = [f"eval/{tag}/"] if i == 0 else []
+                if len(stage.policies) > 1:
+                    prefixes.append(f"eval/{tag}/{name}/")
+                infix = "" if split == "eval" else f"{split}/"
+                metrics.update({p + infix + k: v for p in prefixes for k, v in values.items()})
+                _log_samples(tracker, run_dir, step, tag, name, samples, split)
         return metrics
 
     summary: dict = {**count_parameters(model), **{f"memory/{k}": v for k, v in model.memory_footprint().items()}}
     checkpoint = resolve_resume(stage.resume, run_dir)
+    tracker.continue_from(checkpoint_step(checkpoint))  # a resume: metrics.jsonl cut back, W&B steps continue
     if checkpoint is not None:
         trainer_state, saved_summary = load_checkpoint(checkpoint, model, saved_adapters)
         trainer.load_state_dict(own_rank_state(trainer_state, fresh=trainer.state_dict()))
@@ -169,7 +183,8 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, reward_adapter: s
             tracker.log(stats, step=step)
         if stage.samples_every and step % stage.samples_every == 0 and distributed.is_main():
             for name, rollout in trainer.last_rollouts.items():
-                _log_samples(tracker, run_dir, step, "train", name, rollout_samples(rollout, tokenizer, task.oracle))
+                _log_samples(tracker, run_dir, step, "train", name,
+                             rollout_samples(rollout, tokenizer, task.oracle, task.judge), split="train")
         if stage.eval_every and step % stage.eval_every == 0 and step < stage.steps:
             tracker.log(run_eval("during", step), step=step)
         # Not after a step with non-finite values: the last checkpoint stays the last good one.
@@ -232,25 +247,31 @@ def _weight_divergence(model, adapters: list[str]) -> float:
     return max(float((other - everyone[0]).abs().max()) for other in everyone)
 
 
-def rollout_samples(rollout, tokenizer, oracle=None, limit: int = 8) -> list[dict]:
-    """The first ``limit`` responses of a training rollout, decoded, with their raw reward."""
+def rollout_samples(rollout, tokenizer, oracle=None, judge=None, limit: int = 8) -> list[dict]:
+    """The first ``limit`` responses of a training rollout, decoded, with their raw reward (and the task's
+    oracle and judge, when it has them)."""
     queries = tokenizer.batch_decode(rollout.query_ids[:limit], skip_special_tokens=True)
     responses = tokenizer.batch_decode(rollout.response_ids[:limit], skip_special_tokens=True)
     rewards = rollout.raw_scores[:limit].tolist() if rollout.raw_scores is not None else [None] * len(queries)
-    return [{"query": q, "response": r, "reward": w, "oracle": oracle(q + r) if oracle is not None else None}
-            for q, r, w in zip(queries, responses, rewards)]
+    # A conversation's judges read the assistant turn only; a plain text's, the prompt and its continuation.
+    judged = responses if rollout.conversations is not None else [q + r for q, r in zip(queries, responses)]
+    return [{"query": q, "response": r, "reward": w, "oracle": oracle(t) if oracle is not None else None,
+             "well_formed": judge(t) if judge is not None else None}
+            for q, r, w, t in zip(queries, responses, rewards, judged)]
 
 
-def _log_samples(tracker: Tracker, run_dir: Path, step: int, tag: str, policy: str, samples: list[dict]) -> None:
+def _log_samples(tracker: Tracker, run_dir: Path, step: int, tag: str, policy: str, samples: list[dict],
+                 split: str = "eval") -> None:
     """A few sampled responses: appended to samples.jsonl, and a W&B table when W&B is on."""
     import json
 
     with (run_dir / "samples.jsonl").open("a") as handle:
         for sample in samples:
-            handle.write(json.dumps({"step": step, "eval": tag, "policy": policy, **sample}) + "\n")
+            handle.write(json.dumps({"step": step, "eval": tag, "split": split, "policy": policy, **sample}) + "\n")
     if tracker.wandb_run is not None:
         import wandb
 
-        columns = ["query", "response", "reward", "oracle"]
+        columns = ["query", "response", "reward", "oracle", "well_formed"]
         table = wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])
-        tracker.wandb_run.log({f"samples/{policy}": table}, step=step)
+        key = f"samples/{policy}" if split == "eval" else f"samples/{policy}/{split}"
+        tracker.wandb_run.log({key: table}, step=step)

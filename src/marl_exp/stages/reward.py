@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 from peft import prepare_model_for_kbit_training
 from trl import RewardConfig, RewardTrainer
+from trl.data_utils import is_conversational
 
 from marl_exp import distributed
-from marl_exp.data import build_task
+from marl_exp.config import ConfigError
+from marl_exp.data import build_task, chat
 from marl_exp.interrupt import StopOnSignalCallback, stop_on_signal
 from marl_exp.modeling.loading import load_model, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.modeling.multi_adapter import write_base_record
@@ -35,11 +37,17 @@ def run(cfg, run_dir: Path, tracker: Tracker, sft_model: str) -> dict:
 def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, stop) -> dict:
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(sft_model, cfg.model)
+    task = build_task(cfg.data)
+    # Conversational pairs: RewardTrainer renders them with the chat template (the SFT model's, or data.chat_template).
+    conversational = is_conversational(task.pairs_train[0])
+    chat.apply_template(tokenizer, cfg.data, conversational)
+    if conversational and chat.missing_template_tokens(tokenizer):
+        raise ConfigError(f"the chat template writes {chat.missing_template_tokens(tokenizer)}, which {sft_model} "
+                          "does not have; train the reward adapter on an SFT model trained with this template")
     model = load_model(sft_model, cfg.model, cfg.quant, device, task="seq-cls", num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id  # the classifier pools at the last non-pad token
     if cfg.quant.mode in ("8bit", "4bit"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.stage.gradient_checkpointing)
-    task = build_task(cfg.data)
 
     args = RewardConfig(**trainer_kwargs(cfg, run_dir / "trainer", device),
                         center_rewards_coefficient=cfg.stage.center_rewards_coefficient)
@@ -69,21 +77,32 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, stop) -> dict:
 
 
 @torch.no_grad()
-def sequence_scores(model, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
-    """Reward of each text (EOS appended, as RewardTrainer trains it) from a sequence classifier."""
+def sequence_scores(model, tokenizer, texts: list, batch_size: int) -> torch.Tensor:
+    """Reward of each text from a sequence classifier, formatted as RewardTrainer trains it: plain text with
+    EOS appended, a conversation (message list) rendered by the chat template."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     scores = []
     for start in range(0, len(texts), batch_size):
-        batch = [t + tokenizer.eos_token for t in texts[start:start + batch_size]]
-        inputs = tokenizer(batch, return_tensors="pt", padding=True).to(device)
+        batch = texts[start:start + batch_size]
+        if chat.is_conversational(batch[0]):
+            ids = [tokenizer.apply_chat_template(t, tokenize=True, return_dict=True)["input_ids"] for t in batch]
+            inputs = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding_side="right").to(device)
+        else:
+            inputs = tokenizer([t + tokenizer.eos_token for t in batch], return_tensors="pt", padding=True).to(device)
         scores.append(model(**inputs).logits[:, 0].float().cpu())
     model.train(was_training)
     return torch.cat(scores)
 
 
+def pair_sides(pairs, side: str) -> list:
+    """One side of each pair as RewardTrainer joins it: the shared ``prompt`` (when given) + the side."""
+    sides = list(pairs[side])
+    return [p + s for p, s in zip(pairs["prompt"], sides)] if "prompt" in pairs.column_names else sides
+
+
 def pairwise_accuracy(model, tokenizer, pairs, batch_size: int) -> float:
-    chosen = sequence_scores(model, tokenizer, list(pairs["chosen"]), batch_size)
-    rejected = sequence_scores(model, tokenizer, list(pairs["rejected"]), batch_size)
+    chosen = sequence_scores(model, tokenizer, pair_sides(pairs, "chosen"), batch_size)
+    rejected = sequence_scores(model, tokenizer, pair_sides(pairs, "rejected"), batch_size)
     return (chosen > rejected).float().mean().item()

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from peft import PeftModel, prepare_model_for_kbit_training
 from trl import SFTConfig, SFTTrainer
+from trl.data_utils import is_conversational
 
 from marl_exp import distributed
 from marl_exp.config import sft_finetune_mode
-from marl_exp.data import build_task
+from marl_exp.data import build_task, chat
 from marl_exp.interrupt import StopOnSignalCallback, stop_on_signal
 from marl_exp.modeling.loading import load_model, load_tokenizer, resolve_device, resolve_model_path
 from marl_exp.stages.common import count_parameters, lora_config, trainer_kwargs, upcast_trainable_to_fp32
@@ -37,12 +38,18 @@ def _run(cfg, run_dir: Path, tracker: Tracker, stop) -> dict:
     device = resolve_device(cfg.device)
     base_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(base_path, cfg.model)
-    model = load_model(base_path, cfg.model, cfg.quant, device)
     task = build_task(cfg.data)
+    # Conversations (TRL's formats) go through the chat template; without one this fails before loading.
+    conversational = is_conversational(task.sft_train[0])
+    chat.apply_template(tokenizer, cfg.data, conversational)
+    model = load_model(base_path, cfg.model, cfg.quant, device)
+    added = chat.add_template_tokens(model, tokenizer) if conversational else []
 
     peft_config = None
     if sft_finetune_mode(cfg) == "lora":
         peft_config = lora_config(cfg.adapter, task_type="CAUSAL_LM")
+        if added:  # LoRA alone would leave the new tokens' embeddings untrained
+            train_new_tokens(peft_config, model, tokenizer.convert_tokens_to_ids(added))
         if cfg.quant.mode in ("8bit", "4bit"):
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=cfg.stage.gradient_checkpointing)
@@ -68,22 +75,37 @@ def _run(cfg, run_dir: Path, tracker: Tracker, stop) -> dict:
     if distributed.is_distributed():  # the trainer's own view: data parallel over this many processes
         summary["dist/trainer_processes"] = trainer.accelerator.num_processes
     if distributed.is_main():  # data parallel: the weights are the same on every rank
-        _save(trainer.model, tokenizer, run_dir, base_path, cfg)
+        _save(trainer.model, tokenizer, run_dir, base_path, cfg, conversational)
     tracker.update_summary(summary)
     return summary
 
 
-def _save(model, tokenizer, run_dir: Path, base_path: str, cfg) -> None:
+def _save(model, tokenizer, run_dir: Path, base_path: str, cfg, conversational: bool = False) -> None:
     out = run_dir / MODEL_SUBDIR
     if isinstance(model, PeftModel):
         model.save_pretrained(run_dir / "adapter")
         tokenizer.save_pretrained(run_dir / "adapter")
         # Merge into a full-precision copy of the base: merging into quantized weights would round them.
         base = load_model(base_path, cfg.model, _fp32(cfg.quant), torch.device("cpu"))
+        if base.get_input_embeddings().num_embeddings < len(tokenizer):  # the chat template's added tokens
+            base.resize_token_embeddings(len(tokenizer))
         model = PeftModel.from_pretrained(base, run_dir / "adapter").merge_and_unload()
+    if conversational:  # the reply ends at the template's end-of-turn token: say so where generate() looks
+        chat.stop_at_end_of_turn(model.generation_config, tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     log.info("SFT model saved to %s", out)
+
+
+def train_new_tokens(peft_config, model, token_ids: list[int]) -> None:
+    """Let LoRA SFT train tokens added to the vocabulary: their input-embedding rows (peft's
+    ``trainable_token_indices``) and, when not tied to them, the output embeddings whole (``modules_to_save``:
+    TRL's fused LM head reads the plain weight, which peft's token wrapper does not expose)."""
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    peft_config.trainable_token_indices = {names[inputs]: list(token_ids)}
+    if outputs is not None and outputs.weight is not inputs.weight:
+        peft_config.modules_to_save = [*(peft_config.modules_to_save or []), names[outputs]]
 
 
 def _fp32(quant_cfg):

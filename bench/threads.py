@@ -1,0 +1,150 @@
+"""PPO step time with marl-exp's thread choice against torch's default, quiet, beside a busy process, and as two
+parallel jobs: ``python bench/threads.py`` (about 2-4 minutes on 2 cores; ``--quick`` about 1).
+
+Each measurement runs in a fresh process (OpenMP reads its settings when torch loads): one warm-up step,
+then ``--steps`` timed PPO steps (median) of the benchmark's ``--size`` model (default: the built-in tiny
+model, the default of every stage) with batch 8 and 16 new tokens.
+
+* quiet: nothing else running (as far as this script can see: check the load average it prints);
+* busy: beside one other busy process (a pure-Python loop, one core at 100%);
+* parallel: two runs at once, as the joblib launcher starts them (``n_jobs=2``).
+
+Settings: "marl-exp auto" = what ``threads=auto`` picks (``marl_exp.threads``: ``min(cores, CPUs-1) // jobs``
+threads, ``OMP_WAIT_POLICY=PASSIVE``); "torch default" = one thread per physical core, OpenMP's default wait
+policy (what any script gets that sets nothing). The goal: busy ÷ quiet ≤ 2.5 with marl-exp's choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+TARGET_BUSY_OVER_QUIET = 2.5
+
+
+# ------------------------------------------------------------------------------------- child process
+def child(size: str, steps: int) -> None:
+    """One measurement (in its own process, threads already set in the environment): prints JSON."""
+    import torch
+
+    threads = int(os.environ["OMP_NUM_THREADS"])
+    torch.set_num_threads(threads)
+    cfg = common.ppo_config(size, batch=8, new_tokens=16, device="cpu")
+    _, _, trainer = common.build_trainer(cfg)
+    trainer.step()  # warm-up
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        trainer.step()
+        times.append(time.perf_counter() - started)
+    print(json.dumps({"threads": torch.get_num_threads(), "wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                      "median_s": common.median(times), "times_s": times}), flush=True)
+
+
+def start_child(size: str, steps: int, threads: int, passive: bool) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env.pop("OMP_WAIT_POLICY", None)
+    if passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return subprocess.Popen([sys.executable, __file__, "--child", "--size", size, "--steps", str(steps)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure(size: str, steps: int, threads: int, passive: bool) -> dict:
+    return finish(start_child(size, steps, threads, passive))
+
+
+def busy_process() -> subprocess.Popen:
+    """Another process keeping one core busy (what any shared machine has)."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+# ---------------------------------------------------------------------------------------------- main
+def run(size: str, steps: int) -> dict:
+    from marl_exp import threads as marl_threads
+
+    cpus, cores = marl_threads.available_cpus(), marl_threads.physical_cores()
+    auto_one, _ = marl_threads.auto_threads(cpus, cores, 1)
+    auto_two, _ = marl_threads.auto_threads(cpus, cores, 2, "2 parallel launcher jobs")
+    # "all cores, passive wait" separates the two parts of the rule: the thread count and the wait policy.
+    settings = {"marl-exp auto": (auto_one, True), "torch default": (cores, False),
+                "all cores, passive wait": (cores, True)}
+    results = {"machine": {"cpus": cpus, "physical_cores": cores, "load_avg_at_start": os.getloadavg()[0],
+                           "size": size, "steps": steps, "git": common._git_commit()}, "runs": {}}
+    for name, (threads, passive) in settings.items():
+        quiet = measure(size, steps, threads, passive)
+        spinner = busy_process()
+        try:
+            time.sleep(0.5)
+            busy = measure(size, steps, threads, passive)
+        finally:
+            spinner.kill()
+            spinner.wait()
+        results["runs"][name] = {"threads": threads, "passive": passive, "quiet": quiet, "busy": busy}
+    parallel = {"marl-exp auto": (auto_two, True), "torch default": (cores, False), "all cores, passive wait": (cores, True)}
+    for name, (threads, passive) in parallel.items():
+        jobs = [start_child(size, steps, threads, passive) for _ in range(2)]
+        results["runs"][name]["parallel"] = {"threads": threads, "jobs": [finish(job) for job in jobs]}
+    return results
+
+
+def report(results: dict) -> str:
+    m = results["machine"]
+    runs = results["runs"]
+    best_quiet = min(r["quiet"]["median_s"] for r in runs.values())
+    lines = [f"threads benchmark: {m['size']} PPO step (batch 8, 16 new tokens, median of {m['steps']}), "
+             f"{m['cpus']} CPUs / {m['physical_cores']} physical cores, load average at start "
+             f"{m['load_avg_at_start']:.2f}, commit {m['git']}",
+             "",
+             "| setting | threads | quiet s/step | busy s/step | busy ÷ quiet | busy ÷ best quiet | 2 parallel jobs "
+             "(threads each): s/step each |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        quiet, busy = r["quiet"]["median_s"], r["busy"]["median_s"]
+        par = r["parallel"]
+        each = " / ".join(f"{j['median_s']:.3f}" for j in par["jobs"])
+        lines.append(f"| {name} | {r['threads']} | {quiet:.3f} | {busy:.3f} | {busy / quiet:.2f} | "
+                     f"{busy / best_quiet:.2f} | {each} ({par['threads']}) |")
+    auto = runs["marl-exp auto"]
+    ratio = auto["busy"]["median_s"] / auto["quiet"]["median_s"]
+    lines += ["", f"goal: marl-exp auto busy ÷ quiet ≤ {TARGET_BUSY_OVER_QUIET}: "
+                  f"{ratio:.2f} -> {'met' if ratio <= TARGET_BUSY_OVER_QUIET else 'NOT met'}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="tiny", choices=sorted(common.SIZES))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="3 steps per measurement")
+    parser.add_argument("--out", type=Path, help="also write the raw numbers as JSON here")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    steps = 3 if args.quick else args.steps
+    if args.child:
+        child(args.size, steps)
+        return
+    common.model_dirs(args.size)  # build (and cache) the benchmark model once, outside the measurements
+    results = run(args.size, steps)
+    print(report(results))
+    if args.out:
+        common.write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

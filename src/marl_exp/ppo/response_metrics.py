@@ -1,0 +1,46 @@
+"""What sampled responses say about the policy, from their text alone (no model): the judges' verdicts,
+how often it finishes, how varied it writes.
+
+Pure functions of strings, so each number is checked by hand in tests/test_response_metrics.py.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+
+def distinct_n(responses: Sequence[str], n: int) -> float:
+    """Distinct-n (Li et al. 2016): distinct word n-grams over all responses / all word n-grams.
+
+    Words are whitespace-separated, so the number reads the same under any tokenizer; an n-gram never
+    spans two responses. 0.0 when no response has ``n`` words.
+    """
+    grams = [tuple(words[i:i + n]) for words in (r.split() for r in responses) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def response_metrics(texts: Sequence[str], responses: Sequence[str], has_eos: Sequence[bool],
+                     oracle: Callable[[str], float] | None = None,
+                     judge: Callable[[str], bool] | None = None) -> dict[str, float]:
+    """Means over the samples, for the metrics ``evaluate`` reports beside reward, KL and length.
+
+    ``texts``: prompt + response, as the judges read them; ``responses``: the responses alone;
+    ``has_eos``: whether each response ended with EOS (not cut at ``max_new_tokens``).
+    Keys: ``eos_fraction``, ``distinct_1``, ``distinct_2``; with an oracle ``oracle_score``; with a judge
+    ``well_formed``; with both ``oracle_strict`` (the oracle where the judge accepts, 0 where not).
+    """
+    if not len(texts) == len(responses) == len(has_eos) or not texts:
+        raise ValueError(f"response_metrics needs as many texts ({len(texts)}), responses ({len(responses)}) "
+                         f"and EOS flags ({len(has_eos)}), at least one")
+    count = len(texts)
+    metrics = {"eos_fraction": sum(map(bool, has_eos)) / count,
+               "distinct_1": distinct_n(responses, 1), "distinct_2": distinct_n(responses, 2)}
+    scores = [oracle(t) for t in texts] if oracle is not None else None
+    verdicts = [bool(judge(t)) for t in texts] if judge is not None else None
+    if scores is not None:
+        metrics["oracle_score"] = sum(scores) / count
+    if verdicts is not None:
+        metrics["well_formed"] = sum(verdicts) / count
+    if scores is not None and verdicts is not None:
+        metrics["oracle_strict"] = sum(s for s, ok in zip(scores, verdicts) if ok) / count
+    return metrics

@@ -1,0 +1,262 @@
+"""``marl-exp sample <run dir or policy adapter> [--prompts ...]``: what a trained policy writes, beside the reference.
+
+The base, the policy adapter(s) and, when the run had one, the reward adapter are loaded into one
+``MultiAdapterModel``, as the PPO stage builds it. For every prompt a response is sampled from the policy
+and one from the reference (the same base with every adapter off, through the same ``generate``), with
+the same random stream; each is scored by the reward adapter (``ppo.rollout.score``, as in training),
+with the KL of the policy's response to the reference and, on the built-in task, the oracle's score.
+
+Sampling settings (``max_new_tokens``, ``temperature``, ...) are the run's own PPO settings unless given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from marl_exp import console
+from marl_exp.config import RL_STAGES, PPOStageConfig, QuantConfig
+
+USAGE_ERROR = 2
+
+
+class SampleError(ValueError):
+    """A bad argument of ``marl-exp sample``; one line."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="marl-exp sample", description="Sample from a trained policy and the reference, side by side.")
+    parser.add_argument("path", help="a PPO run dir (outputs/runs/<date>/<time>_ppo) or a policy adapter dir "
+                                     "(<run dir>/policies/<name>)")
+    parser.add_argument("--prompts", nargs="+", help="prompts to answer (default: the run's held-out prompts)")
+    parser.add_argument("-n", "--num-prompts", type=int, default=8, help="how many held-out prompts (default 8)")
+    parser.add_argument("--policy", action="append", help="policy adapter name(s) of a run dir (default: all)")
+    parser.add_argument("--base", help="base model (default: the run's SFT model / the adapter's recorded base)")
+    parser.add_argument("--reward-adapter", help="reward adapter (default: the run's)")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--json", action="store_true", help="one JSON object per sample instead of the table")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """What to load: base, policy adapter dirs by name, reward adapter, and the run's config (or None)."""
+    path = Path(args.path).expanduser().resolve()
+    if not path.is_dir():
+        raise SampleError(f"{args.path!r} does not exist; give a PPO run dir or a policy adapter dir")
+    if (path / "adapter_config.json").is_file():  # one adapter: maybe inside a run's policies/
+        policies = {path.name: path}
+        run_dir = path.parent.parent if path.parent.name == "policies" else None
+    else:
+        run_dir = path
+        found = sorted(p for p in (path / "policies").glob("*") if (p / "adapter_config.json").is_file()) \
+            if (path / "policies").is_dir() else []
+        if not found:
+            raise SampleError(f"{args.path!r} has no policies/<name>/ adapter; give the dir of a finished PPO run "
+                              "or a policy adapter dir")
+        policies = {p.name: p for p in found if not p.name.endswith("_critic")}
+    if args.policy:
+        unknown = [name for name in args.policy if name not in policies]
+        if unknown:
+            raise SampleError(f"--policy {', '.join(unknown)} not found; this run has {', '.join(policies)}")
+        policies = {name: policies[name] for name in args.policy}
+    record = _read_json(run_dir / "run_record.json") if run_dir else {}
+    cfg = OmegaConf.load(run_dir / "resolved_config.yaml") if run_dir and (run_dir / "resolved_config.yaml").is_file() \
+        else None
+    first = next(iter(policies.values()))
+    base = args.base or record.get("inputs", {}).get("sft_model") or _read_json(first / "marl_exp_base.json").get(
+        "base_model") or _read_json(first / "adapter_config.json").get("base_model_name_or_path")
+    if not base:
+        raise SampleError(f"no base model recorded for {args.path!r}; give it with --base <model dir or hub id>")
+    reward = args.reward_adapter or record.get("inputs", {}).get("reward_adapter")
+    return {"policies": policies, "base": base, "reward_adapter": reward, "cfg": cfg, "run_dir": run_dir}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def sampling_config(cfg: DictConfig | None, args: argparse.Namespace) -> DictConfig:
+    """The run's PPO stage settings (current defaults for keys it lacks), with the command line's overrides."""
+    stage = OmegaConf.structured(PPOStageConfig)
+    if cfg is not None and cfg.get("stage", {}).get("name") in RL_STAGES:
+        known = {k: v for k, v in OmegaConf.to_container(cfg.stage, resolve=True).items() if k in stage}
+        stage = OmegaConf.merge(stage, known)
+    for key in ("max_new_tokens", "temperature", "top_k", "top_p"):
+        if getattr(args, key) is not None:
+            stage[key] = getattr(args, key)
+    stage.min_new_tokens = min(stage.min_new_tokens, stage.max_new_tokens)
+    return stage
+
+
+# ------------------------------------------------------------------------------------------ models
+class AdaptersOff:
+    """The reference for ``ppo.rollout.sample``: the model's own ``generate`` with every adapter disabled
+    (peft's ``disable_adapter``), so both roles sample through exactly the same code."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def generate(self, input_ids, attention_mask, adapter: str | None = None, **kwargs):
+        if adapter is not None and adapter != self.model.active_policy:
+            self.model.activate_policy(adapter)  # outside the disabled block: no adapter switch happens inside it
+        with self.model.peft_model.disable_adapter():
+            return self.model.generate(input_ids, attention_mask, adapter=adapter, **kwargs)
+
+
+def load(sources: dict[str, Any], device_name: str):
+    """(MultiAdapterModel, tokenizer, the run's model config) with every policy and the reward adapter."""
+    from marl_exp.modeling.loading import load_model, load_tokenizer, resolve_device
+    from marl_exp.modeling.multi_adapter import MultiAdapterModel
+
+    cfg = sources["cfg"]
+    model_cfg = cfg.model if cfg is not None else None
+    quant_cfg = cfg.quant if cfg is not None else OmegaConf.structured(QuantConfig)
+    device = resolve_device(device_name)
+    tokenizer = load_tokenizer(sources["base"], model_cfg)
+    base = load_model(sources["base"], model_cfg, quant_cfg, device)
+    names = list(sources["policies"])
+    stage = cfg.stage if cfg is not None and cfg.stage.get("name") in RL_STAGES else {}
+    model = MultiAdapterModel.build(
+        base, policy_name=names[0], policy_adapter=str(sources["policies"][names[0]]),
+        reward_adapter=sources["reward_adapter"], reward_label_index=stage.get("reward_label_index"),
+        base_path=sources["base"], allow_base_mismatch=bool(stage.get("allow_base_mismatch", False)))
+    for name in names[1:]:
+        model.add_policy(name, adapter_dir=str(sources["policies"][name]))
+    model.eval()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------- sampling
+def sample_side_by_side(model, tokenizer, prompts: list[str], policy: str, stage: DictConfig, seed: int,
+                        oracle=None) -> list[dict]:
+    """One response per prompt from ``policy`` and from the reference, on the same random stream; each with
+    its reward (when the model has a reward adapter), the policy's KL to the reference and the oracle."""
+    import torch
+
+    from marl_exp.ppo import core
+    from marl_exp.ppo.roles import SharedRoles
+    from marl_exp.ppo.rollout import sample, score
+
+    rows = []
+    model.activate_policy(policy)
+    for role, sampler in (("reference", AdaptersOff(model)), ("policy", model)):
+        torch.manual_seed(seed)
+        rollout = sample(sampler, tokenizer, prompts, policy, stage)
+        rewards, kls = [None] * len(prompts), [None] * len(prompts)
+        if model.score_head is not None:
+            rollout = score(SharedRoles(model), rollout, policy, "value_head", stage, tokenizer)
+            rewards = rollout.raw_scores.tolist()
+            kls = core.masked_sum(rollout.logprobs - rollout.ref_logprobs, rollout.response_mask, dim=1).tolist()
+        responses = tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            tokens = rollout.response_ids[i][rollout.response_mask[i].bool()].tolist()
+            rows.append({"policy": policy, "role": role, "prompt": prompt, "response": response, "response_ids": tokens,
+                         "reward": rewards[i], "kl": kls[i] if role == "policy" else None,
+                         "oracle": oracle(prompt + response) if oracle is not None else None})
+    return rows
+
+
+def table(rows: list[dict], header: str) -> str:
+    lines = [header]
+    by_prompt: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        by_prompt.setdefault((row["policy"], row["prompt"]), []).append(row)
+    width = min(72, max((len(r["response"].strip()) for r in rows), default=0))
+    for i, ((policy, prompt), pair) in enumerate(by_prompt.items(), 1):
+        lines.append(f"[{i}] {prompt!r}")
+        for row in pair:
+            label = "reference" if row["role"] == "reference" else policy
+            text = row["response"].strip().replace("\n", " ")
+            text = text if len(text) <= width else text[:width - 1] + "…"
+            lines.append(f"    {label:<12} {text:<{width}}  {_scores(row)}")
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        parts = []
+        for role in ("reference", "policy"):
+            chosen = [r for r in rows if r["policy"] == policy and r["role"] == role]
+            parts.append(f"{'reference' if role == 'reference' else policy}: {_scores(_mean(chosen))}")
+        lines.append(f"mean over {len(chosen)} prompts | " + " | ".join(parts))
+    return "\n".join(lines)
+
+
+def _mean(rows: list[dict]) -> dict:
+    out = {}
+    for key in ("reward", "oracle", "kl"):
+        values = [r[key] for r in rows if r[key] is not None]
+        out[key] = sum(values) / len(values) if values else None
+    return out
+
+
+def _scores(row: dict) -> str:
+    parts = [f"{name} {row[key]:+.2f}" if key == "reward" else f"{name} {row[key]:.2f}"
+             for key, name in (("reward", "reward"), ("oracle", "oracle"), ("kl", "KL")) if row.get(key) is not None]
+    return "  ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    console.quiet_libraries()
+    with console.progress_as_lines():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        sources = resolve(args)
+        stage = sampling_config(sources["cfg"], args)
+        if args.num_prompts < 1:
+            raise SampleError(f"--num-prompts={args.num_prompts} must be >= 1")
+    except SampleError as err:
+        print(f"marl-exp: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    cfg = sources["cfg"]
+    data = cfg.data if cfg is not None else None
+    oracle = None
+    if data is None or data.name == "reviews":
+        from marl_exp.data.reviews import oracle_score
+
+        oracle = oracle_score
+    prompts = args.prompts
+    if not prompts:
+        if data is None:
+            print("marl-exp: error: no run config to take prompts from; give them with --prompts", file=sys.stderr)
+            return USAGE_ERROR
+        from marl_exp.data import build_task
+
+        prompts = build_task(data).prompts_eval[:args.num_prompts]
+    from marl_exp.modeling.loading import ModelLoadError
+
+    try:
+        model, tokenizer = load(sources, args.device)
+    except (ModelLoadError, ValueError) as err:  # a missing base, an adapter that does not fit it
+        print(f"marl-exp: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return USAGE_ERROR
+    rows = []
+    for policy in sources["policies"]:
+        rows += sample_side_by_side(model, tokenizer, prompts, policy, stage, args.seed, oracle)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    reward = f"reward adapter {sources['reward_adapter']}" if sources["reward_adapter"] else "no reward adapter"
+    header = (f"marl-exp sample: {args.path} | base {sources['base']} | {reward} | reference = adapters off | "
+              f"seed {args.seed}, temperature {stage.temperature:g}, max {stage.max_new_tokens} new tokens")
+    print(table(rows, header))
+    return 0
