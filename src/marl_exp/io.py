@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def current_umask() -> int:
@@ -58,3 +59,22 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def build_dir_atomically(target: Path, write: Callable[[Path], None], complete: Callable[[Path], bool]) -> None:
+    """Have ``write`` fill a temp dir beside ``target``, then rename it into place: a crash or a parallel
+    builder never leaves a half-written ``target``. ``complete(dir)`` tells a finished dir from a leftover."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only; the cache may be shared
+        write(tmp)
+        if target.exists() and not complete(target):
+            shutil.rmtree(target, ignore_errors=True)  # left over from a crash
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first; its copy is identical
+            if not complete(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

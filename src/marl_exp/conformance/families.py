@@ -28,9 +28,6 @@ import functools
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +38,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from marl_exp.data.reviews import ReviewGenerator
-from marl_exp.io import current_umask
+from marl_exp.io import build_dir_atomically
 from marl_exp.modeling.tiny import SPECIAL_TOKENS, TOKENIZER_CORPUS_SIZE, cache_root
 
 FAMILIES = ("llama", "gpt2", "opt", "gpt_neox", "qwen2", "mistral", "gemma2", "phi3", "qwen3", "gemma3")
@@ -248,28 +245,16 @@ def _complete(model_dir: Path) -> bool:
 
 
 def _build(family: str, convention: str, recipe: dict, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temp dir and rename, so a crash or a parallel job never leaves a half-written model.
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only; the cache may be shared
+    def write(directory: Path) -> None:
         start = time.perf_counter()
-        tokenizer = _tokenizer(_convention(convention))
-        tokenizer.save_pretrained(tmp)
+        _tokenizer(_convention(convention)).save_pretrained(directory)
         model, measured = _model(_spec(family), _convention(convention))
-        model.save_pretrained(tmp)
+        model.save_pretrained(directory)
         measured["build_seconds"] = round(time.perf_counter() - start, 3)
         fixture = {"recipe": recipe, "info": family_info(family, convention), "measured": measured}
-        (tmp / FIXTURE_FILE).write_text(json.dumps(fixture, indent=2) + "\n")
-        if target.exists() and not _complete(target):
-            shutil.rmtree(target, ignore_errors=True)  # left over from a crash
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; its copy is identical
-            if not _complete(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (directory / FIXTURE_FILE).write_text(json.dumps(fixture, indent=2) + "\n")
+
+    build_dir_atomically(target, write, _complete)
 
 
 # -------------------------------------------------------------------------------------------- tokenizer

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from marl_exp.config import TinyArchConfig
 from marl_exp.data.reviews import SUBJECTS, UNSEEN_SUBJECTS, ReviewGenerator, openings
-from marl_exp.io import current_umask
+from marl_exp.io import build_dir_atomically
 
 BUILTIN_PREFIX = "builtin:"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -50,24 +48,12 @@ def _complete(model_dir: Path) -> bool:
 
 
 def _build(arch: TinyArchConfig, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temp dir and rename, so a crash or a parallel job never leaves a half-written model.
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only; the cache may be shared
+    def write(directory: Path) -> None:
         tokenizer = train_tokenizer(arch.vocab_size, model_max_length=arch.max_position_embeddings)
-        tokenizer.save_pretrained(tmp)
-        model = _init_model(arch, tokenizer)
-        model.save_pretrained(tmp)
-        if target.exists() and not _complete(target):
-            shutil.rmtree(target, ignore_errors=True)  # left over from a crash of an older version
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; its copy is identical
-            if not _complete(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(directory)
+        _init_model(arch, tokenizer).save_pretrained(directory)
+
+    build_dir_atomically(target, write, _complete)
 
 
 def train_tokenizer(vocab_size: int, model_max_length: int = 128) -> PreTrainedTokenizerFast:
