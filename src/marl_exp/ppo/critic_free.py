@@ -21,7 +21,7 @@ import torch
 
 from marl_exp import distributed
 from marl_exp.ppo import core
-from marl_exp.ppo.rollout import Rollout, response_slice, temperature_scaled
+from marl_exp.ppo.rollout import Rollout
 from marl_exp.ppo.trainer import PolicyState, RLTrainer, _all_finite, _entropy_for_logging, _mean
 
 
@@ -105,13 +105,7 @@ class CriticFreeTrainer(RLTrainer):
 
     def _loss_backward(self, name: str, mb: Rollout, weight: float, tokens: float | None) -> dict:
         cfg, mask = self.cfg, self._loss_mask(mb)
-        window = response_slice(mb.query_ids.shape[1], mb.response_ids.shape[1])
-        if self.perf.window_logits:
-            out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name, logits_positions=window)
-            logits = temperature_scaled(out.logits, cfg.temperature)
-        else:
-            out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name)
-            logits = temperature_scaled(out.logits[:, window], cfg.temperature)
+        out, logits, _ = self._policy_on_responses(name, mb)
         del out
         logprobs = core.logprobs_from_logits(logits, mb.response_ids, grad_in_place=self.perf.lean_logprobs)
         if not _all_finite(logprobs.detach(), mask):

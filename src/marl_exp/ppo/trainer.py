@@ -218,6 +218,16 @@ class RLTrainer:
         return {}
 
     # ------------------------------------------------------------------------------------- updates
+    def _policy_on_responses(self, name: str, mb: Rollout):
+        """Policy ``name``'s forward over a mini-batch with gradients: its output, the temperature-scaled
+        logits that predict the response tokens, and those positions (``window``)."""
+        window = response_slice(mb.query_ids.shape[1], mb.response_ids.shape[1])
+        if self.perf.window_logits:
+            out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name, logits_positions=window)
+            return out, temperature_scaled(out.logits, self.cfg.temperature), window
+        out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name)
+        return out, temperature_scaled(out.logits[:, window], self.cfg.temperature), window
+
     def _run_epochs(self, policy: PolicyState, rollout: Rollout, epochs: int) -> tuple[list[dict], bool, int]:
         """``epochs`` passes over the rollout in shuffled mini-batches, one optimizer step each (gradient
         accumulation over micro-batches). Returns (per-micro-batch stats, stopped early, non-finite updates)."""
@@ -425,13 +435,7 @@ class PPOTrainer(RLTrainer):
 
     def _loss_backward(self, name: str, mb: Rollout, advantages, returns, weight: float) -> dict:
         cfg, mask = self.cfg, mb.response_mask
-        window = response_slice(mb.query_ids.shape[1], mb.response_ids.shape[1])
-        if self.perf.window_logits:
-            out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name, logits_positions=window)
-            logits = temperature_scaled(out.logits, cfg.temperature)
-        else:
-            out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name)
-            logits = temperature_scaled(out.logits[:, window], cfg.temperature)
+        out, logits, window = self._policy_on_responses(name, mb)
         # The logits are not read after backward (deleted below), so they may become their own gradient.
         logprobs = core.logprobs_from_logits(logits, mb.response_ids, grad_in_place=self.perf.lean_logprobs)
         if not _all_finite(logprobs.detach(), mask):  # NaN/inf logits: no backward at all
