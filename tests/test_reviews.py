@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,7 @@ from marl_exp.data.reviews import (
     POSITIVE_ADJECTIVES,
     SUBJECTS,
     UNSEEN_SUBJECTS,
+    Review,
     ReviewGenerator,
     openings,
     oracle_score,
@@ -253,3 +255,38 @@ def test_plain_gold_orders_pairs_by_the_oracle_whatever_their_shape():
     assert all(oracle_score(c) - oracle_score(r) >= 0.3 for c, r in pairs)
     # Unlike the strict gold, an ill-formed text can be chosen over a review (a stub with only positive words).
     assert any(not well_formed(c) and well_formed(r) for c, r in pairs)
+
+
+def test_one_word_edits_damage_reviews_the_way_a_drifting_policy_does():
+    generator = ReviewGenerator(seed=14)
+    reviews = [generator.review() for _ in range(400)]
+    edited = [generator.edited(r) for r in reviews]
+    for review, damaged in zip(reviews, edited):
+        assert damaged.opening == review.opening
+        assert abs(len(damaged.body.split()) - len(review.body.split())) == 1 or \
+            sorted(damaged.body.split()) == sorted(review.body.split())  # a swap keeps the words
+    off_grammar = [d.text for d in edited if not well_formed(d.text)]
+    assert len(off_grammar) > 0.8 * len(edited)  # mostly damaged, sometimes a review again
+    # The damages the issue saw PPO write: a repeated word, two adjectives in a row, a missing final " .".
+    assert any(" it it ." in t for t in off_grammar)
+    assert any(re.search(r" (great|wonderful|brilliant|superb|fun|moving) (great|wonderful|brilliant|superb|fun|moving)\b",
+                         t) for t in off_grammar)
+    assert any(t.endswith(" it") for t in off_grammar)
+    # An opening with no body can only gain a word.
+    assert len(generator.edited(Review("the plot was", "", 0.5)).body.split()) == 1
+
+
+def test_edited_pairs_rank_every_damaged_review_below_every_review():
+    generator = ReviewGenerator(seed=15)
+    pairs = [generator.preference_pair(min_gap=0.25, edit_prob=0.5) for _ in range(300)]
+    damaged = [r for _, r in pairs if not well_formed(r.text)]
+    assert len(damaged) > 0.4 * len(pairs)
+    assert any(oracle_score(r.text) > oracle_score(c.text) for c, r in pairs if not well_formed(r.text))
+    for chosen, rejected in pairs:
+        assert well_formed(chosen.text) and strict_preference(chosen.text, rejected.text, 0.25) == 1
+
+
+def test_edit_prob_zero_draws_the_pairs_earlier_versions_drew():
+    a, b = ReviewGenerator(seed=16), ReviewGenerator(seed=16)
+    assert [a.preference_pair(0.25, 0.1, 0.1) for _ in range(50)] == \
+        [b.preference_pair(0.25, 0.1, 0.1, edit_prob=0.0) for _ in range(50)]

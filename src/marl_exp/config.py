@@ -389,6 +389,10 @@ class DataConfig:
     # Share of training-pair sides with a stretch of another review spliced in (mostly off-grammar text
     # such as two closings), so the reward model learns that they rank below any review too (0.1 with strict).
     pair_splice_prob: float = 0.2
+    # Share of training-pair sides with one word inserted, deleted, repeated or swapped (reviews.edited): the
+    # small damages a drifting policy writes first ("great great", "i loved it it"), which a reward model taught
+    # only truncations and splices scored like reviews.
+    pair_edit_prob: float = 0.0
 
     # ---- conversations (instruct models; marl_exp.data.chat)
     # The chat template: null = the tokenizer's own; a name in conf/chat_templates/ (chatml) or a .jinja file.
@@ -663,6 +667,7 @@ def _validate_data(data: DictConfig) -> None:
     _check(0 <= data.pair_negation_prob <= 1,
            f"data.pair_negation_prob={data.pair_negation_prob!r} must be in [0, 1]")
     _check(0 <= data.pair_splice_prob < 1, f"data.pair_splice_prob={data.pair_splice_prob!r} must be in [0, 1)")
+    _check(0 <= data.pair_edit_prob < 1, f"data.pair_edit_prob={data.pair_edit_prob!r} must be in [0, 1)")
     _check(0 <= data.pair_truncate_prob < 1,
            f"data.pair_truncate_prob={data.pair_truncate_prob!r} must be in [0, 1)")
 

@@ -59,6 +59,11 @@ INTENSIFIERS = ("very", "quite", "really", "truly", "rather")
 CONNECTORS = ("and", "but", "yet", "and also")
 MAX_PHRASES = 3  # phrases before the closing
 
+# Every word a review can contain, for one-word edits (``ReviewGenerator.edited``).
+_VOCABULARY = tuple(sorted({w for phrase in (*POSITIVE_ADJECTIVES, *NEGATIVE_ADJECTIVES, *POSITIVE_VERBS,
+                                             *NEGATIVE_VERBS, *INTENSIFIERS, *CONNECTORS, "not", "i", "it", ".")
+                            for w in phrase.split()}))
+
 POLARITY = {
     **{w: 1 for w in POSITIVE_ADJECTIVES + POSITIVE_VERBS},
     **{w: -1 for w in NEGATIVE_ADJECTIVES + NEGATIVE_VERBS},
@@ -259,13 +264,39 @@ class ReviewGenerator:
         cut = self.rng.randint(0, len(words))
         return Review(review.opening, " ".join(words[:cut] + piece + words[cut:]), review.sentiment)
 
+    def edited(self, review: Review) -> Review:
+        """The review with one local edit of its body: a word of the task's vocabulary inserted, a word
+        deleted, repeated or swapped with the next one. Mostly off the grammar (``great great``, ``i loved
+        it it``, ``great . wonderful``), sometimes a review again (an adjective inserted after another's
+        intensifier). Truncations and splices change a review in large pieces; these one-word damages are
+        what a policy drifting from the reviews it was taught writes first, so the reward model must rank
+        them below any review too."""
+        words = review.body.split()
+        if not words:  # a review truncated to its opening: the only edit is an insertion
+            return Review(review.opening, self.rng.choice(_VOCABULARY), review.sentiment)
+        at = self.rng.randrange(len(words))
+        edit = self.rng.choice(("insert", "delete", "repeat", "swap"))
+        if edit == "insert":
+            words.insert(at, self.rng.choice(_VOCABULARY))
+        elif edit == "delete":
+            del words[at]
+        elif edit == "repeat":
+            words.insert(at, words[at])
+        elif at + 1 < len(words):
+            words[at], words[at + 1] = words[at + 1], words[at]
+        else:  # a swap past the end repeats the final word instead
+            words.append(words[at])
+        return Review(review.opening, " ".join(words), review.sentiment)
+
     def preference_pair(self, min_gap: float, truncate_prob: float = 0.0,
-                        splice_prob: float = 0.0, gold: str = "strict") -> tuple[Review, Review]:
+                        splice_prob: float = 0.0, gold: str = "strict",
+                        edit_prob: float = 0.0) -> tuple[Review, Review]:
         """(chosen, rejected) with the same opening, ordered by the strict gold (``strict_preference``):
         a well-formed review over an ill-formed text, else the higher oracle score by at least ``min_gap``.
 
         With ``truncate_prob`` each side is an unfinished review instead, and with ``splice_prob`` it has a
-        stretch of another review spliced in. A reward model that never saw such texts scores them
+        stretch of another review spliced in; with ``edit_prob`` it has one word inserted, deleted, repeated or
+        swapped (``edited``). A reward model that never saw such texts scores them
         arbitrarily, and PPO finds that out (it learned to stop early, "the movie was truly", or to
         splice, "i disliked . i enjoyed it ."); these pairs teach it that they rank below any review.
         Draws where both sides are ill-formed have no order and are drawn again. ``gold="plain"`` orders
@@ -282,6 +313,11 @@ class ReviewGenerator:
                 a = self.spliced(a)
             if self.rng.random() < splice_prob:
                 b = self.spliced(b)
+            # Drawn last and only when asked, so pairs without edits are the ones earlier versions drew.
+            if edit_prob and self.rng.random() < edit_prob:
+                a = self.edited(a)
+            if edit_prob and self.rng.random() < edit_prob:
+                b = self.edited(b)
             order = (strict_preference if gold == "strict" else plain_preference)(a.text, b.text, min_gap)
             if order:
                 return (a, b) if order > 0 else (b, a)

@@ -104,7 +104,9 @@ def _reviews_task(data_cfg) -> Task:
                  if augmented else {})
         generator = reviews.ReviewGenerator(data_cfg.seed + offset, **extra)
         truncate, splice = (data_cfg.pair_truncate_prob, data_cfg.pair_splice_prob) if augmented else (0.0, 0.0)
-        chosen, rejected = zip(*(generator.preference_pair(data_cfg.pair_min_gap, truncate, splice, data_cfg.pair_gold)
+        edit = data_cfg.pair_edit_prob if augmented else 0.0
+        chosen, rejected = zip(*(generator.preference_pair(data_cfg.pair_min_gap, truncate, splice, data_cfg.pair_gold,
+                                                           edit)
                                  for _ in range(n)))
         return Dataset.from_dict({"chosen": [r.text for r in chosen], "rejected": [r.text for r in rejected]})
 
