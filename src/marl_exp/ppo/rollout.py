@@ -258,13 +258,9 @@ def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, tokenizer,
     responses = torch.cat([r.response_ids for r in rollouts.values()])
     conversations = [c for r in rollouts.values() for c in (r.conversations or [])]
     reward_ids = reward_mask = None
-    if sources.adapter_names and conversations:
-        stop_ids = stop_token_ids(tokenizer, roles.model) if stop_ids is None else stop_ids
-        reward_ids, reward_mask = chat_reward_inputs(tokenizer, conversations, responses, response_mask, stop_ids,
-                                                     min_width=ids.shape[1])
-    elif sources.adapter_names:
-        reward_ids, reward_mask = reward_inputs(ids, mask, response_mask, tokenizer.eos_token_id,
-                                                tokenizer.pad_token_id)
+    if sources.adapter_names:  # what a reward adapter reads: the texts as its trainer saw them
+        reward_ids, reward_mask = _reward_adapter_inputs(roles, tokenizer, ids, mask, responses, response_mask,
+                                                         conversations, stop_ids)
     row_policies = [name for name, r in rollouts.items() for _ in range(r.query_ids.shape[0])]
     window = response_slice(ids.shape[1] - length, length)
     source_scores = {}
@@ -283,13 +279,11 @@ def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, tokenizer,
         values = out.values[:, crop].float()
         if sources.primary is not None:
             source_scores[sources.primary] = out.reward_scores.float()
-        for name, adapter in sources.extra_adapters.items():
-            source_scores[name] = roles.reward_scores(reward_ids, reward_mask, row_policies[0], adapter=adapter).float()
+        for name, adapter in sources.extra_adapters.items():  # the active policy stays active
+            source_scores[name] = roles.reward_scores(reward_ids, reward_mask, roles.model.active_policy,
+                                                      adapter=adapter).float()
     if sources.functions:
-        prompts = [p for r in rollouts.values() for p in _prompts_of(r, tokenizer)]
-        completions = tokenizer.batch_decode(responses, skip_special_tokens=True)  # as the evaluation decodes them
-        for name in sources.functions:
-            source_scores[name] = sources.call(name, prompts, completions).to(ids.device)
+        source_scores.update(_function_scores(sources, rollouts, responses, tokenizer))
     source_scores = {source.name: source_scores[source.name] for source in sources.sources}
     raw_scores = sources.combine(source_scores)
 
@@ -301,6 +295,22 @@ def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, tokenizer,
         rollout.kl, rollout.raw_scores = detached(k), detached(raw)
         rollout.source_scores = {name: detached(scores[i]) for name, scores in per_source.items()}
     return rollouts
+
+
+def _reward_adapter_inputs(roles, tokenizer, ids, mask, responses, response_mask, conversations: list,
+                           stop_ids: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if not conversations:
+        return reward_inputs(ids, mask, response_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    stop_ids = stop_token_ids(tokenizer, roles.model) if stop_ids is None else stop_ids
+    return chat_reward_inputs(tokenizer, conversations, responses, response_mask, stop_ids, min_width=ids.shape[1])
+
+
+def _function_scores(sources: RewardSources, rollouts: dict[str, Rollout], responses: torch.Tensor,
+                     tokenizer) -> dict[str, torch.Tensor]:
+    """Each function source's scores of the stacked responses, on the prompts and the decoded completions."""
+    prompts = [p for r in rollouts.values() for p in _prompts_of(r, tokenizer)]
+    completions = tokenizer.batch_decode(responses, skip_special_tokens=True)  # as the evaluation decodes them
+    return {name: sources.call(name, prompts, completions).to(responses.device) for name in sources.functions}
 
 
 def _prompts_of(rollout: Rollout, tokenizer) -> list:
