@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification
 
 import reward_functions
 from conftest import REPO, compose
+from marl_exp import preflight
 from marl_exp.config import ConfigError, RewardSource, check_reward_overrides, validate
 from marl_exp.data import reviews
 from marl_exp.modeling.loading import load_tokenizer, resolve_device
@@ -27,7 +28,7 @@ from marl_exp.ppo.reward_sources import RewardFunctionError, RewardSources
 from marl_exp.ppo.rollout import PerfOptions, Rollout, score
 from marl_exp.stages.pipeline import run_stage
 from marl_exp.stages.ppo import build_roles
-from test_first_hour import BATCH_DRIVER
+from test_first_hour import BATCH_DRIVER, fake_model, fake_reward_adapter
 
 SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.mini_batch_size=4", "stage.eval_samples=8",
          "stage.max_new_tokens=8", "stage.eval_every=0", "stage.save_every=0")
@@ -219,6 +220,21 @@ def test_every_rewards_preset_composes_and_validates(option, stage):
 def test_config_errors_name_the_source(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(*overrides))
+
+
+def test_adapter_sources_are_checked_like_stage_reward_adapter(tmp_path):
+    """Each adapter source's path is checked by its kind and against the SFT model, naming its key."""
+    sft, other = fake_model(tmp_path / "sft"), fake_model(tmp_path / "other", seed=1)
+    adapter = fake_reward_adapter(tmp_path / "rm", base=sft)
+    ok = compose(f"stage.sft_model={sft}", f"output_dir={tmp_path}", "++stage.rewards={a:{adapter:%s}}" % adapter)
+    preflight.check(ok, overrides=[])
+    with pytest.raises(ConfigError, match=r"stage\.rewards\.b\.adapter='.*other' is a model directory, not a reward "
+                                          r"adapter"):
+        preflight.check(compose(f"stage.sft_model={sft}", f"output_dir={tmp_path}",
+                                "++stage.rewards={a:{adapter:%s},b:{adapter:%s}}" % (adapter, other)), overrides=[])
+    with pytest.raises(ConfigError, match=r"stage\.rewards\.a\.adapter='.*rm' was trained on base"):
+        preflight.check(compose(f"stage.sft_model={other}", f"output_dir={tmp_path}",
+                                "++stage.rewards={a:{adapter:%s}}" % adapter), overrides=[])
 
 
 def test_a_source_named_twice_on_the_command_line_is_refused():
