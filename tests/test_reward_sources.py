@@ -158,11 +158,12 @@ def test_default_reward_is_unchanged_and_a_weight_zero_source_is_only_logged(tra
 
 
 # --------------------------------------------------------------------------------- gold-reward runs
-@pytest.mark.parametrize("stage", ["ppo", "grpo"])
-def test_gold_reward_run_trains_without_a_reward_stage(trained_chain, tmp_path, stage):
+@pytest.mark.parametrize("stage, sharing", [("ppo", "shared"), ("ppo", "separate"), ("grpo", "shared")])
+def test_gold_reward_run_trains_without_a_reward_stage(trained_chain, tmp_path, stage, sharing):
     """The oracle as the only reward: no reward adapter is given, none is built or loaded."""
     overrides = ("stage.num_generations=4",) if stage == "grpo" else ("stage.ppo_epochs=1",)
-    cfg = rl_cfg(trained_chain, tmp_path, "+rewards=oracle_strict", *overrides, stage=stage, reward=False)
+    cfg = rl_cfg(trained_chain, tmp_path, "+rewards=oracle_strict", f"stage.sharing={sharing}", *overrides,
+                 stage=stage, reward=False)
     validate(cfg)
     summary = run_stage(cfg, tmp_path / "run")
     assert not (tmp_path / "cache").exists()  # no upstream stage ran (the SFT model is given)

@@ -80,15 +80,21 @@ def build_roles(cfg, sft_model: str, reward_adapter: str | None, device: torch.d
     if shared:
         return SharedRoles(model, sources)
     reference = load_model(sft_model, cfg.model, cfg.quant, device)
-    reward = None
-    if primary_path is not None:  # sharing=separate scores with one reward adapter at most (config.validate)
-        check_same_base(primary_path, sft_model, stage.allow_base_mismatch)
-        num_labels = reward_head_labels(primary_path)
-        model.reward_label_index = check_label_index(primary_label or 0, num_labels)
-        classifier = load_model(sft_model, cfg.model, cfg.quant, device, task="seq-cls", num_labels=num_labels)
-        classifier.config.get_text_config().pad_token_id = _reward_pad(primary_path, tokenizer)  # as in its training
-        reward = PeftModel.from_pretrained(classifier, primary_path, adapter_name="reward")
+    # sharing=separate scores with one reward adapter at most (config.validate), in its own classifier.
+    reward = None if primary_path is None else _reward_classifier(cfg, sft_model, primary_path, primary_label, device,
+                                                                  tokenizer, model)
     return SeparateRoles(model, reference, reward, sources)
+
+
+def _reward_classifier(cfg, sft_model: str, adapter: str, label_index: int | None, device, tokenizer,
+                       model: MultiAdapterModel) -> PeftModel:
+    """``stage.sharing=separate``: the reward adapter on its own copy of the base, as a sequence classifier."""
+    check_same_base(adapter, sft_model, cfg.stage.allow_base_mismatch)
+    num_labels = reward_head_labels(adapter)
+    model.reward_label_index = check_label_index(label_index or 0, num_labels)
+    classifier = load_model(sft_model, cfg.model, cfg.quant, device, task="seq-cls", num_labels=num_labels)
+    classifier.config.get_text_config().pad_token_id = _reward_pad(adapter, tokenizer)  # as in its training
+    return PeftModel.from_pretrained(classifier, adapter, adapter_name="reward")
 
 
 def _reward_pad(adapter: str | None, tokenizer) -> int | None:
