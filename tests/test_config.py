@@ -13,7 +13,7 @@ from conftest import CONF_DIR, REPO, compose
 from marl_exp.config import ConfigError, validate
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml"))
-                and p.name not in ("experiment", "debug", "hydra", "sweep"))
+                and p.name not in ("experiment", "debug", "hydra", "sweep", "rewards"))  # rewards: test_reward_sources
 
 
 def options(group: str) -> list[str]:

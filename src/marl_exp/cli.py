@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from marl_exp import console, preflight, records, threads
-from marl_exp.config import RL_STAGES, ConfigError
+from marl_exp.config import RL_STAGES, ConfigError, needs_upstream_reward, reward_sources
 from marl_exp.io import atomic_write_text
 
 log = logging.getLogger("marl_exp")
@@ -174,6 +174,8 @@ def upstream_sources(cfg: DictConfig) -> dict[str, tuple[str, str]]:
     from marl_exp.stages.pipeline import COMPLETE_MARKER, OUTPUT_SUBDIR, cache_dir, upstream_config
 
     needs = {"sft": [], "reward": ["sft"], **{name: ["sft", "reward"] for name in RL_STAGES}}[cfg.stage.name]
+    if cfg.stage.name in RL_STAGES and not needs_upstream_reward(cfg.stage):
+        needs = ["sft"]  # every reward source is a given adapter or a function
     given = {"sft": cfg.stage.get("sft_model"), "reward": cfg.stage.get("reward_adapter")}
     sources = {}
     for name in needs:
@@ -183,8 +185,13 @@ def upstream_sources(cfg: DictConfig) -> dict[str, tuple[str, str]]:
         target = cache_dir(upstream_config(cfg, name))
         output = target / OUTPUT_SUBDIR[name]
         sources[name] = (str(output), "cached" if (target / COMPLETE_MARKER).exists() and output.exists() else "to build")
-    if "reward" in sources and sources["reward"][1] == "given" and sources["sft"][1] != "given":
-        preflight.check_same_base(sources["reward"][0], sources["sft"][0], cfg.stage.allow_base_mismatch)
+    if "sft" in sources and sources["sft"][1] != "given":
+        given_rewards = {f"stage.rewards.{s.name}.adapter": s.adapter for s in reward_sources(cfg.stage) if s.adapter} \
+            if cfg.stage.name in RL_STAGES else {}
+        if "reward" in sources and sources["reward"][1] == "given":
+            given_rewards = {"stage.reward_adapter": sources["reward"][0], **given_rewards}
+        for key, path in given_rewards.items():
+            preflight.check_same_base(path, sources["sft"][0], cfg.stage.allow_base_mismatch, key)
     return sources
 
 

@@ -8,11 +8,15 @@ Cross-field rules live in ``validate`` and run before any model or data is loade
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, ValueNode
@@ -112,6 +116,92 @@ class RewardStageConfig(TrainerStageConfig):
     center_rewards_coefficient: Optional[float] = 0.01
 
 
+# ----------------------------------------------------------------------------------- reward sources
+@dataclass
+class RewardSourceConfig:
+    """One term of an RL stage's reward: ``weight`` × the score of a reward adapter or of a Python function.
+
+    ``adapter``: a reward adapter dir or hub id (LoRA + score head, trained on the same base);
+    ``function``: ``module:function``, called with (prompts, completions) and returning one float per
+    completion (TRL's reward-function argument names, passed by position); neither: the upstream reward
+    adapter (``stage.reward_adapter``, else the stage cache builds it).
+    """
+
+    adapter: Optional[str] = None
+    function: Optional[str] = None
+    weight: float = 1.0  # any finite number; 0 = logged only (e.g. the gold score beside a learned reward)
+    label_index: Optional[int] = None  # adapters: which output of a multi-label score head (null = 0)
+
+
+DEFAULT_REWARD_SOURCE = "reward"  # the name of the one source of an empty ``stage.rewards`` (the default)
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")  # part of metric names (rewards/<name>/mean) and adapter names
+
+
+@dataclass(frozen=True)
+class RewardSource:
+    """A source of ``stage.rewards`` with the defaults filled in (``reward_sources``)."""
+
+    name: str
+    weight: float
+    adapter: Optional[str] = None  # None with no function: the upstream reward adapter
+    function: Optional[str] = None
+    label_index: Optional[int] = None
+
+    @property
+    def upstream(self) -> bool:
+        return self.adapter is None and self.function is None
+
+
+def reward_sources(stage: DictConfig) -> list[RewardSource]:
+    """The sources of an RL stage's reward, in order. An empty ``stage.rewards`` (the default) is one source,
+    ``reward``: the upstream reward adapter with weight 1 and ``stage.reward_label_index``. (Empty rather
+    than null, so that a Hydra override such as ``++stage.rewards={gold:{...}}`` merges into it.)"""
+    nodes = stage.get("rewards")
+    if not nodes:
+        return [RewardSource(DEFAULT_REWARD_SOURCE, 1.0, label_index=stage.get("reward_label_index"))]
+    sources = []
+    for name, node in nodes.items():
+        adapter, function, label = node.adapter or None, node.function or None, node.label_index
+        if adapter is None and function is None and label is None:  # the upstream adapter: the stage's label
+            label = stage.get("reward_label_index")
+        sources.append(RewardSource(str(name), float(node.weight), adapter, function, label))
+    return sources
+
+
+def needs_upstream_reward(stage: DictConfig) -> bool:
+    """Whether an RL stage scores with the upstream reward adapter (given, or built by the stage cache)."""
+    return any(source.upstream for source in reward_sources(stage))
+
+
+def load_reward_function(key: str, spec: str) -> Callable:
+    """The callable ``module:function`` names (``function`` may be dotted: ``Class.method``); a
+    ``ConfigError`` naming ``key`` when it cannot be imported, is missing or is not callable."""
+    module_name, colon, attribute = spec.partition(":")
+    example = "e.g. marl_exp.rewards:oracle_strict"
+    if not colon or not module_name or not attribute:
+        raise ConfigError(f"{key}={spec!r} is not module:function; give the module and the function, {example}")
+    try:
+        target = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - any import failure is the user's module: one line naming it
+        raise ConfigError(f"{key}={spec!r}: module {module_name!r} cannot be imported ({type(err).__name__}: "
+                          f"{err}); check the name and that it is on PYTHONPATH") from err
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"{key}={spec!r}: {module_name!r} has no {attribute!r}; give a function of that module")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f"{key}={spec!r} is a {type(target).__name__}, not callable; give a function that takes "
+                          "(prompts, completions) and returns one float per completion")
+    try:
+        inspect.signature(target).bind([], [])
+    except TypeError as err:
+        raise ConfigError(f"{key}={spec!r} cannot be called as f(prompts, completions) ({err}); give a function "
+                          "of those two arguments") from err
+    except ValueError:  # no signature to inspect (some builtins): the first call will tell
+        pass
+    return target
+
+
 @dataclass
 class PPOStageConfig:
     """PPO on the multi-adapter model. Defaults suit the built-in task on a CPU; names follow TRL."""
@@ -121,6 +211,9 @@ class PPOStageConfig:
     sft_model: Optional[str] = None
     reward_adapter: Optional[str] = None
     reward_label_index: Optional[int] = None  # which output of a multi-label score head is the reward
+    # The reward, a weighted sum of sources (reward adapters, module:function): name -> RewardSourceConfig.
+    # Empty = one source "reward": the upstream reward adapter above, weight 1. Presets: +rewards=<conf/rewards>.
+    rewards: Dict[str, RewardSourceConfig] = field(default_factory=dict)
     allow_base_mismatch: bool = False  # experts only: use a reward adapter trained on another base
     policies: List[str] = field(default_factory=lambda: ["policy"])  # >1 trains several on one base
     critic: str = "value_head"  # value_head (on the policy adapter) | adapter (own LoRA + value head)
@@ -203,6 +296,7 @@ class CriticFreeStageConfig:
     sft_model: Optional[str] = None
     reward_adapter: Optional[str] = None
     reward_label_index: Optional[int] = None
+    rewards: Dict[str, RewardSourceConfig] = field(default_factory=dict)  # the reward's sources, as PPO's
     allow_base_mismatch: bool = False
     policies: List[str] = field(default_factory=lambda: ["policy"])
     sharing: str = "shared"  # shared (one base) | separate (own reference and reward model instances)
@@ -612,6 +706,8 @@ def validate(cfg: DictConfig) -> None:
         path = stage.get(key)
         if path and _looks_local(path):
             _check(os.path.isdir(path), f"stage.{key}={path!r} does not exist; give an existing directory or hub id")
+    if stage.name in RL_STAGES:
+        _validate_rewards(stage)
 
     _validate_data(cfg.data)
 
@@ -781,6 +877,86 @@ def _validate_critic_free(stage: DictConfig) -> None:
     _one_of("stage.kl_estimator", stage.kl_estimator, ("k1", "k3"))
     _check(0 <= stage.gamma <= 1, f"stage.gamma={stage.gamma!r} must be in [0, 1]")
     _validate_shared_rl(stage)
+
+
+def _validate_rewards(stage: DictConfig) -> None:
+    """``stage.rewards``: each source an adapter or a function that imports, finite weights, not all 0."""
+    sources = reward_sources(stage)
+    for source in sources:
+        key = f"stage.rewards.{source.name}"
+        _check(_SOURCE_NAME.fullmatch(source.name) is not None,
+               f"{key}: the name {source.name!r} may only hold letters, digits, '_' and '-' (it is part of metric "
+               "names); rename the source")
+        _check(math.isfinite(source.weight), f"{key}.weight={source.weight!r} must be a finite number")
+        _check(source.adapter is None or source.function is None,
+               f"{key} has both adapter={source.adapter!r} and function={source.function!r}; a source is one of "
+               "them: make two sources")
+        if source.function is not None:
+            _check(source.label_index is None, f"{key}.label_index={source.label_index!r} is for reward adapters; "
+                   "drop it from this function source")
+            load_reward_function(f"{key}.function", source.function)
+        elif source.label_index is not None:
+            _check(source.label_index >= 0, f"{key}.label_index={source.label_index!r} must be >= 0")
+        if source.adapter and _looks_local(source.adapter):
+            _check(os.path.isdir(source.adapter),
+                   f"{key}.adapter={source.adapter!r} does not exist; give an existing reward adapter dir or hub id")
+    _check(any(source.weight != 0 for source in sources),
+           "every weight in stage.rewards is 0, so the reward is always 0; give one source a weight")
+    if not any(source.upstream for source in sources):
+        for key in ("reward_adapter", "reward_label_index"):
+            _check(stage.get(key) is None, f"stage.{key}={stage.get(key)!r} is not used: no source in stage.rewards "
+                   "reads the upstream reward adapter; drop it, or add a source without adapter and function")
+    adapters = [source for source in sources if source.function is None]
+    _check(stage.sharing == "shared" or len(adapters) <= 1,
+           f"stage.sharing=separate scores with one reward adapter, but stage.rewards has {len(adapters)} "
+           f"({', '.join(s.name for s in adapters)}); use stage.sharing=shared")
+    taken = set(reward_adapter_names(sources).values()) & set(stage.policies)
+    _check(not taken, f"stage.policies={list(stage.policies)}: {', '.join(sorted(taken))} is the name of a reward "
+           "adapter of stage.rewards; rename the policy")
+
+
+def check_reward_overrides(overrides: list[str]) -> None:
+    """Hydra's override parser keeps the last of two equal keys of a dict silently (``{a:{},a:{}}``): a
+    source named twice in a ``stage.rewards`` override is refused here (a YAML file's loader refuses it)."""
+    for override in overrides:
+        key, _, value = str(override).partition("=")
+        if key.lstrip("+~") != "stage.rewards" or not value.lstrip().startswith("{"):
+            continue
+        names = _top_level_keys(value)
+        twice = [name for i, name in enumerate(names) if name in names[:i]]
+        if twice:
+            raise ConfigError(f"{override} names the source {twice[0]!r} twice; give each source its own name")
+
+
+def _top_level_keys(text: str) -> list[str]:
+    """The keys of the outermost ``{k: v, ...}`` of a Hydra override value, in order (quotes honoured)."""
+    keys, depth, quote, token, in_key = [], 0, None, "", False
+    for char in text:
+        if quote is not None:
+            quote = None if char == quote else quote
+            token += char if quote is not None and in_key else ""
+        elif char in "'\"":
+            quote = char
+        elif char in "{[":
+            depth += 1
+            in_key, token = (True, "") if depth == 1 else (in_key, token)
+        elif char in "}]":
+            depth -= 1
+        elif depth == 1 and char == ",":
+            in_key, token = True, ""
+        elif depth == 1 and char == ":" and in_key:
+            keys.append(token.strip())
+            in_key = False
+        elif depth == 1 and in_key:
+            token += char
+    return keys
+
+
+def reward_adapter_names(sources: list[RewardSource]) -> dict[str, str]:
+    """Source name -> the adapter name its reward adapter gets on the model: the first adapter source is
+    ``reward`` (scored in the fused pass), each further one ``reward_<source>``."""
+    adapters = [source.name for source in sources if source.function is None]
+    return {name: "reward" if i == 0 else f"reward_{name}" for i, name in enumerate(adapters)}
 
 
 def _divisor_near(total: int, wanted: int) -> int:

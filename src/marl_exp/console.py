@@ -223,10 +223,25 @@ def plan(cfg: DictConfig, run_dir: Path, upstream: dict[str, tuple[str, str]], t
         lines.append(f"  policy     {policies}: {_lora(cfg.adapter)} + {critic} (adapter.*)")
         lines.append("  reference  the base with every adapter off"
                      + (" (its own copy: stage.sharing=separate)" if stage.sharing == "separate" else ""))
-        lines.append(f"  reward     {source('reward')}")
+        lines += _reward_lines(stage, source)
     lines.append(f"  run dir    {run_dir} (full config: resolved_config.yaml)")
     lines.append(f"  outputs    {Path(cfg.output_dir).expanduser().resolve()} (stage cache: cache/)")
     return "\n".join(lines)
+
+
+def _reward_lines(stage: DictConfig, source) -> list[str]:
+    """The reward: the upstream adapter (the default), or ``stage.rewards``' weighted sum, one line a source."""
+    if not stage.get("rewards"):
+        return [f"  reward     {source('reward')}"]
+    from marl_exp.config import reward_sources
+
+    sources = reward_sources(stage)
+    lines = ["  reward     " + " + ".join(f"{s.weight:g} × {s.name}" for s in sources) + " (stage.rewards)"]
+    for s in sources:
+        what = f"function {s.function}" if s.function else f"adapter {s.adapter}" if s.adapter else source("reward")
+        label = f", label {s.label_index}" if s.label_index else ""
+        lines.append(f"    {s.name}: {what}{label}")
+    return lines
 
 
 def memory_line(parts: dict[str, int]) -> str:

@@ -108,6 +108,12 @@ def _composition(err: BaseException, overrides: list[str]) -> str | None:
             key, _, value = override.partition("=")
             return f"{override}: {key.lstrip('+')} is a list; write {key.lstrip('+')}=[{value}]"
         return f"{override}: {reason}"
+    in_option = re.match(r"In '([^']+)': ConfigKeyError raised while composing config:\s*Key '[^']+' not in "
+                         r"'\w+'\s*full_key: (\S+)", text)
+    if in_option:  # a group option (e.g. +rewards=oracle_strict) sets a key this stage does not have
+        option, key = in_option.groups()
+        stage = _stage_of(overrides)
+        return f"{option.replace('/', '=', 1)}: {unknown_key_message(key, None, valid_keys(stage), stage)}"
     exists = re.search(r"An item is already at '([^']+)'", text)
     if exists:
         key = exists.group(1)

@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from marl_exp.config import RL_STAGES, ConfigError, validate
+from marl_exp.config import RL_STAGES, ConfigError, check_reward_overrides, reward_sources, validate
 from marl_exp.fingerprints import fingerprint
 
 BUILTIN_PREFIX = "builtin:"  # as marl_exp.modeling.tiny (not imported: it needs torch)
@@ -34,13 +34,15 @@ HUB_TIMEOUT_S = 5.0
 _checked: set[str] = set()  # configs already checked in this process (the callback, then cli.main)
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: DictConfig, overrides: list[str] | None = None) -> None:
     """Validate ``cfg`` and every input and output it names; raise ``ConfigError`` (one line) on the first
-    problem. Each distinct config is checked once per process."""
+    problem. Each distinct config is checked once per process. ``overrides``: the command line's (default:
+    the running Hydra job's), for what composition hides (a reward source named twice)."""
     key = json.dumps(OmegaConf.to_container(cfg, resolve=False), sort_keys=True, default=str)
     if key in _checked:
         return
     validate(cfg)
+    check_reward_overrides(_task_overrides() if overrides is None else overrides)
     check_output_dir(cfg.output_dir, "output_dir")
     check_inputs(cfg)
     _checked.add(key)
@@ -87,11 +89,15 @@ def check_inputs(cfg: DictConfig) -> None:
         check_model_source("stage.sft_model", sft_model, local_only)
     else:  # model.path is read only by an SFT stage (this one, or the upstream one the cache builds)
         check_model_path(cfg.model.path, cfg.model.get("revision"), local_only)
-    reward_adapter = stage.get("reward_adapter") if stage.name in RL_STAGES else None
-    if reward_adapter:
-        check_reward_adapter("stage.reward_adapter", reward_adapter, local_only)
+    reward_adapters = {}
+    if stage.name in RL_STAGES:
+        reward_adapters = {f"stage.rewards.{s.name}.adapter": s.adapter for s in reward_sources(stage) if s.adapter}
+        if stage.get("reward_adapter"):
+            reward_adapters = {"stage.reward_adapter": stage.reward_adapter, **reward_adapters}
+    for key, reward_adapter in reward_adapters.items():
+        check_reward_adapter(key, reward_adapter, local_only)
         if sft_model:
-            check_same_base(reward_adapter, sft_model, stage.allow_base_mismatch)
+            check_same_base(reward_adapter, sft_model, stage.allow_base_mismatch, key)
     if cfg.data.name in ("imdb", "hh_rlhf") and cfg.data.path:
         check_dataset("data.path", cfg.data.path)
 
@@ -137,7 +143,7 @@ def check_dataset(key: str, value: str) -> None:
     check_hub_id(key, value, "dataset", None, False)
 
 
-def check_same_base(reward_adapter: str, sft_model: str, allow_mismatch: bool) -> None:
+def check_same_base(reward_adapter: str, sft_model: str, allow_mismatch: bool, key: str = "stage.reward_adapter") -> None:
     """The reward adapter records the base it was trained on; it must be this run's SFT model.
 
     The same rule as ``MultiAdapterModel``'s guard (weight fingerprints; names when one side has no
@@ -156,7 +162,7 @@ def check_same_base(reward_adapter: str, sft_model: str, allow_mismatch: bool) -
         same = str(record.get("base_model")) == str(sft_model)
     if not same:
         raise ConfigError(
-            f"stage.reward_adapter={reward_adapter!r} was trained on base {record.get('base_model')!r} "
+            f"{key}={reward_adapter!r} was trained on base {record.get('base_model')!r} "
             f"(fingerprint {theirs}), but this run's SFT model is {sft_model!r} (fingerprint {ours}); use the "
             "reward adapter's base as stage.sft_model (or none, to build both), or set "
             "stage.allow_base_mismatch=true if you know why")
@@ -343,7 +349,8 @@ class Preflight(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._checked(lambda: (check(_without_hydra(config)), check_run_dir_parent(str(config.hydra.run.dir))))
+        self._checked(lambda: (check(_without_hydra(config), list(config.hydra.overrides.task)),
+                               check_run_dir_parent(str(config.hydra.run.dir))))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # The jobs' values come from the sweeper: each job validates its own; here only where they write.
@@ -360,6 +367,16 @@ class Preflight(Callback):
             if int(os.environ.get("RANK", "0") or 0) == 0:  # one line, not one per process of a parallel launch
                 print(f"marl-exp: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
             sys.exit(2)
+
+
+def _task_overrides() -> list[str]:
+    """The running Hydra job's command-line overrides ([] outside Hydra, e.g. the compose API)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
 
 
 def _without_hydra(config: DictConfig) -> DictConfig:

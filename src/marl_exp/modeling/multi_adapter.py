@@ -2,7 +2,8 @@
 
 * **policy** ``name``: a trainable LoRA adapter plus its own value head;
 * **reference**: the same base with every adapter disabled;
-* **reward**: a frozen LoRA adapter (trained as a sequence classifier) plus its score head.
+* **reward**: a frozen LoRA adapter (trained as a sequence classifier) plus its score head; further
+  reward adapters (``add_reward_adapter``), each with its own score head, score other objectives.
 
 Every role switch goes through ``_role`` which restores, on exit, the active adapter, each
 parameter's ``requires_grad`` and each module's train/eval mode exactly as they were: peft's
@@ -54,7 +55,7 @@ class RoleScores:
     policy_logits: torch.Tensor  # [B, W, V] each row under its own policy
     values: torch.Tensor  # [B, W] each row's critic
     reference_logits: torch.Tensor  # [B, W, V] adapters disabled
-    reward_scores: torch.Tensor  # [B] reward adapter + score head at the last real token
+    reward_scores: torch.Tensor | None  # [B] reward adapter + score head at the last real token (None: not asked)
 
 
 class ValueHead(nn.Module):
@@ -128,7 +129,7 @@ def _is_dropout_name(name: str) -> bool:
 
 
 class MultiAdapterModel(nn.Module):
-    """A ``PeftModel`` with policy adapters + value heads, a frozen reward adapter + score head."""
+    """A ``PeftModel`` with policy adapters + value heads, frozen reward adapter(s) + score head(s)."""
 
     def __init__(self, peft_model: PeftModel, policy_names: list[str], value_heads: nn.ModuleDict,
                  reward_adapter_name: str | None = None, score_head: nn.Linear | None = None,
@@ -142,6 +143,9 @@ class MultiAdapterModel(nn.Module):
         self.reward_label_index = reward_label_index
         # The pad id the reward model pooled by when it was trained (see ``reward_token_index``).
         self.reward_pad_token_id = reward_pad_token_id
+        # Further reward adapters (``add_reward_adapter``): adapter name -> score head, and (label, pad id).
+        self.reward_heads = nn.ModuleDict()
+        self._reward_reading: dict[str, tuple[int, int | None]] = {}
         keep_4bit_weights_differentiable(self.peft_model)
         self.activate_policy(self.policy_names[0])
 
@@ -243,6 +247,56 @@ class MultiAdapterModel(nn.Module):
                 if id(module) not in known_modules:
                     module.training = self.training
 
+    def add_reward_adapter(self, name: str, source: str, label_index: int | None = None,
+                           pad_token_id: int | None = None, base_path: str | None = None,
+                           allow_base_mismatch: bool = False) -> None:
+        """Load another frozen reward adapter (LoRA + its own score head) onto the base, as ``name``.
+
+        Scored with ``compute_reward_score(..., reward_adapter_name=name)``; the first reward adapter
+        (``reward_adapter_name``) stays the one ``score_roles`` scores in its fused pass. Every existing
+        parameter keeps its ``requires_grad``; the new weights are frozen. ``label_index`` and
+        ``pad_token_id`` as for ``build``'s reward adapter.
+        """
+        if name in self.peft_model.peft_config or name in self.value_heads or name in self.reward_heads:
+            raise ValueError(f"adapter name {name!r} is already taken; choose another reward adapter name")
+        check_same_base(source, base_path, allow_base_mismatch)
+        saved_grad = [(p, p.requires_grad) for p in self.parameters()]
+        known = {id(p) for p, _ in saved_grad}
+        # peft initialises the new LoRA weights at random before loading them: draw nothing from the run's stream.
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                head, label = _load_reward_adapter(self.peft_model, source, name, label_index, self.device)
+        finally:  # peft's add_adapter may rewrite requires_grad: put every flag back, the new weights frozen
+            self.peft_model.set_adapter(self._active_policy)
+            for param, flag in saved_grad:
+                param.requires_grad = flag
+            for param in self.parameters():
+                if id(param) not in known:
+                    param.requires_grad = False
+        if pad_token_id is None:
+            pad_token_id = reward_adapter_pad_token_id(source)
+        if pad_token_id is None:
+            pad_token_id = self.config.get_text_config().pad_token_id
+        head.train(self.training)
+        self.reward_heads[name] = head
+        self._reward_reading[name] = (label, pad_token_id)
+
+    @property
+    def reward_adapter_names(self) -> list[str]:
+        """Every reward adapter on the base, the fused pass's first."""
+        return ([self.reward_adapter_name] if self.score_head is not None else []) + list(self.reward_heads)
+
+    def _reward_role(self, name: str | None) -> tuple[str, nn.Linear, int, int | None]:
+        """(adapter, score head, label index, pad id) of reward adapter ``name`` (None = the first one)."""
+        if name is None or name == self.reward_adapter_name:
+            if self.score_head is None:
+                raise ValueError("this model has no reward adapter; load one with reward_adapter=<dir or hub id>")
+            return self.reward_adapter_name, self.score_head, self.reward_label_index, self.reward_pad_token_id
+        if name not in self.reward_heads:
+            raise ValueError(f"unknown reward adapter {name!r}; known: {', '.join(self.reward_adapter_names) or 'none'}")
+        return (name, self.reward_heads[name], *self._reward_reading[name])
+
     # ---------------------------------------------------------------------------------- properties
     @property
     def config(self):
@@ -277,14 +331,14 @@ class MultiAdapterModel(nn.Module):
         (``add_adapter`` / ``load_adapter``, as TRL's multi-adapter docs did), adopted here with a value head."""
         if name in self.policy_names:
             return
-        if name in self.peft_model.peft_config and name != self.reward_adapter_name:
+        if name in self.peft_model.peft_config and name not in self._reward_names():
             head = ValueHead(self.config.get_text_config().hidden_size, self._value_head_dropout()).to(self.device)
             head.requires_grad_(False)
             head.train(self.training)
             self.value_heads[name] = head
             self.policy_names.append(name)
             return
-        known = [n for n in self.peft_model.peft_config if n != self.reward_adapter_name]
+        known = [n for n in self.peft_model.peft_config if n not in self._reward_names()]
         raise ValueError(f"unknown policy adapter {name!r}; known: {', '.join(known)}")
 
     def _apply_trainable(self, active: str) -> None:
@@ -296,6 +350,11 @@ class MultiAdapterModel(nn.Module):
             head.requires_grad_(name == active)
         if self.score_head is not None:
             self.score_head.requires_grad_(False)
+        self.reward_heads.requires_grad_(False)
+
+    def _reward_names(self) -> set[str]:
+        """Adapter names that are reward adapters (never policies), loaded or reserved."""
+        return {self.reward_adapter_name, *self.reward_heads}
 
     @contextlib.contextmanager
     def _role(self, adapter: str | None, eval_mode: bool = False):
@@ -445,7 +504,7 @@ class MultiAdapterModel(nn.Module):
     def score_roles(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, policies: list[str],
                     critics: list[str] | None = None, logits_positions: slice | None = None,
                     reward_input_ids: torch.Tensor | None = None,
-                    reward_attention_mask: torch.Tensor | None = None) -> RoleScores:
+                    reward_attention_mask: torch.Tensor | None = None, reward: bool = True) -> RoleScores:
         """Every role's view of the same rows in ONE forward (peft's mixed-adapter batch).
 
         Row ``i`` is run under ``policies[i]`` (logits), under ``critics[i]`` (its value head; default:
@@ -454,9 +513,10 @@ class MultiAdapterModel(nn.Module):
         row, so one pass replaces three or four and no adapter is switched. Equal to the separate calls
         (``policy_forward``, ``reference_logits``, ``compute_reward_score``) up to float rounding of the
         larger matmuls; with 8-bit (LLM.int8) weights the outlier split depends on the whole batch, so
-        there the two differ by about as much as two batch compositions do.
+        there the two differ by about as much as two batch compositions do. ``reward=False`` leaves the
+        reward rows out (``reward_scores`` is None): a run whose reward comes from other sources.
         """
-        if self.score_head is None:
+        if reward and self.score_head is None:
             raise ValueError("this model has no reward adapter; load one with reward_adapter=<dir or hub id>")
         critics = list(policies) if critics is None else list(critics)
         unknown = sorted((set(policies) | set(critics)) - set(self.policy_names))
@@ -466,15 +526,18 @@ class MultiAdapterModel(nn.Module):
         own_critic = [i for i in range(rows) if critics[i] == policies[i]]
         extra = [i for i in range(rows) if critics[i] != policies[i]]  # rows run again under a critic adapter
         blocks = [list(range(rows)), extra, list(range(rows))]  # policy, critic, reference; then the reward rows
-        names = list(policies) + [critics[i] for i in extra] + [None] * rows + [self.reward_adapter_name] * rows
+        names = list(policies) + [critics[i] for i in extra] + [None] * rows
         index = torch.tensor([i for block in blocks for i in block], device=input_ids.device)
-        reward_ids = input_ids if reward_input_ids is None else reward_input_ids
-        reward_mask = attention_mask if reward_attention_mask is None else reward_attention_mask
-        extra_columns = reward_ids.shape[1] - input_ids.shape[1]  # the reward rows may be wider (appended EOS)
+        ids, mask = [input_ids[index]], [attention_mask[index]]
+        if reward:
+            reward_ids = input_ids if reward_input_ids is None else reward_input_ids
+            reward_mask = attention_mask if reward_attention_mask is None else reward_attention_mask
+            extra_columns = reward_ids.shape[1] - input_ids.shape[1]  # the reward rows may be wider (appended EOS)
+            ids = [nn.functional.pad(ids[0], (0, extra_columns)), reward_ids]
+            mask = [nn.functional.pad(mask[0], (0, extra_columns)), reward_mask]
+            names += [self.reward_adapter_name] * rows
         with self._rows_under(names):
-            hidden = self._hidden_states(
-                torch.cat([nn.functional.pad(input_ids[index], (0, extra_columns)), reward_ids]),
-                torch.cat([nn.functional.pad(attention_mask[index], (0, extra_columns)), reward_mask]))
+            hidden = self._hidden_states(torch.cat(ids), torch.cat(mask))
         policy_h, critic_h, ref_h = hidden[:len(index), :input_ids.shape[1]].split([rows, len(extra), rows])
         reward_h = hidden[len(index):]
 
@@ -486,9 +549,11 @@ class MultiAdapterModel(nn.Module):
             other = [k for k, i in enumerate(extra) if critics[i] == name]
             if other:
                 values[[extra[k] for k in other]] = self.value_heads[name](critic_h[other]).float()
-        last = reward_h[torch.arange(rows, device=hidden.device),
-                        reward_token_index(reward_ids, reward_mask, self.reward_pad_token_id)]
-        scores = self.score_head(last.to(self.score_head.weight.dtype))[:, self.reward_label_index]
+        scores = None
+        if reward:
+            last = reward_h[torch.arange(rows, device=hidden.device),
+                            reward_token_index(reward_ids, reward_mask, self.reward_pad_token_id)]
+            scores = self.score_head(last.to(self.score_head.weight.dtype))[:, self.reward_label_index]
         positions = slice(None) if logits_positions is None else logits_positions
         return RoleScores(policy_logits=self._lm_logits(policy_h, positions), values=values[:, positions],
                           reference_logits=self._lm_logits(ref_h, positions), reward_scores=scores)
@@ -496,7 +561,8 @@ class MultiAdapterModel(nn.Module):
     @torch.no_grad()
     def compute_reward_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                              ppo_adapter_name: str | None = None, return_all_tokens: bool = False,
-                             reward_label_index: int | None = None, **_) -> torch.Tensor:
+                             reward_label_index: int | None = None, reward_adapter_name: str | None = None,
+                             **_) -> torch.Tensor:
         """Reward of each sequence [B], read where HF's sequence classifier reads it (``reward_token_index``:
         the last token that is not padding, left or right padding), so it equals the reward model's score.
 
@@ -505,22 +571,23 @@ class MultiAdapterModel(nn.Module):
         ``ppo_adapter_name`` names the policy adapter to leave active afterwards (default: the one
         active before the call). Naming another policy switches to it as ``activate_policy`` does;
         naming the active one (or none) leaves every flag and mode exactly as it was.
+        ``reward_adapter_name``: which reward adapter scores (default: the first, ``self.reward_adapter_name``;
+        others are loaded with ``add_reward_adapter``), read with its own score head, label and pad id.
         """
-        if self.score_head is None:
-            raise ValueError("this model has no reward adapter; load one with reward_adapter=<dir or hub id>")
+        adapter, head, own_label, pad_token_id = self._reward_role(reward_adapter_name)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        label = self.reward_label_index if reward_label_index is None else reward_label_index
-        check_label_index(label, self.score_head.out_features)
+        label = own_label if reward_label_index is None else reward_label_index
+        check_label_index(label, head.out_features)
         if ppo_adapter_name is not None:
             self._check_policy(ppo_adapter_name)
-        with self._scoring_pass(self.reward_adapter_name):
+        with self._scoring_pass(adapter):
             hidden = self._hidden_states(input_ids, attention_mask)
-            scores = self.score_head(hidden.to(self.score_head.weight.dtype))[..., label]
+            scores = head(hidden.to(head.weight.dtype))[..., label]
         if ppo_adapter_name is not None and ppo_adapter_name != self._active_policy:
             self.activate_policy(ppo_adapter_name)
         if return_all_tokens:
             return scores
-        index = reward_token_index(input_ids, attention_mask, self.reward_pad_token_id)
+        index = reward_token_index(input_ids, attention_mask, pad_token_id)
         return scores[torch.arange(scores.shape[0], device=scores.device), index]
 
     @torch.no_grad()
@@ -571,7 +638,7 @@ class MultiAdapterModel(nn.Module):
                 continue
             seen.add(id(tensor))
             nbytes = tensor.numel() * tensor.element_size() + _quant_state_bytes(tensor, seen_storage)
-            if name.startswith(("value_heads.", "score_head.")):
+            if name.startswith(("value_heads.", "score_head.", "reward_heads.")):
                 sizes["heads"] += nbytes
             elif _adapter_of(name) is not None:
                 sizes["adapters"] += nbytes

@@ -1,5 +1,6 @@
-"""Held-out evaluation of a policy adapter: reward score, KL to the reference, length, and what the texts
-say (``response_metrics``: the judges' verdicts where the task has them, EOS fraction, distinct-n).
+"""Held-out evaluation of a policy adapter: reward score (and each reward source's), KL to the reference,
+length, and what the texts say (``response_metrics``: the judges' verdicts where the task has them, EOS
+fraction, distinct-n).
 
 Sampling uses its own fixed seed inside a forked RNG, so every evaluation sees the same sampling
 noise (before/after comparisons use common random numbers) and training's RNG stream is untouched
@@ -12,7 +13,7 @@ import torch
 
 from marl_exp.data import chat
 from marl_exp.ppo import core
-from marl_exp.ppo.response_metrics import response_metrics
+from marl_exp.ppo.response_metrics import judged_text, response_metrics
 from marl_exp.ppo.rollout import sample, score
 
 EVAL_SEED = 12345
@@ -25,6 +26,7 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
     num_samples = num_samples or cfg.eval_samples
     queries = [prompts[i % len(prompts)] for i in range(num_samples)]
     rewards, kls, lengths, samples = [], [], [], []
+    per_source: dict[str, list[torch.Tensor]] = {}
     texts, all_responses, has_eos = [], [], []
     devices = [roles.model.device] if roles.model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -37,14 +39,15 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
             # KL(π‖π_ref) of a whole response, estimated by the sampled log-ratio sum (nats).
             kls.append(core.masked_sum(rollout.logprobs - rollout.ref_logprobs, mask, dim=1).cpu())
             rewards.append(rollout.raw_scores.cpu())
+            for name, scores in (rollout.source_scores or {}).items():
+                per_source.setdefault(name, []).append(scores.cpu())
             lengths.append(mask.sum(1).float().cpu())
             responses = tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
             has_eos += (rollout.has_eos if rollout.has_eos is not None
                         else (rollout.response_ids == tokenizer.eos_token_id).any(1)).tolist()
             all_responses += responses
             for query, response, reward in zip(batch, responses, rollout.raw_scores.tolist()):
-                # A conversation's judges read the assistant turn; a plain text's, prompt + continuation.
-                text = response if chat.is_conversational(query) else f"{query}{response}"
+                text = judged_text(query, response)
                 texts.append(text)
                 if len(samples) < 8:
                     samples.append({"query": chat.prompt_text(tokenizer, query), "response": response,
@@ -54,6 +57,8 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
         "reward_score": torch.cat(rewards).mean().item(),
         "kl": torch.cat(kls).mean().item(),
         "response_length": torch.cat(lengths).mean().item(),
+        # Each reward source's mean score, unweighted (TRL's name for a reward function's: rewards/<name>/mean).
+        **{f"rewards/{name}/mean": torch.cat(scores).mean().item() for name, scores in per_source.items()},
     }
     metrics.update(response_metrics(texts, all_responses, has_eos, oracle=oracle, judge=judge))
     return metrics, samples

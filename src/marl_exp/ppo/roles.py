@@ -1,7 +1,8 @@
 """Where the three RLHF roles come from: one shared base (``shared``) or separate instances (``separate``).
 
 Both give the PPO loop the same calls, so the loop cannot tell them apart; ``separate`` is the
-baseline that shows sharing the base changes memory, not results.
+baseline that shows sharing the base changes memory, not results. ``reward_sources`` says what the
+reward is made of (``reward_sources.RewardSources``; default: the one reward adapter).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from marl_exp.modeling.multi_adapter import (
     RoleScores,
     position_ids_from_mask,
 )
+from marl_exp.ppo.reward_sources import RewardSources
 
 
 def critic_name(policy: str) -> str:
@@ -24,8 +26,9 @@ def critic_name(policy: str) -> str:
 class SharedRoles:
     """Policy, reference and reward all on one ``MultiAdapterModel``."""
 
-    def __init__(self, model: MultiAdapterModel):
+    def __init__(self, model: MultiAdapterModel, reward_sources: RewardSources | None = None):
         self.model = model
+        self.reward_sources = reward_sources or RewardSources.default()
 
     def policy_outputs(self, input_ids, attention_mask, policy: str, critic: str,
                        logits_positions: slice | None = None) -> PolicyOutput:
@@ -41,34 +44,39 @@ class SharedRoles:
     def reference_logits(self, input_ids, attention_mask, logits_positions: slice | None = None) -> torch.Tensor:
         return self.model.reference_logits(input_ids, attention_mask, logits_positions=logits_positions)
 
-    def reward_scores(self, input_ids, attention_mask, policy: str) -> torch.Tensor:
-        return self.model.compute_reward_score(input_ids, attention_mask, ppo_adapter_name=policy)
+    def reward_scores(self, input_ids, attention_mask, policy: str, adapter: str | None = None) -> torch.Tensor:
+        """Scores of reward adapter ``adapter`` (default: the first one)."""
+        return self.model.compute_reward_score(input_ids, attention_mask, ppo_adapter_name=policy,
+                                               reward_adapter_name=adapter)
 
     def score(self, input_ids, attention_mask, row_policies: list[str], critic: str, logits_positions: slice,
-              fused: bool = True, reward_input_ids=None, reward_attention_mask=None) -> RoleScores:
+              fused: bool = True, reward_input_ids=None, reward_attention_mask=None, reward: bool = True) -> RoleScores:
         """Everything scoring needs for rows grouped by policy (``row_policies[i]`` sampled row ``i``).
 
         ``fused``: one mixed-adapter forward for every role (``MultiAdapterModel.score_roles``);
         otherwise one pass per role, as ``SeparateRoles`` must do. The reward reads ``reward_input_ids``
-        (the text as the reward trainer saw it, see ``rollout.reward_inputs``) when given.
+        (the text as the reward trainer saw it, see ``rollout.reward_inputs``) when given; ``reward=False``:
+        no reward adapter pass (``reward_scores`` is None), for a reward from other sources.
         """
         reward_ids = input_ids if reward_input_ids is None else reward_input_ids
         reward_mask = attention_mask if reward_attention_mask is None else reward_attention_mask
         if not fused:
             return score_role_by_role(self, input_ids, attention_mask, row_policies, critic, logits_positions,
-                                      reward_ids, reward_mask)
+                                      reward_ids, reward_mask, reward)
         critics = [critic_name(p) for p in row_policies] if critic == "adapter" else None
         return self.model.score_roles(input_ids, attention_mask, row_policies, critics, logits_positions,
-                                      reward_ids, reward_mask)
+                                      reward_ids, reward_mask, reward=reward)
 
 
 class SeparateRoles(SharedRoles):
     """Baseline: the reference is its own copy of the base, the reward its own classifier + adapter."""
 
-    def __init__(self, model: MultiAdapterModel, reference_model, reward_model: PeftModel):
-        super().__init__(model)
+    def __init__(self, model: MultiAdapterModel, reference_model, reward_model: PeftModel | None,
+                 reward_sources: RewardSources | None = None):
+        super().__init__(model, reward_sources)
         self.reference_model = reference_model.eval().requires_grad_(False)
-        self.reward_model = reward_model.eval().requires_grad_(False)
+        # None when no source is a reward adapter; one at most (config.validate: sharing=separate).
+        self.reward_model = reward_model.eval().requires_grad_(False) if reward_model is not None else None
 
     @torch.no_grad()
     def reference_logits(self, input_ids, attention_mask, logits_positions: slice | None = None) -> torch.Tensor:
@@ -80,7 +88,7 @@ class SeparateRoles(SharedRoles):
         return self.reference_model.get_output_embeddings()(hidden)
 
     @torch.no_grad()
-    def reward_scores(self, input_ids, attention_mask, policy: str) -> torch.Tensor:
+    def reward_scores(self, input_ids, attention_mask, policy: str, adapter: str | None = None) -> torch.Tensor:
         # The classifier's own forward (it pools by pad id, as when it was trained); positions from the mask,
         # so left padding reads what right padding would.
         logits = self.reward_model(input_ids=input_ids, attention_mask=attention_mask,
@@ -88,17 +96,18 @@ class SeparateRoles(SharedRoles):
         return logits[:, self.model.reward_label_index].float()
 
     def score(self, input_ids, attention_mask, row_policies: list[str], critic: str, logits_positions: slice,
-              fused: bool = True, reward_input_ids=None, reward_attention_mask=None) -> RoleScores:
+              fused: bool = True, reward_input_ids=None, reward_attention_mask=None, reward: bool = True) -> RoleScores:
         # Separate models cannot share a forward: always one pass per role.
         return super().score(input_ids, attention_mask, row_policies, critic, logits_positions, fused=False,
-                             reward_input_ids=reward_input_ids, reward_attention_mask=reward_attention_mask)
+                             reward_input_ids=reward_input_ids, reward_attention_mask=reward_attention_mask,
+                             reward=reward)
 
 
 def score_role_by_role(roles: SharedRoles, input_ids, attention_mask, row_policies: list[str], critic: str,
-                       logits_positions: slice, reward_input_ids, reward_attention_mask) -> RoleScores:
+                       logits_positions: slice, reward_input_ids, reward_attention_mask, reward: bool = True) -> RoleScores:
     """One reference and one reward pass over all rows, then one policy pass per block of rows of a policy."""
     reference = roles.reference_logits(input_ids, attention_mask, logits_positions)
-    rewards = roles.reward_scores(reward_input_ids, reward_attention_mask, row_policies[0])
+    rewards = roles.reward_scores(reward_input_ids, reward_attention_mask, row_policies[0]) if reward else None
     positions = slice(None) if logits_positions is None else logits_positions
     logits, values = [], []
     for policy, rows in _blocks(row_policies):

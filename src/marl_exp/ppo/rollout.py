@@ -20,6 +20,7 @@ from transformers import GenerationConfig
 
 from marl_exp.data import chat
 from marl_exp.ppo.core import kl_per_token, logprobs_from_logits
+from marl_exp.ppo.reward_sources import RewardSources
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,13 @@ class Rollout:
     values: torch.Tensor | None = None  # [B, R] critic values before each response token
     kl: torch.Tensor | None = None  # [B, R] per-token KL penalty
     scores: torch.Tensor | None = None  # [B] reward-model scores (after scaling/penalties)
-    raw_scores: torch.Tensor | None = None  # [B] reward-model scores as returned
+    raw_scores: torch.Tensor | None = None  # [B] the reward: Σ weight × score over the reward sources
+    source_scores: dict[str, torch.Tensor] | None = None  # each reward source's scores [B], unweighted
     has_eos: torch.Tensor | None = None  # [B] bool
     advantages: torch.Tensor | None = None  # [B, R] the update's targets (phase 4 of RLTrainer.step)
     returns: torch.Tensor | None = None  # [B, R] the critic's targets (PPO only)
     conversations: list | None = None  # [B] the prompts as message lists (conversational tasks), else None
+    prompts: list | None = None  # [B] the prompts as given to ``sample`` (what reward functions read)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -82,6 +85,8 @@ class Rollout:
         def rows(value):
             if isinstance(value, list):
                 return [value[i] for i in torch.as_tensor(index).reshape(-1).tolist()]
+            if isinstance(value, dict):
+                return {key: rows(item) for key, item in value.items()}
             return None if value is None else value[index]
 
         return Rollout(**{f.name: rows(getattr(self, f.name)) for f in fields(self)})
@@ -167,7 +172,7 @@ def sample(model, tokenizer, prompts: list, adapter: str, cfg, perf: PerfOptions
     response_ids, response_mask, has_eos = truncate_after_eos(response, stop_ids, tokenizer.pad_token_id)
     conversations = list(prompts) if chat.is_conversational(prompts[0]) else None
     return Rollout(enc.input_ids, enc.attention_mask, response_ids, response_mask, has_eos=has_eos,
-                   conversations=conversations)
+                   conversations=conversations, prompts=list(prompts))
 
 
 def reward_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
@@ -236,10 +241,14 @@ def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, tokenizer,
 
     The reference and reward passes do not depend on the policy, so they run once over all
     policies' responses stacked in one batch; each policy gets its own log-probs and values. On a
-    shared base all of it is one forward (``perf.fused_scoring``). The reward reads each sequence as
-    the reward trainer saw its texts (``reward_inputs``, ``chat_reward_inputs`` for conversations);
-    ``stop_ids``: the ids that ended the responses (default ``stop_token_ids``).
+    shared base all of it is one forward (``perf.fused_scoring``). The reward is the weighted sum of
+    ``roles.reward_sources`` (``reward_sources.RewardSources``): the first reward adapter is scored with
+    the other roles, each further adapter in a pass of its own, each function on the decoded texts. An
+    adapter reads each sequence as the reward trainer saw its texts (``reward_inputs``,
+    ``chat_reward_inputs`` for conversations); ``stop_ids``: the ids that ended the responses (default
+    ``stop_token_ids``).
     """
+    sources = getattr(roles, "reward_sources", None) or RewardSources.default()
     length = max(r.response_ids.shape[1] for r in rollouts.values())
     for rollout in rollouts.values():
         pad_response(rollout, length, tokenizer.pad_token_id)
@@ -248,18 +257,17 @@ def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, tokenizer,
     response_mask = torch.cat([r.response_mask for r in rollouts.values()])
     responses = torch.cat([r.response_ids for r in rollouts.values()])
     conversations = [c for r in rollouts.values() for c in (r.conversations or [])]
-    if conversations:
-        stop_ids = stop_token_ids(tokenizer, roles.model) if stop_ids is None else stop_ids
-        reward_ids, reward_mask = chat_reward_inputs(tokenizer, conversations, responses, response_mask, stop_ids,
-                                                     min_width=ids.shape[1])
-    else:
-        reward_ids, reward_mask = reward_inputs(ids, mask, response_mask, tokenizer.eos_token_id,
-                                                tokenizer.pad_token_id)
+    reward_ids = reward_mask = None
+    if sources.adapter_names:  # what a reward adapter reads: the texts as its trainer saw them
+        reward_ids, reward_mask = _reward_adapter_inputs(roles, tokenizer, ids, mask, responses, response_mask,
+                                                         conversations, stop_ids)
     row_policies = [name for name, r in rollouts.items() for _ in range(r.query_ids.shape[0])]
     window = response_slice(ids.shape[1] - length, length)
+    source_scores = {}
     with no_grad_mode(perf.inference_mode):
         out = roles.score(ids, mask, row_policies, critic, window if perf.window_logits else None,
-                          fused=perf.fused_scoring, reward_input_ids=reward_ids, reward_attention_mask=reward_mask)
+                          fused=perf.fused_scoring, reward_input_ids=reward_ids, reward_attention_mask=reward_mask,
+                          reward=sources.primary is not None)
         crop = slice(None) if perf.window_logits else window
         logits = temperature_scaled(out.policy_logits[:, crop], cfg.temperature)
         ref_logits = temperature_scaled(out.reference_logits[:, crop], cfg.temperature)
@@ -269,14 +277,49 @@ def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, tokenizer,
         kl = kl_per_token(logprobs, ref_logprobs, getattr(cfg, "kl_penalty", "kl"), cfg.kl_estimator,
                           logits=logits, ref_logits=ref_logits)
         values = out.values[:, crop].float()
-        raw_scores = out.reward_scores.float()
+        if sources.primary is not None:
+            source_scores[sources.primary] = out.reward_scores.float()
+        for name, adapter in sources.extra_adapters.items():  # the active policy stays active
+            source_scores[name] = roles.reward_scores(reward_ids, reward_mask, roles.model.active_policy,
+                                                      adapter=adapter).float()
+    if sources.functions:
+        source_scores.update(_function_scores(sources, rollouts, responses, tokenizer))
+    source_scores = {source.name: source_scores[source.name] for source in sources.sources}
+    raw_scores = sources.combine(source_scores)
 
     sizes = [r.query_ids.shape[0] for r in rollouts.values()]
     parts = [t.split(sizes) for t in (logprobs, ref_logprobs, values, kl, raw_scores)]
-    for rollout, (lp, ref_lp, v, k, raw) in zip(rollouts.values(), zip(*parts)):
+    per_source = {name: scores.split(sizes) for name, scores in source_scores.items()}
+    for i, (rollout, (lp, ref_lp, v, k, raw)) in enumerate(zip(rollouts.values(), zip(*parts))):
         rollout.logprobs, rollout.ref_logprobs, rollout.values = detached(lp), detached(ref_lp), detached(v)
         rollout.kl, rollout.raw_scores = detached(k), detached(raw)
+        rollout.source_scores = {name: detached(scores[i]) for name, scores in per_source.items()}
     return rollouts
+
+
+def _reward_adapter_inputs(roles, tokenizer, ids, mask, responses, response_mask, conversations: list,
+                           stop_ids: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if not conversations:
+        return reward_inputs(ids, mask, response_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    stop_ids = stop_token_ids(tokenizer, roles.model) if stop_ids is None else stop_ids
+    return chat_reward_inputs(tokenizer, conversations, responses, response_mask, stop_ids, min_width=ids.shape[1])
+
+
+def _function_scores(sources: RewardSources, rollouts: dict[str, Rollout], responses: torch.Tensor,
+                     tokenizer) -> dict[str, torch.Tensor]:
+    """Each function source's scores of the stacked responses, on the prompts and the decoded completions."""
+    prompts = [p for r in rollouts.values() for p in _prompts_of(r, tokenizer)]
+    completions = tokenizer.batch_decode(responses, skip_special_tokens=True)  # as the evaluation decodes them
+    return {name: sources.call(name, prompts, completions).to(responses.device) for name in sources.functions}
+
+
+def _prompts_of(rollout: Rollout, tokenizer) -> list:
+    """The prompts a rollout was sampled for (as given to ``sample``; decoded when it was built otherwise)."""
+    if rollout.prompts is not None:
+        return list(rollout.prompts)
+    if rollout.conversations is not None:
+        return list(rollout.conversations)
+    return tokenizer.batch_decode(rollout.query_ids, skip_special_tokens=True)
 
 
 def temperature_scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -22,6 +22,7 @@ from transformers import get_scheduler
 from marl_exp import distributed
 from marl_exp.interrupt import TrainingDiverged
 from marl_exp.ppo import core
+from marl_exp.ppo.reward_sources import source_stats
 from marl_exp.ppo.roles import SharedRoles, critic_name
 from marl_exp.ppo.rollout import (
     DEFAULT_PERF,
@@ -107,7 +108,8 @@ class RLTrainer:
         """One RL step for every policy adapter, in five phases:
 
         1. sample      responses to this step's prompts from each policy adapter
-        2. score       policy log-probs (and values), reference log-probs and reward scores, on the one base
+        2. score       policy log-probs (and values), reference log-probs, and the reward: Σ weight × score of
+                       its sources (reward adapters on the one base, functions of the texts)
         3. rewards     reward scores -> the scores the algorithm optimises (``_shape_scores``)
         4. advantages  the only part that differs by algorithm (``_estimate_advantages``)
         5. update      clipped policy-gradient updates of each policy adapter (``_optimize``)
@@ -147,7 +149,8 @@ class RLTrainer:
         # step 5: update
         stats = {}
         for name, rollout in rollouts.items():
-            stats.update(self._prefixed(name, self._optimize(self.policies[name], rollout)))
+            stats.update(self._prefixed(name, {**self._optimize(self.policies[name], rollout),
+                                               **source_stats(rollout.source_scores)}))
         timings["time/optimize"] = time.perf_counter() - t0
 
         stats.update(self._after_update(stats))

@@ -19,7 +19,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from marl_exp import distributed, lineage, records
-from marl_exp.config import RL_STAGES, UPSTREAM_ONLY_KEYS, AdapterConfig, Config, QuantConfig, STAGE_SCHEMAS, to_yaml
+from marl_exp.config import (
+    RL_STAGES,
+    STAGE_SCHEMAS,
+    UPSTREAM_ONLY_KEYS,
+    AdapterConfig,
+    Config,
+    QuantConfig,
+    needs_upstream_reward,
+    to_yaml,
+)
 from marl_exp.io import atomic_write_json, atomic_write_text
 from marl_exp.stages.common import environment_record
 from marl_exp.tracking import Tracker
@@ -66,7 +75,7 @@ def resolve_inputs(cfg: DictConfig) -> dict:
     if stage == "sft":
         return {}
     sft_model = _given(cfg.stage.sft_model) or str(cached_output(upstream_config(cfg, "sft")))
-    if stage == "reward":
+    if stage == "reward" or not needs_upstream_reward(cfg.stage):  # e.g. a gold-reward run: no reward stage
         return {"sft_model": sft_model}
     reward_adapter = _given(cfg.stage.reward_adapter) or str(cached_output(upstream_config(cfg, "reward")))
     return {"sft_model": sft_model, "reward_adapter": reward_adapter}
