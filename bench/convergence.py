@@ -4,7 +4,11 @@ Each chain runs `python train.py` in a fresh output dir (nothing cached), so its
 whole chain's. Prints a markdown table, writes bench/results/convergence.{json,md} and a learning-curve
 PNG (docs/convergence.png by default).
 
-    python bench/convergence.py                                   # seeds 0 1 2 × fp32 8bit 4bit
+Judged by the strict gold (issue 13): per chain ``oracle_strict`` (the oracle on well-formed reviews, 0
+elsewhere) after PPO at least 0.8 and up at least 0.25 from the SFT policy, ``well_formed`` at least 0.9 and
+the KL to the reference at most 10 nats, on the held-out evaluation prompts.
+
+    python bench/convergence.py --seeds 2026 2027 2028             # × fp32 8bit 4bit
     python bench/convergence.py --seeds 0 --quants fp32 -- stage.steps=50   # extra overrides after --
 """
 
@@ -19,7 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TARGET_ORACLE, TARGET_RISE, TARGET_KL, TARGET_MINUTES = 0.8, 0.2, 20.0, 10.0
+TARGET_STRICT, TARGET_RISE, TARGET_WELL_FORMED, TARGET_KL, TARGET_MINUTES = 0.8, 0.25, 0.9, 10.0, 15.0
+REPORTED = ("oracle_strict", "well_formed", "oracle_score", "reward_score", "kl", "response_length")
 
 
 def run_chain(quant: str, seed: int, out: Path, extra: list[str]) -> dict:
@@ -35,39 +40,48 @@ def run_chain(quant: str, seed: int, out: Path, extra: list[str]) -> dict:
         return {"quant": quant, "seed": seed, "failed": True, "minutes": minutes, "log": str(out / "log.txt")}
     summary = json.loads((run_dir / "summary.json").read_text())
     row = {"quant": quant, "seed": seed, "minutes": minutes, "failed": False,
-           **{k: summary[k] for k in ("eval/before/oracle_score", "eval/after/oracle_score", "eval/before/reward_score",
-                                      "eval/after/reward_score", "eval/after/kl", "eval/after/response_length")}}
-    rise = row["eval/after/oracle_score"] - row["eval/before/oracle_score"]
-    row["passed"] = (row["eval/after/oracle_score"] >= TARGET_ORACLE and rise >= TARGET_RISE
-                     and row["eval/after/kl"] <= TARGET_KL and minutes < TARGET_MINUTES)
+           **{f"eval/{tag}/{k}": summary[f"eval/{tag}/{k}"] for tag in ("before", "after") for k in REPORTED}}
+    row["passed"] = passed(row)
     row["curve"] = learning_curve(run_dir / "metrics.jsonl")
     return row
 
 
+def passed(row: dict) -> bool:
+    after = {k: row[f"eval/after/{k}"] for k in REPORTED}
+    return (after["oracle_strict"] >= TARGET_STRICT
+            and after["oracle_strict"] - row["eval/before/oracle_strict"] >= TARGET_RISE
+            and after["well_formed"] >= TARGET_WELL_FORMED and after["kl"] <= TARGET_KL
+            and row["minutes"] < TARGET_MINUTES)
+
+
+CURVES = {"oracle_strict": "oracle_strict", "well_formed": "well_formed", "reward": "reward_score", "kl": "kl"}
+
+
 def learning_curve(metrics_path: Path) -> dict:
-    steps, oracle, reward, kl = [], [], [], []
+    curve = {"step": [], **{name: [] for name in CURVES}}
     for line in metrics_path.read_text().splitlines():
         record = json.loads(line)
         for tag in ("before", "during", "after"):
-            if f"eval/{tag}/oracle_score" in record:
-                steps.append(record["step"])
-                oracle.append(record[f"eval/{tag}/oracle_score"])
-                reward.append(record[f"eval/{tag}/reward_score"])
-                kl.append(record[f"eval/{tag}/kl"])
-    return {"step": steps, "oracle": oracle, "reward": reward, "kl": kl}
+            if f"eval/{tag}/oracle_strict" in record:
+                curve["step"].append(record["step"])
+                for name, key in CURVES.items():
+                    curve[name].append(record[f"eval/{tag}/{key}"])
+    return curve
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| quant | seed | oracle before → after | reward before → after | KL (nats) | chain wall time | target met |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| quant | seed | strict gold | well formed | plain oracle | reward | KL (nats) | length "
+             "| chain wall time | target met |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["failed"]:
-            lines.append(f"| {r['quant']} | {r['seed']} | failed ({r['log']}) | | | {r['minutes']:.1f} min | no |")
+            lines.append(f"| {r['quant']} | {r['seed']} | failed ({r['log']}) | | | | | | {r['minutes']:.1f} min | no |")
             continue
-        lines.append(
-            f"| {r['quant']} | {r['seed']} | {r['eval/before/oracle_score']:.3f} → {r['eval/after/oracle_score']:.3f} "
-            f"| {r['eval/before/reward_score']:.2f} → {r['eval/after/reward_score']:.2f} | {r['eval/after/kl']:.2f} "
-            f"| {r['minutes']:.1f} min | {'yes' if r['passed'] else 'no'} |")
+        cells = [f"{r[f'eval/before/{k}']:{fmt}} → {r[f'eval/after/{k}']:{fmt}}"
+                 for k, fmt in (("oracle_strict", ".3f"), ("well_formed", ".3f"), ("oracle_score", ".3f"),
+                                ("reward_score", ".2f"))]
+        lines.append(f"| {r['quant']} | {r['seed']} | {' | '.join(cells)} | {r['eval/after/kl']:.2f} "
+                     f"| {r['eval/before/response_length']:.1f} → {r['eval/after/response_length']:.1f} "
+                     f"| {r['minutes']:.1f} min | {'yes' if r['passed'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -77,22 +91,24 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
     colors = {"fp32": "tab:blue", "8bit": "tab:orange", "4bit": "tab:green", "bf16": "tab:red"}
     styles = ["-", "--", ":", "-."]
     for r in rows:
         if r["failed"]:
             continue
         c = r["curve"]
-        for ax, key in zip(axes, ("oracle", "reward", "kl")):
+        for ax, key in zip(axes, CURVES):
             ax.plot(c["step"], c[key], color=colors.get(r["quant"]), linestyle=styles[r["seed"] % len(styles)],
                     alpha=0.85, marker=".", label=f"{r['quant']} seed {r['seed']}")
-    for ax, title in zip(axes, ("oracle score (held-out prompts)", "reward-model score", "KL to reference (nats)")):
+    titles = ("strict gold (held-out prompts)", "well-formed share", "reward-model score", "KL to reference (nats)")
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)
-    axes[0].axhline(TARGET_ORACLE, color="gray", linestyle="--", linewidth=1)
-    axes[2].axhline(TARGET_KL, color="gray", linestyle="--", linewidth=1)
+    axes[0].axhline(TARGET_STRICT, color="gray", linestyle="--", linewidth=1)
+    axes[1].axhline(TARGET_WELL_FORMED, color="gray", linestyle="--", linewidth=1)
+    axes[3].axhline(TARGET_KL, color="gray", linestyle="--", linewidth=1)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +117,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[2026, 2027, 2028])
     parser.add_argument("--quants", nargs="+", default=["fp32", "8bit", "4bit"])
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "convergence")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")

@@ -555,8 +555,13 @@ class MultiAdapterModel(nn.Module):
                             reward_token_index(reward_ids, reward_mask, self.reward_pad_token_id)]
             scores = self.score_head(last.to(self.score_head.weight.dtype))[:, self.reward_label_index]
         positions = slice(None) if logits_positions is None else logits_positions
-        return RoleScores(policy_logits=self._lm_logits(policy_h, positions), values=values[:, positions],
-                          reference_logits=self._lm_logits(ref_h, positions), reward_scores=scores)
+        # The output layer may carry LoRA too (adapter.output_layer): each row's logits under its own adapter.
+        with self._rows_under(list(policies)):
+            policy_logits = self._lm_logits(policy_h, positions)
+        with self._rows_under([None] * rows):
+            reference_logits = self._lm_logits(ref_h, positions)
+        return RoleScores(policy_logits=policy_logits, values=values[:, positions],
+                          reference_logits=reference_logits, reward_scores=scores)
 
     @torch.no_grad()
     def compute_reward_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

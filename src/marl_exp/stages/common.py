@@ -27,6 +27,27 @@ def lora_config(adapter_cfg, task_type: str) -> LoraConfig:
     )
 
 
+def adapts_output_layer(cfg) -> bool:
+    """Whether policy adapters put LoRA on the output layer (``adapter.output_layer``; null = the tiny model)."""
+    choice = cfg.adapter.output_layer
+    return cfg.model.path == "builtin:tiny" if choice is None else bool(choice)
+
+
+def policy_lora_config(cfg, base) -> LoraConfig:
+    """The LoRA config of a policy (or critic) adapter on ``base``: ``adapter``, plus the output layer when
+    ``adapts_output_layer``, spelled as the names of every linear layer (peft's all-linear skips it)."""
+    lora = lora_config(cfg.adapter, task_type="CAUSAL_LM")
+    if adapts_output_layer(cfg):
+        output = next(name for name, module in base.named_modules() if module is base.get_output_embeddings())
+        if lora.target_modules == "all-linear":
+            linear = {name.rsplit(".", 1)[-1] for name, module in base.named_modules()
+                      if isinstance(module, torch.nn.Linear)}
+            lora.target_modules = sorted(linear | {output})
+        else:
+            lora.target_modules = sorted(set(lora.target_modules) | {output})
+    return lora
+
+
 def trainer_kwargs(cfg, output_dir: Path, device: torch.device) -> dict:
     """Arguments shared by TRL's SFTConfig and RewardConfig, from the stage config."""
     stage = cfg.stage

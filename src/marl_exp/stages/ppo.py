@@ -37,7 +37,7 @@ from marl_exp.ppo.reward_sources import RewardSources
 from marl_exp.ppo.roles import SeparateRoles, SharedRoles, critic_name
 from marl_exp.ppo.rollout import PerfOptions
 from marl_exp.ppo.trainer import PPOTrainer, RLTrainer
-from marl_exp.stages.common import count_parameters, lora_config
+from marl_exp.stages.common import count_parameters, policy_lora_config
 from marl_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def build_roles(cfg, sft_model: str, reward_adapter: str | None, device: torch.d
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(sft_model, cfg.model)
     torch.manual_seed(cfg.seed)  # LoRA and value-head init
     base = load_model(sft_model, cfg.model, cfg.quant, device)
-    lora = lora_config(cfg.adapter, task_type="CAUSAL_LM")
+    lora = policy_lora_config(cfg, base)
     shared = stage.sharing == "shared"
     model = MultiAdapterModel.build(
         base, policy_config=lora, policy_name=stage.policies[0],
