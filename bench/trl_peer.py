@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,6 +77,7 @@ class Work:
     learning_rate: float = 1e-5  # small: no update is skipped by marl-exp's ratio guard, so both do the same work
     max_grad_norm: float = 1.0
     temperature: float = 1.0
+    gradient_checkpointing: bool = False  # marl-exp's default; TRL's GRPOConfig defaults to True
     seed: int = 0
 
     @property
@@ -165,7 +166,7 @@ def marl_config(base: Path, reward: Path, work: Work):
         f"stage.beta={work.beta}", f"stage.epsilon={work.epsilon}", f"stage.loss_type={work.loss_type}",
         f"stage.scale_rewards={work.scale_rewards}", f"stage.learning_rate={work.learning_rate}",
         "stage.lr_scheduler=constant", f"stage.max_grad_norm={work.max_grad_norm}",
-        f"stage.temperature={work.temperature}")
+        f"stage.temperature={work.temperature}", f"stage.gradient_checkpointing={work.gradient_checkpointing}")
 
 
 def marl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
@@ -209,7 +210,7 @@ def marl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
               "tokens": stats["completions/mean_length"] * work.batch,
               "skipped_updates": stats.get("ppo/skipped_batches", 0.0) * work.num_iterations,
               "optimizer_steps": work.num_iterations * (cfg.stage.batch_size // cfg.stage.mini_batch_size),
-              "kl": stats.get("kl")})
+              "kl": stats.get("kl"), "scoring_logprob_passes": 2})  # policy and reference (score_many)
     finish(peaks, optimizer_state_bytes(optimizer))
 
 
@@ -234,7 +235,8 @@ def trl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
     output_dir = tempfile.mkdtemp(prefix="trl_peer-")
     args = GRPOConfig(
         output_dir=output_dir, report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True,
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, disable_dropout=True, seed=work.seed,
+        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=work.gradient_checkpointing, disable_dropout=True,
+        seed=work.seed,
         per_device_train_batch_size=work.batch, gradient_accumulation_steps=1, num_generations=work.num_generations,
         num_iterations=work.num_iterations, max_steps=steps * work.num_iterations,
         max_completion_length=work.new_tokens, generation_kwargs={"min_new_tokens": work.new_tokens},
@@ -277,7 +279,7 @@ class TRLPhases:
     Memory peaks: ``peaks`` is marked after sampling and after scoring (the update's mark is the caller's)."""
 
     def __init__(self, trainer, peaks: "PhasePeaks"):
-        self.trainer, self.current, self.started = trainer, {}, 0.0
+        self.trainer, self.current, self.started, self.logprob_passes = trainer, {}, 0.0, 0
         for name in ("_generate", "_generate_and_score_completions", "_calculate_rewards"):
             setattr(trainer, name, self._timed(name, getattr(trainer, name)))
         trainer._generate = peaks.after("sample", trainer._generate)
@@ -289,6 +291,7 @@ class TRLPhases:
 
             if torch.is_grad_enabled():  # the loss's forward: part of the update
                 return logps(*args, **kwargs)
+            self.logprob_passes += 1  # scoring: the old policy's, then the reference's (adapters disabled)
             return self._timed("no_grad_logps", logps)(*args, **kwargs)
 
         trainer._get_per_token_logps_and_entropies = timed_logps
@@ -303,7 +306,7 @@ class TRLPhases:
         return wrapper
 
     def start(self) -> None:
-        self.current, self.started = {}, time.perf_counter()
+        self.current, self.started, self.logprob_passes = {}, time.perf_counter(), 0
 
     def stop(self) -> dict:
         seconds = time.perf_counter() - self.started
@@ -314,7 +317,7 @@ class TRLPhases:
                 "score_policy_reference": t.get("no_grad_logps", 0.0), "score_reward": t.get("_calculate_rewards", 0.0),
                 "update": seconds - generate_and_score,
                 "tokens": metrics["completions/mean_length"][-1] * self.trainer.args.per_device_train_batch_size,
-                "kl": metrics["kl"][-1] if metrics.get("kl") else None}
+                "kl": metrics["kl"][-1] if metrics.get("kl") else None, "scoring_logprob_passes": self.logprob_passes}
 
 
 def ready(baseline: float, **info) -> None:
@@ -411,7 +414,7 @@ def measure_size(size: str, work: Work, warmup: int, steps: int, threads: int, p
                 record = workers[fw].step()
                 if round_ >= warmup:
                     out[fw]["steps"].append(record)
-            progress(f"  {size} round {round_ + 1}/{warmup + steps}"
+            progress(f"  {label(size, work.gradient_checkpointing)} round {round_ + 1}/{warmup + steps}"
                      + ("" if round_ >= warmup else " (warm-up)") + ": "
                      + ", ".join(f"{fw} {out[fw]['steps'][-1]['seconds']:.2f} s" if round_ >= warmup else fw
                                  for fw in FRAMEWORKS))
@@ -424,7 +427,7 @@ def measure_size(size: str, work: Work, warmup: int, steps: int, threads: int, p
 
 
 def summarize_size(size: str, out: dict, work: Work) -> dict:
-    row = {"size": size}
+    row = {"size": size, "gradient_checkpointing": work.gradient_checkpointing}
     for fw in FRAMEWORKS:
         records = out[fw]["steps"]
         median = {k: common.median([r[k] for r in records])
@@ -434,6 +437,8 @@ def summarize_size(size: str, out: dict, work: Work) -> dict:
                    "tokens_per_step": sorted({r["tokens"] for r in records}),
                    "optimizer_steps_per_step": records[0]["optimizer_steps"],
                    "skipped_updates": sum(r["skipped_updates"] for r in records),
+                   "scoring_logprob_passes": sorted({r["scoring_logprob_passes"] for r in records}),
+                   "kl": [r["kl"] for r in records],
                    "step_seconds_all": [r["seconds"] for r in records]}
     marl, trl = row["marl-exp"], row["trl"]
     paired = [a["seconds"] / b["seconds"] for a, b in zip(out["marl-exp"]["steps"], out["trl"]["steps"])]
@@ -449,38 +454,48 @@ def summarize_size(size: str, out: dict, work: Work) -> dict:
     }
     row["same_work"] = (marl["tokens_per_step"] == trl["tokens_per_step"] == [float(work.batch * work.new_tokens)]
                         and marl["optimizer_steps_per_step"] == trl["optimizer_steps_per_step"]
+                        and marl["scoring_logprob_passes"] == trl["scoring_logprob_passes"]
                         and marl["skipped_updates"] == 0)
     return row
 
 
 # ---------------------------------------------------------------------------------------- report
+def label(size: str, gradient_checkpointing: bool) -> str:
+    return size + (" + grad. ckpt" if gradient_checkpointing else "")
+
+
 def markdown(result: dict) -> str:
     w = result["work"]
     mib = 2**20
     lines = [f"{w['prompts']} prompts × {w['num_generations']} generations = {w['prompts'] * w['num_generations']} "
              f"responses of exactly {w['new_tokens']} tokens per step, {w['num_iterations']} updates per batch, "
-             f"beta {w['beta']}, fp32, {result['threads']} thread(s) per framework; times are medians over the timed "
+             f"beta {w['beta']}, fp32, gradient checkpointing off unless the row says so, "
+             f"{result['threads']} thread(s) per framework; times are medians over the timed "
              "steps; memory is RSS above the RSS after imports.", "",
              "| size | params | framework | weights (all models) | optimizer state | loaded | peak over the steps "
              "| step time |", "|---|---|---|---|---|---|---|---|"]
     for row in result["sizes"]:
+        name = label(row["size"], row["gradient_checkpointing"])
         for fw in FRAMEWORKS:
             r = row[fw]
-            lines.append(f"| {row['size']} | {r['base_params'] / 1e6:.1f}M | {fw} | {r['model_bytes'] / mib:.0f} MiB | "
+            lines.append(f"| {name} | {r['base_params'] / 1e6:.1f}M | {fw} | {r['model_bytes'] / mib:.0f} MiB | "
                          f"{r['optimizer_state_bytes'] / mib:.1f} MiB | {r['rss_loaded_above_baseline_mib']:.0f} MiB | "
                          f"{r['rss_steps_peak_above_baseline_mib']:.0f} MiB | {r['step']['seconds']:.3f} s |")
     lines += ["", "Where the time and the memory go (score = policy and reference log-probs + reward model + "
                   "advantages; peak = the highest RSS within that phase):", "",
-              "| size | framework | sample | score: log-probs | score: reward | update | peak in sample · score · update |",
+              "| size | framework | sample | score: log-probs | score: reward | update "
+              "| peak in sample · score · update |",
               "|---|---|---|---|---|---|---|"]
     for row in result["sizes"]:
+        name = label(row["size"], row["gradient_checkpointing"])
         for fw in FRAMEWORKS:
             s, p = row[fw]["step"], row[fw]["rss_phase_peak_above_baseline_mib"]
-            lines.append(f"| {row['size']} | {fw} | {s['sample']:.3f} s | {s['score_policy_reference']:.3f} s | "
+            lines.append(f"| {name} | {fw} | {s['sample']:.3f} s | {s['score_policy_reference']:.3f} s | "
                          f"{s['score_reward']:.3f} s | {s['update']:.3f} s | {p.get('sample', 0):.0f} · "
                          f"{p.get('score', 0):.0f} · {p.get('update', 0):.0f} MiB |")
     lines += ["", "| size | memory marl-exp ÷ TRL: peak over the steps (weights) | step time marl-exp ÷ TRL: paired "
-                  "median (quartiles) | sample · score · update | same work | goal at ≥ 100M: memory ≤ 0.6, time ≤ 1.0 |",
+                  "median (quartiles) | sample · score · update | same work "
+                  "| goal at ≥ 100M: memory ≤ 0.6, time ≤ 1.0 |",
               "|---|---|---|---|---|---|"]
     for row in result["sizes"]:
         r = row["ratio"]
@@ -488,7 +503,8 @@ def markdown(result: dict) -> str:
         big = row["marl-exp"]["base_params"] >= 100e6
         met = (f"memory {'yes' if r['memory_steps_peak'] <= TARGET_MEMORY else '**no**'}, time "
                f"{'yes' if p['median'] <= TARGET_TIME else '**no**'}") if big else "— (< 100M)"
-        lines.append(f"| {row['size']} | {r['memory_steps_peak']:.2f} ({r['model_bytes']:.2f}) | {p['median']:.2f} "
+        lines.append(f"| {label(row['size'], row['gradient_checkpointing'])} | {r['memory_steps_peak']:.2f} "
+                     f"({r['model_bytes']:.2f}) | {p['median']:.2f} "
                      f"({p['q1']:.2f}–{p['q3']:.2f}) | {r.get('sample_time', float('nan')):.2f} · "
                      f"{r.get('score_time', float('nan')):.2f} · {r.get('update_time', float('nan')):.2f} | "
                      f"{'yes' if row['same_work'] else '**no**'} | {met} |")
@@ -512,6 +528,11 @@ def main(argv=None) -> int:
     parser.add_argument("--num-generations", type=int, default=Work.num_generations)
     parser.add_argument("--new-tokens", type=int, default=Work.new_tokens)
     parser.add_argument("--num-iterations", type=int, default=Work.num_iterations)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="on in both frameworks in every run (default: off, and one more run of the last size "
+                             "with it on)")
+    parser.add_argument("--no-checkpointing-row", action="store_true",
+                        help="skip the run of the last size with gradient checkpointing on")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "trl_peer.json")
     # internal: one framework in this process, or building the models
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -533,15 +554,19 @@ def main(argv=None) -> int:
         return 0
 
     work = Work(prompts=args.prompts, num_generations=args.num_generations, new_tokens=args.new_tokens,
-                num_iterations=args.num_iterations)
+                num_iterations=args.num_iterations, gradient_checkpointing=args.gradient_checkpointing)
+    runs = [(size, work) for size in args.sizes]
+    if not args.gradient_checkpointing and not args.no_checkpointing_row:  # TRL's default, on both sides
+        runs.append((args.sizes[-1], replace(work, gradient_checkpointing=True)))
     started = time.perf_counter()
     rows = []
-    for size in args.sizes:
+    for size, run_work in runs:
         warmup, steps = DEFAULT_STEPS.get(size, DEFAULT_STEPS["base"])
         warmup = warmup if args.warmup is None else args.warmup
         steps = steps if args.steps is None else args.steps
-        print(f"trl_peer: {size}: {warmup} warm-up + {steps} timed steps per framework, in lock step", flush=True)
-        rows.append(measure_size(size, work, warmup, steps, args.threads))
+        print(f"trl_peer: {label(size, run_work.gradient_checkpointing)}: {warmup} warm-up + {steps} timed steps per "
+              "framework, in lock step", flush=True)
+        rows.append(measure_size(size, run_work, warmup, steps, args.threads))
     result = {"work": asdict(work), "threads": args.threads, "sizes": rows, "versions": versions(),
               "machine": common.machine(), "minutes": (time.perf_counter() - started) / 60}
     common.write_json(args.out, result)
