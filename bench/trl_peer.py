@@ -25,17 +25,25 @@ process run one step while the other waits, alternating which goes first (A B, B
   score (policy + reference log-probs, reward) / update;
 * memory: peak RSS over all steps above the RSS after imports (both processes import the same libraries;
   weights copied out of the memory-mapped checkpoint as on a GPU, ``common.materialize_weights``; a fixed
-  malloc mmap threshold, as ``memory.py``), the lifetime peak (``ru_maxrss``, loading included), and the bytes
-  of every model's parameters and buffers and of the optimizer state.
+  malloc mmap threshold, as ``memory.py``), also per phase (the kernel's peak counter is reset at each phase
+  boundary); the lifetime peak (``ru_maxrss``, loading included); the bytes of every model's parameters and
+  buffers and of the optimizer state.
 
-Sizes: ``tiny`` (the built-in model) and ``base`` (a random-init 134M Llama, ``common.SIZES``). A model whose
+Differences that remain, by design of each framework: marl-exp's reward model reads each sequence as the reward
+trainer saw its texts (BOS, prompt, response, EOS appended: ``rollout.reward_inputs``); TRL's decodes the
+completions and tokenizes prompt + completion again without special tokens (two tokens shorter here). TRL
+computes the policy's log-probs with its fused LM head, which on a CPU scores every position.
+
+Sizes: ``tiny`` (the built-in model) and ``base`` (a random-init 134M Llama, ``common.SIZES``), and ``base`` once
+more with gradient checkpointing on in both (TRL's default; ``--no-checkpointing-row`` skips it). A model whose
 vocabulary is larger than the tiny tokenizer's (``base``: 32000 ids) gets the tiny tokenizer plus placeholder
 tokens ``<tN>`` up to its vocabulary, so every sampled id decodes to text and back to the same id: TRL decodes
 completions and tokenizes the texts again for the reward model (marl-exp scores the token ids); an id the
 tokenizer does not know would decode to nothing and shorten TRL's reward input.
 
-    python bench/trl_peer.py                    # tiny and base, 1 thread each, ~8 min on 2 CPU cores
-    python bench/trl_peer.py --sizes tiny --warmup 1 --steps 2
+    python bench/trl_peer.py              # tiny, base, base + checkpointing; 1 thread each; 6-9 min on 2 CPU cores
+    python bench/trl_peer.py --sizes large --warmup 1 --steps 2 --no-checkpointing-row \
+        --out bench/results/trl_peer-large.json     # 374M: ~5 min
 """
 
 from __future__ import annotations
@@ -567,8 +575,9 @@ def main(argv=None) -> int:
         print(f"trl_peer: {label(size, run_work.gradient_checkpointing)}: {warmup} warm-up + {steps} timed steps per "
               "framework, in lock step", flush=True)
         rows.append(measure_size(size, run_work, warmup, steps, args.threads))
+    machine = {**common.machine(), "torch_threads": args.threads}  # the workers' (the driver runs no model)
     result = {"work": asdict(work), "threads": args.threads, "sizes": rows, "versions": versions(),
-              "machine": common.machine(), "minutes": (time.perf_counter() - started) / 60}
+              "machine": machine, "minutes": (time.perf_counter() - started) / 60}
     common.write_json(args.out, result)
     print("\n" + markdown(result) + f"\n\nwrote {args.out} ({result['minutes']:.1f} min)")
     return 0 if all(row["same_work"] for row in rows) else 1
