@@ -131,11 +131,12 @@ def emit(record: dict) -> None:
     print(RECORD + json.dumps(record), flush=True)
 
 
-def await_go() -> None:
-    """Block until the driver says this process may run its next step."""
+def await_go(word: str = "go") -> None:
+    """Block until the driver says this process may run its next step ("go"), or, after the last one, wind
+    down ("finish": only once both frameworks are done, so no teardown overlaps the other's last step)."""
     line = sys.stdin.readline()
-    if line.strip() != "go":
-        raise SystemExit(f"trl_peer worker: expected 'go' from the driver, got {line!r}")
+    if line.strip() != word:
+        raise SystemExit(f"trl_peer worker: expected {word!r} from the driver, got {line!r}")
 
 
 def import_runtime() -> None:
@@ -219,6 +220,7 @@ def marl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
               "skipped_updates": stats.get("ppo/skipped_batches", 0.0) * work.num_iterations,
               "optimizer_steps": work.num_iterations * (cfg.stage.batch_size // cfg.stage.mini_batch_size),
               "kl": stats.get("kl"), "scoring_logprob_passes": 2})  # policy and reference (score_many)
+    await_go("finish")
     finish(peaks, optimizer_state_bytes(optimizer))
 
 
@@ -262,18 +264,23 @@ def trl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
     phases = TRLPhases(trainer, peaks)
 
     class LockStep(TrainerCallback):
-        """One marl-exp step = ``num_iterations`` global steps of TRL (one generation, then its updates)."""
+        """One marl-exp step = ``num_iterations`` global steps of TRL (one generation, then its updates). A step
+        is timed from the end of the previous one, so the Trainer's work between global steps counts."""
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step % work.num_iterations == 0:
-                await_go()
-                phases.start()
+        def on_train_begin(self, args, state, control, **kwargs):
+            await_go()
+            phases.start()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step % work.num_iterations == 0:
                 peaks.mark("update")
                 emit({"event": "step", **phases.stop(), "optimizer_steps": work.num_iterations,
                       "skipped_updates": 0.0})
+                if state.global_step < state.max_steps:
+                    await_go()
+                    phases.start()
+                else:
+                    await_go("finish")
 
     trainer.add_callback(LockStep())
     trainer.train()
@@ -397,9 +404,12 @@ class Worker:
         tail = "\n".join(self.log.read().strip().splitlines()[-15:])
         raise RuntimeError(f"{self.framework} worker ended (exit {self.proc.returncode}) before {event!r}:\n{tail}")
 
-    def step(self) -> dict:
-        self.proc.stdin.write("go\n")
+    def send(self, word: str) -> None:
+        self.proc.stdin.write(word + "\n")
         self.proc.stdin.flush()
+
+    def step(self) -> dict:
+        self.send("go")
         return self.read("step")
 
     def close(self) -> None:
@@ -427,6 +437,7 @@ def measure_size(size: str, work: Work, warmup: int, steps: int, threads: int, p
                      + ", ".join(f"{fw} {out[fw]['steps'][-1]['seconds']:.2f} s" if round_ >= warmup else fw
                                  for fw in FRAMEWORKS))
         for fw, w in workers.items():
+            w.send("finish")
             out[fw]["done"] = w.read("done")
     finally:
         for w in workers.values():
