@@ -26,8 +26,8 @@ process run one step while the other waits, alternating which goes first (A B, B
 * memory: peak RSS over all steps above the RSS after imports (both processes import the same libraries;
   weights copied out of the memory-mapped checkpoint as on a GPU, ``common.materialize_weights``; a fixed
   malloc mmap threshold, as ``memory.py``), also per phase (the kernel's peak counter is reset at each phase
-  boundary); the lifetime peak (``ru_maxrss``, loading included); the bytes of every model's parameters and
-  buffers and of the optimizer state.
+  boundary); the peak while loading; the bytes of every model's parameters and buffers and of the optimizer
+  state.
 
 Differences that remain, by design of each framework: marl-exp's reward model reads each sequence as the reward
 trainer saw its texts (BOS, prompt, response, EOS appended: ``rollout.reward_inputs``); TRL's decodes the
@@ -336,10 +336,11 @@ class TRLPhases:
 
 
 def ready(baseline: float, **info) -> None:
-    """Models built: report, and start counting the peak from here (loading transients are not a step's)."""
+    """Models built: report (with the peak of loading), and count the peaks of the steps from here on."""
+    load_peak = common.peak_rss_mib() - baseline  # read before the first reset: resetting VmHWM resets ru_maxrss too
     common.release_memory()
     emit({"event": "ready", "rss_baseline_mib": baseline, "rss_loaded_above_baseline_mib": common.rss_mib() - baseline,
-          **info})
+          "rss_load_peak_above_baseline_mib": load_peak, **info})
     common.reset_peak_rss()
 
 
@@ -373,9 +374,8 @@ def finish(peaks: PhasePeaks, optimizer_bytes: int) -> None:
     import torch
 
     emit({"event": "done", "rss_steps_peak_above_baseline_mib": max(peaks.peaks.values()),
-          "rss_phase_peak_above_baseline_mib": peaks.peaks,
-          "rss_process_peak_above_baseline_mib": common.lifetime_peak_rss_mib() - peaks.baseline,
-          "optimizer_state_bytes": optimizer_bytes, "torch_threads": torch.get_num_threads()})
+          "rss_phase_peak_above_baseline_mib": peaks.peaks, "optimizer_state_bytes": optimizer_bytes,
+          "torch_threads": torch.get_num_threads()})
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -464,7 +464,7 @@ def summarize_size(size: str, out: dict, work: Work) -> dict:
     q = sorted(paired)
     row["ratio"] = {
         "memory_steps_peak": marl["rss_steps_peak_above_baseline_mib"] / trl["rss_steps_peak_above_baseline_mib"],
-        "memory_process_peak": marl["rss_process_peak_above_baseline_mib"] / trl["rss_process_peak_above_baseline_mib"],
+        "memory_load_peak": marl["rss_load_peak_above_baseline_mib"] / trl["rss_load_peak_above_baseline_mib"],
         "model_bytes": marl["model_bytes"] / trl["model_bytes"],
         "step_time_medians": marl["step"]["seconds"] / trl["step"]["seconds"],
         "step_time_paired": {"q1": q[len(q) // 4], "median": common.median(q), "q3": q[(3 * len(q)) // 4]},
@@ -491,14 +491,16 @@ def markdown(result: dict) -> str:
              f"beta {w['beta']}, fp32, gradient checkpointing off unless the row says so, "
              f"{result['threads']} thread(s) per framework; times are medians over the timed "
              "steps; memory is RSS above the RSS after imports.", "",
-             "| size | params | framework | weights (all models) | optimizer state | loaded | peak over the steps "
+             "| size | params | framework | weights (all models) | optimizer state | loaded (peak while loading) "
+             "| peak over the steps "
              "| step time |", "|---|---|---|---|---|---|---|---|"]
     for row in result["sizes"]:
         name = label(row["size"], row["gradient_checkpointing"])
         for fw in FRAMEWORKS:
             r = row[fw]
             lines.append(f"| {name} | {r['base_params'] / 1e6:.1f}M | {fw} | {r['model_bytes'] / mib:.0f} MiB | "
-                         f"{r['optimizer_state_bytes'] / mib:.1f} MiB | {r['rss_loaded_above_baseline_mib']:.0f} MiB | "
+                         f"{r['optimizer_state_bytes'] / mib:.1f} MiB | {r['rss_loaded_above_baseline_mib']:.0f} "
+                         f"({r['rss_load_peak_above_baseline_mib']:.0f}) MiB | "
                          f"{r['rss_steps_peak_above_baseline_mib']:.0f} MiB | {r['step']['seconds']:.3f} s |")
     lines += ["", "Where the time and the memory go (score = policy and reference log-probs + reward model + "
                   "advantages; peak = the highest RSS within that phase):", "",
