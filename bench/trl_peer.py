@@ -532,6 +532,59 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------- reward probe
+def reward_probe(size: str, work: Work, repeats: int = 7) -> dict:
+    """Why marl-exp's reward pass takes longer than TRL's: one batch of the benchmark's shape scored by each
+    variant between the two (seconds, median of ``repeats``; run in a fresh process, one thread)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from marl_exp.modeling.loading import load_tokenizer
+    from marl_exp.ppo.rollout import reward_inputs
+    from marl_exp.stages.ppo import build_roles
+
+    base, reward = peer_model_dirs(size)
+    common.quiet()
+    tokenizer = load_tokenizer(str(base))
+    model = build_roles(marl_config(base, reward, work), str(base), str(reward), torch.device("cpu"), tokenizer).model
+    torch.manual_seed(work.seed)
+    prompt = tokenizer([common.prompts()[0]] * work.batch, return_tensors="pt").input_ids  # BOS + prompt
+    response = torch.randint(3, model.peft_model.config.vocab_size, (work.batch, work.new_tokens))
+    ids = torch.cat([prompt, response], 1)
+    # marl-exp's input: as RewardTrainer saw its texts (BOS ... EOS); TRL's: prompt + completion, no special tokens.
+    ours, ours_mask = reward_inputs(ids, torch.ones_like(ids), torch.ones_like(response), tokenizer.eos_token_id,
+                                    tokenizer.pad_token_id)
+    theirs = ids[:, 1:]
+    classifier = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    classifier.config.pad_token_id = tokenizer.pad_token_id
+    unmerged = PeftModel.from_pretrained(classifier, str(reward)).eval()
+
+    def seconds(fn) -> float:
+        times = []
+        for i in range(repeats + 1):
+            started = time.perf_counter()
+            fn()
+            if i:  # the first call is a warm-up
+                times.append(time.perf_counter() - started)
+        return common.median(times)
+
+    ones = torch.ones_like(theirs)
+    with torch.inference_mode():
+        rows = {f"marl-exp reward adapter on the shared base, its own input ({ours.shape[1]} tokens)":
+                seconds(lambda: model.compute_reward_score(ours, ours_mask)),
+                f"marl-exp reward adapter on the shared base, TRL's input ({theirs.shape[1]} tokens)":
+                seconds(lambda: model.compute_reward_score(theirs, ones)),
+                "separate classifier, LoRA not merged, TRL's input": seconds(lambda: unmerged(input_ids=theirs,
+                                                                                               attention_mask=ones))}
+        merged = unmerged.merge_and_unload()
+        rows["separate classifier, LoRA merged (TRL in this benchmark), TRL's input"] = seconds(
+            lambda: merged(input_ids=theirs, attention_mask=ones))
+        rows["separate classifier, LoRA merged, marl-exp's input"] = seconds(
+            lambda: merged(input_ids=ours, attention_mask=ours_mask))
+    return {"size": size, "batch": work.batch, "seconds": rows}
+
+
 def versions() -> dict:
     from importlib.metadata import version
 
@@ -555,6 +608,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-checkpointing-row", action="store_true",
                         help="skip the run of the last size with gradient checkpointing on")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "trl_peer.json")
+    parser.add_argument("--reward-probe", action="store_true",
+                        help="instead: time the reward pass in its variants from marl-exp's to TRL's (first size)")
     # internal: one framework in this process, or building the models
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -563,6 +618,15 @@ def main(argv=None) -> int:
     if args.build:
         for size in args.sizes:
             peer_model_dirs(size)
+        return 0
+    if args.reward_probe:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        work = Work(prompts=args.prompts, num_generations=args.num_generations, new_tokens=args.new_tokens)
+        result = {**reward_probe(args.sizes[0], work), "threads": args.threads, "machine": common.machine()}
+        common.write_json(args.out, result)
+        print("\n".join(f"{s:.3f} s  {name}" for name, s in result["seconds"].items()) + f"\n\nwrote {args.out}")
         return 0
     if args.worker:
         import torch
