@@ -533,7 +533,7 @@ def markdown(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------- reward probe
-def reward_probe(size: str, work: Work, repeats: int = 7) -> dict:
+def reward_probe(size: str, work: Work, repeats: int = 11) -> dict:
     """Why marl-exp's reward pass takes longer than TRL's: one batch of the benchmark's shape scored by each
     variant between the two (seconds, median of ``repeats``; run in a fresh process, one thread)."""
     import torch
@@ -556,32 +556,33 @@ def reward_probe(size: str, work: Work, repeats: int = 7) -> dict:
     ours, ours_mask = reward_inputs(ids, torch.ones_like(ids), torch.ones_like(response), tokenizer.eos_token_id,
                                     tokenizer.pad_token_id)
     theirs = ids[:, 1:]
-    classifier = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
-    classifier.config.pad_token_id = tokenizer.pad_token_id
-    unmerged = PeftModel.from_pretrained(classifier, str(reward)).eval()
 
-    def seconds(fn) -> float:
-        times = []
-        for i in range(repeats + 1):
-            started = time.perf_counter()
-            fn()
-            if i:  # the first call is a warm-up
-                times.append(time.perf_counter() - started)
-        return common.median(times)
+    def classifier():
+        seq_cls = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+        seq_cls.config.pad_token_id = tokenizer.pad_token_id
+        return PeftModel.from_pretrained(seq_cls, str(reward)).eval()
 
+    unmerged, merged = classifier(), classifier().merge_and_unload()
     ones = torch.ones_like(theirs)
+    variants = {
+        f"marl-exp reward adapter on the shared base, its own input ({ours.shape[1]} tokens)":
+            lambda: model.compute_reward_score(ours, ours_mask),
+        f"marl-exp reward adapter on the shared base, TRL's input ({theirs.shape[1]} tokens)":
+            lambda: model.compute_reward_score(theirs, ones),
+        "separate classifier, LoRA not merged, TRL's input": lambda: unmerged(input_ids=theirs, attention_mask=ones),
+        "separate classifier, LoRA merged (TRL in this benchmark), TRL's input":
+            lambda: merged(input_ids=theirs, attention_mask=ones),
+        "separate classifier, LoRA merged, marl-exp's input": lambda: merged(input_ids=ours, attention_mask=ours_mask),
+    }
+    times = {name: [] for name in variants}
     with torch.inference_mode():
-        rows = {f"marl-exp reward adapter on the shared base, its own input ({ours.shape[1]} tokens)":
-                seconds(lambda: model.compute_reward_score(ours, ours_mask)),
-                f"marl-exp reward adapter on the shared base, TRL's input ({theirs.shape[1]} tokens)":
-                seconds(lambda: model.compute_reward_score(theirs, ones)),
-                "separate classifier, LoRA not merged, TRL's input": seconds(lambda: unmerged(input_ids=theirs,
-                                                                                               attention_mask=ones))}
-        merged = unmerged.merge_and_unload()
-        rows["separate classifier, LoRA merged (TRL in this benchmark), TRL's input"] = seconds(
-            lambda: merged(input_ids=theirs, attention_mask=ones))
-        rows["separate classifier, LoRA merged, marl-exp's input"] = seconds(
-            lambda: merged(input_ids=ours, attention_mask=ours_mask))
+        for i in range(repeats + 1):  # round robin, so a busy moment of the machine hits every variant alike
+            for name, fn in variants.items():
+                started = time.perf_counter()
+                fn()
+                if i:  # the first round is a warm-up
+                    times[name].append(time.perf_counter() - started)
+    rows = {name: common.median(t) for name, t in times.items()}
     return {"size": size, "batch": work.batch, "seconds": rows}
 
 
