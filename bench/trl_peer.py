@@ -26,8 +26,8 @@ process run one step while the other waits, alternating which goes first (A B, B
 * memory: peak RSS over all steps above the RSS after imports (both processes import the same libraries;
   weights copied out of the memory-mapped checkpoint as on a GPU, ``common.materialize_weights``; a fixed
   malloc mmap threshold, as ``memory.py``), also per phase (the kernel's peak counter is reset at each phase
-  boundary); the peak while loading; the bytes of every model's parameters and buffers and of the optimizer
-  state.
+  boundary); the peak while loading (the benchmark's copy out of the memory map included); the bytes of every
+  model's parameters and buffers and of the optimizer state.
 
 Differences that remain, by design of each framework: marl-exp's reward model reads each sequence as the reward
 trainer saw its texts (BOS, prompt, response, EOS appended: ``rollout.reward_inputs``); TRL's decodes the
@@ -490,7 +490,8 @@ def markdown(result: dict) -> str:
              f"responses of exactly {w['new_tokens']} tokens per step, {w['num_iterations']} updates per batch, "
              f"beta {w['beta']}, fp32, gradient checkpointing off unless the row says so, "
              f"{result['threads']} thread(s) per framework; times are medians over the timed "
-             "steps; memory is RSS above the RSS after imports.", "",
+             "steps; memory is RSS above the RSS after imports (loading: in brackets its peak, the copy of the weights "
+             "out of the memory-mapped checkpoint included).", "",
              "| size | params | framework | weights (all models) | optimizer state | loaded (peak while loading) "
              "| peak over the steps "
              "| step time |", "|---|---|---|---|---|---|---|---|"]
