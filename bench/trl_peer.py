@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -285,6 +286,7 @@ def trl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
     trainer.add_callback(LockStep())
     trainer.train()
     finish(peaks, optimizer_state_bytes(trainer.optimizer))
+    shutil.rmtree(output_dir, ignore_errors=True)  # empty: nothing is saved
 
 
 class TRLPhases:
