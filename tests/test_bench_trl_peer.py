@@ -1,0 +1,33 @@
+"""Smoke test of the TRL peer benchmark (bench/trl_peer.py): one step of each framework on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_trl_peer_runs_both_frameworks_on_the_same_work(tmp_path):
+    out = tmp_path / "trl_peer.json"
+    cmd = [sys.executable, str(REPO / "bench" / "trl_peer.py"), "--sizes", "tiny", "--warmup", "0", "--steps", "1",
+           "--no-checkpointing-row", "--prompts", "2", "--num-generations", "2", "--new-tokens", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    row = json.loads(out.read_text())["sizes"][0]
+    # Same work: 2 prompts x 2 responses of exactly 4 tokens, 2 updates, policy and reference log-probs.
+    for fw in ("marl-exp", "trl"):
+        r = row[fw]
+        assert r["tokens_per_step"] == [16.0]
+        assert r["optimizer_steps_per_step"] == 2
+        assert r["scoring_logprob_passes"] == [2]
+        assert r["torch_threads"] == 1
+        assert r["step"]["seconds"] > 0 and r["step"]["sample"] > 0 and r["step"]["update"] > 0
+        assert r["rss_steps_peak_above_baseline_mib"] > 0
+        assert all(kl is not None for kl in r["kl"])  # beta > 0: both computed the reference
+    assert row["same_work"]
+    # TRL holds a second model (the reward classifier); marl-exp holds one base.
+    assert row["marl-exp"]["model_bytes"] < row["trl"]["model_bytes"]
+    assert "| tiny | 0.8M | marl-exp |" in proc.stdout
