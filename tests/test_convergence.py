@@ -9,18 +9,19 @@ from marl_exp.stages.pipeline import run_stage
 
 
 @pytest.mark.slow
-def test_ppo_raises_the_oracle_score_within_kl_budget(trained_chain, tmp_path):
-    # Default settings but 60 of the default 200 PPO steps: the oracle must clearly rise within the
-    # KL budget. The full criteria (>= 0.8 after 200 steps, seeds 0-2, each quant mode) are checked
-    # by bench/convergence.py, whose table is in the README.
+def test_ppo_learns_well_formed_positive_reviews_within_kl_budget(trained_chain, tmp_path):
+    # Default settings but 60 of the default 200 PPO steps, judged by the strict gold (the oracle on well-formed
+    # reviews, 0 elsewhere) and the well-formed share, not by the plain oracle a stub can satisfy. The full
+    # targets (strict >= 0.8 and +0.25, well formed >= 0.9, KL <= 10 after 200 steps, 3 fresh seeds, each
+    # quant mode) are checked by bench/convergence.py, whose table is in the README.
     cfg = compose("stage=ppo", "logger=none", f"output_dir={tmp_path}", "stage.steps=60", "stage.eval_every=0",
                   "stage.save_every=0", f"stage.sft_model={trained_chain['sft_model']}",
                   f"stage.reward_adapter={trained_chain['reward_adapter']}")
     summary = run_stage(cfg, tmp_path / "run")
-    before, after = summary["eval/before/oracle_score"], summary["eval/after/oracle_score"]
-    assert after - before >= 0.2, (before, after)
-    assert summary["eval/after/kl"] <= 20.0
-    assert summary["eval/after/reward_score"] > summary["eval/before/reward_score"] + 1.0
+    before, after = summary["eval/before/oracle_strict"], summary["eval/after/oracle_strict"]
+    assert after - before >= 0.25 and after >= 0.75, (before, after)
+    assert summary["eval/after/well_formed"] >= 0.9, summary["eval/after/well_formed"]
+    assert summary["eval/after/kl"] <= 10.0
 
 
 @pytest.mark.slow

@@ -198,24 +198,17 @@ def test_each_stage_composes_with_its_trl_names(stage):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "on the chain of main's strict-judge task (merged at 41223d3) 40 default GRPO steps give oracle 0.531 -> "
-    "0.712 (+0.18) while oracle_strict falls 0.49 -> 0.37 and well_formed 0.93 -> 0.48: GRPO games the new "
-    "reward model; on the earlier chain it rose 0.513 -> 0.763. Critic-free defaults need retuning there."))
-def test_grpo_raises_the_oracle_score_within_kl_budget(trained_chain, tmp_path):
-    # Default GRPO settings, 40 of the default 200 steps (40 x 64 responses): the oracle must clearly rise,
-    # as PPO's test asks after 60 steps, and so must the strict judge's verdict (well-formed and positive).
+def test_grpo_learns_well_formed_positive_reviews_within_kl_budget(trained_chain, tmp_path):
+    # Default GRPO settings, 40 of the default 200 steps (40 x 64 responses), judged as PPO's test is: by the
+    # strict gold (the oracle on well-formed reviews, 0 elsewhere) and the well-formed share.
     cfg = compose("stage=grpo", "logger=none", f"output_dir={tmp_path}", "stage.steps=40", "stage.eval_every=0",
                   "stage.save_every=0", f"stage.sft_model={trained_chain['sft_model']}",
                   f"stage.reward_adapter={trained_chain['reward_adapter']}")
     summary = run_stage(cfg, tmp_path / "run")
-    before, after = summary["eval/before/oracle_score"], summary["eval/after/oracle_score"]
-    assert after - before >= 0.2, (before, after)
-    assert summary["eval/after/kl"] <= 20.0
-    assert summary["eval/after/reward_score"] > summary["eval/before/reward_score"] + 1.0
-    if "eval/after/oracle_strict" in summary:  # the strict judge (marl_exp.data.reviews.well_formed)
-        assert summary["eval/after/oracle_strict"] - summary["eval/before/oracle_strict"] >= 0.2
-        assert summary["eval/after/well_formed"] >= summary["eval/before/well_formed"] - 0.05
+    before, after = summary["eval/before/oracle_strict"], summary["eval/after/oracle_strict"]
+    assert after - before >= 0.25 and after >= 0.7, (before, after)
+    assert summary["eval/after/well_formed"] >= 0.85, summary["eval/after/well_formed"]
+    assert summary["eval/after/kl"] <= 10.0
 
 
 def test_two_policies_with_separate_reference_and_reward_models(trained_chain, tmp_path):

@@ -115,10 +115,10 @@ class RewardStageConfig(TrainerStageConfig):
     name: str = "reward"
     # SFT model directory or hub id; empty = run (or reuse) the SFT stage through the stage cache.
     sft_model: Optional[str] = None
-    learning_rate: float = 3e-3
-    # 6000 pairs × 3 epochs: a reward model that stays right off the SFT distribution, where PPO
-    # takes the policy (2 epochs of 3000 left some seeds at 0.92 pairwise accuracy and PPO stalled).
-    num_train_epochs: float = 3.0
+    # With one-word edits among the pairs (data.pair_edit_prob) 3e-3 underfits them: training accuracy stalled
+    # at 0.80-0.87 and held-out pairwise accuracy fell to 0.80-0.88; 1e-3 × 4 epochs reaches 0.92-0.95.
+    learning_rate: float = 1e-3
+    num_train_epochs: float = 4.0
     center_rewards_coefficient: Optional[float] = 0.01
 
 
@@ -252,7 +252,9 @@ class PPOStageConfig:
     missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses without EOS
 
     # ---- optimisation
-    learning_rate: float = 1e-3
+    # With LoRA on the tiny model's output layer (adapter.output_layer) 1e-3 overshoots: PPO reached KL 50-140
+    # nats within 20 steps on two chains and one never recovered; 3e-4 converged on both (KL 3.4 and 6.6).
+    learning_rate: float = 3e-4
     lr_scheduler: str = "constant"  # constant | linear | cosine
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | adamw_8bit (bitsandbytes)
@@ -337,7 +339,9 @@ class CriticFreeStageConfig:
     mask_truncated_completions: bool = False  # responses without EOS leave the loss (DAPO)
 
     # ---- optimisation (as the PPO stage)
-    learning_rate: float = 1e-3
+    # With LoRA on the tiny model's output layer (adapter.output_layer) 1e-3 overshoots: PPO reached KL 50-140
+    # nats within 20 steps on two chains and one never recovered; 3e-4 converged on both (KL 3.4 and 6.6).
+    learning_rate: float = 3e-4
     lr_scheduler: str = "constant"
     weight_decay: float = 0.0
     optimizer: str = "adamw"
@@ -470,10 +474,10 @@ class DataConfig:
     num_pairs_eval: int = 400
     # How preference pairs are ordered. strict (reviews.strict_preference): a well-formed review beats any
     # ill-formed text, two reviews need an oracle-score gap of at least pair_min_gap (ambiguous pairs teach
-    # nothing), two ill-formed texts make no pair; the labelling the strict evaluation calls for, with
-    # pair_truncate_prob = pair_splice_prob = 0.1 (see below). plain (the default until PPO converges against
-    # a strict reward model, issue 13): every pair by the plain oracle's gap, with the 0.2 / 0.2 mix.
-    pair_gold: str = "plain"
+    # nothing), two ill-formed texts make no pair; the labelling the strict evaluation calls for. plain (the
+    # default before issue 13; use with truncate/splice 0.2 / 0.2, no edits): every pair by the plain oracle's
+    # gap, so a stub with positive words beats a finished review, and PPO learned to write stubs.
+    pair_gold: str = "strict"
     pair_min_gap: float = 0.25
     # Share of training-pair sides that are unfinished reviews, so the reward model learns that they rank
     # below any review (without them PPO learned to stop early on a stub the reward model happened to like).
@@ -481,18 +485,18 @@ class DataConfig:
     # shares set the mix: 0.1 + 0.1 gives 40% grammar pairs; 0.2 + 0.2 gave 62% and left too few
     # sentiment pairs (held-out accuracy 0.80-0.93, mean 0.85 over 4 reward runs, vs 0.93-0.98, mean 0.95
     # over 5; ranking reviews above ill-formed texts 0.98-0.99 with either): use 0.1 with pair_gold=strict.
-    pair_truncate_prob: float = 0.2
+    pair_truncate_prob: float = 0.1
     # Negated units in the pairs ("not boring"): more than in the SFT corpus (0.15), so the reward
     # model learns that "not" flips polarity (with 0.15 one seed's reward model did not, and PPO
     # exploited it with "not great").
     pair_negation_prob: float = 0.25
     # Share of training-pair sides with a stretch of another review spliced in (mostly off-grammar text
     # such as two closings), so the reward model learns that they rank below any review too (0.1 with strict).
-    pair_splice_prob: float = 0.2
+    pair_splice_prob: float = 0.1
     # Share of training-pair sides with one word inserted, deleted, repeated or swapped (reviews.edited): the
     # small damages a drifting policy writes first ("great great", "i loved it it"), which a reward model taught
     # only truncations and splices scored like reviews.
-    pair_edit_prob: float = 0.0
+    pair_edit_prob: float = 0.2
 
     # ---- conversations (instruct models; marl_exp.data.chat)
     # The chat template: null = the tokenizer's own; a name in conf/chat_templates/ (chatml) or a .jinja file.
