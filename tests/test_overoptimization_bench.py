@@ -89,3 +89,8 @@ def test_overrides_that_the_experiment_sets_per_run_are_refused(tmp_path):
                            "data.num_pairs_train=100"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "use --sizes" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing started
+
+
+def test_plot_lines_join_the_means_of_sqrt_kl_bins(bench):
+    xs, ys = bench.binned([1.4, 0.0, 0.6, 0.2], [7.0, 1.0, 5.0, 3.0], width=0.5)  # any order of evaluations
+    assert xs == pytest.approx([0.1, 0.6, 1.4]) and ys == pytest.approx([2.0, 5.0, 7.0])
