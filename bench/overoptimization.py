@@ -80,8 +80,7 @@ def run_all(args, out: Path) -> list[dict]:
         pending.append({"name": f"rm{pairs}", "pairs": pairs, "run_dir": run_dir, "cmd": None})
     running, done, sft_model = [], [], None
     while pending or running:
-        if sft_model is None and (gold_dir / "run_record.json").exists():  # written once its inputs are built
-            sft_model = json.loads((gold_dir / "run_record.json").read_text())["inputs"]["sft_model"]
+        sft_model = sft_model or built_sft_model(gold_dir)
         while pending and len(running) < args.jobs and (pending[0]["cmd"] or sft_model):
             job = pending.pop(0)
             if job["cmd"] is None:
@@ -99,6 +98,7 @@ def run_all(args, out: Path) -> list[dict]:
             job["minutes"] = (time.perf_counter() - job["started"]) / 60
             done.append(job)
             print(f"finished {job['name']} in {job['minutes']:.1f} min (exit {job['proc'].returncode})", flush=True)
+            sft_model = sft_model or built_sft_model(gold_dir)
             if job["name"] == "gold" and sft_model is None:  # failed before its inputs: nothing else can run
                 for other in pending:
                     other.update(proc=None, minutes=0.0, log=job["log"])
@@ -107,6 +107,12 @@ def run_all(args, out: Path) -> list[dict]:
         time.sleep(1)
     order = {name: i for i, name in enumerate(["gold"] + [f"rm{p}" for p in args.sizes])}
     return [collect(job) for job in sorted(done, key=lambda j: order[j["name"]])]
+
+
+def built_sft_model(run_dir: Path) -> str | None:
+    """The SFT model a run reads, once it is built: the run record is written when the inputs are ready."""
+    record = run_dir / "run_record.json"
+    return json.loads(record.read_text())["inputs"]["sft_model"] if record.exists() else None
 
 
 def collect(job: dict) -> dict:
