@@ -168,7 +168,9 @@ def lora_config():
 
 def marl_config(base: Path, reward: Path, work: Work):
     return common.compose(
-        "stage=grpo", "logger=none", f"model.path={base}", "quant=fp32", "device=cpu", f"seed={work.seed}",
+        # adapter.output_layer=false: TRL's LoRA (peft's all-linear) leaves the output layer out; so does ours here.
+        "stage=grpo", "logger=none", f"model.path={base}", "adapter.output_layer=false", "quant=fp32", "device=cpu",
+        f"seed={work.seed}",
         f"stage.sft_model={base}", f"stage.reward_adapter={reward}", f"stage.batch_size={work.batch}",
         f"stage.num_generations={work.num_generations}", f"stage.mini_batch_size={work.batch}",
         "stage.gradient_accumulation_steps=1", f"stage.num_iterations={work.num_iterations}",

@@ -399,3 +399,20 @@ def test_cli_multirun(tmp_path):
         ranks.append(json.loads((job / "adapter" / "adapter_config.json").read_text())["r"])
         assert (job / ".hydra" / "config.yaml").exists()
     assert ranks == [4, 8]
+
+
+def test_reward_adapter_init_does_not_depend_on_the_process_random_state(quick_out):
+    """The score head and LoRA are created from the run's seed, not from whatever the process drew before (a
+    reward adapter trained inside a PPO process through the stage cache differed from the same one trained alone)."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = []
+    for draws in (0, 1000):
+        torch.rand(draws)  # a different process random state before each run
+        run_dir = quick_out / f"reward-seeded-{draws}"
+        run_stage(quick(quick_out, "stage=reward", "stage.max_steps=1"), run_dir)
+        weights.append(load_file(str(run_dir / "reward_adapter" / "adapter_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
