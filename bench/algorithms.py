@@ -3,8 +3,9 @@
 Every algorithm trains from the same SFT model and reward adapter (built once through the stage cache in
 ``--out``), with its stage defaults, for the same number of steps of the same number of generated responses
 (``stage.batch_size`` = 64 responses per step in every stage: PPO 64 prompts, the critic-free stages 16
-prompts x 4). Prints a markdown table (oracle and reward before -> after, KL, wall time) and writes
-``<out>/algorithms.json``. Learning curves come from the eval/during points (``stage.eval_every``).
+prompts x 4). Prints a markdown table (strict gold, well-formed share and reward before -> after, KL, wall
+time) and writes ``<out>/algorithms.json``. Learning curves of the strict gold come from the eval/during points
+(``stage.eval_every``).
 
     python bench/algorithms.py                                    # seed 0, all four, default steps
     python bench/algorithms.py --seeds 0 1 2 --algorithms ppo grpo -- stage.steps=100
@@ -45,27 +46,28 @@ def run(algorithm: str, seed: int, out: Path, extra: list[str]) -> dict:
     per_step = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())["stage"]["batch_size"]
     return {"algorithm": algorithm, "seed": seed, "failed": False, "minutes": minutes, "steps": steps,
             "responses_per_step": per_step,
-            **{k: summary[k] for k in ("eval/before/oracle_score", "eval/after/oracle_score", "eval/before/reward_score",
-                                       "eval/after/reward_score", "eval/after/kl", "eval/after/response_length")},
+            **{f"eval/{tag}/{k}": summary[f"eval/{tag}/{k}"] for tag in ("before", "after")
+               for k in ("oracle_strict", "well_formed", "oracle_score", "reward_score", "kl", "response_length")},
             "curve": learning_curve(run_dir / "metrics.jsonl")}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| algorithm | seed | steps | oracle before → after | reward before → after | KL (nats) | length | minutes |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| algorithm | seed | steps | strict gold before → after | well formed before → after "
+             "| reward before → after | KL (nats) | length | minutes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["failed"]:
-            lines.append(f"| {r['algorithm']} | {r['seed']} | failed | | | | | {r['minutes']:.1f} |")
+            lines.append(f"| {r['algorithm']} | {r['seed']} | failed | | | | | | {r['minutes']:.1f} |")
             continue
-        lines.append(f"| {r['algorithm']} | {r['seed']} | {r['steps']} | {r['eval/before/oracle_score']:.3f} → "
-                     f"{r['eval/after/oracle_score']:.3f} | {r['eval/before/reward_score']:.2f} → "
+        lines.append(f"| {r['algorithm']} | {r['seed']} | {r['steps']} | {r['eval/before/oracle_strict']:.3f} → "
+                     f"{r['eval/after/oracle_strict']:.3f} | {r['eval/before/well_formed']:.3f} → "
+                     f"{r['eval/after/well_formed']:.3f} | {r['eval/before/reward_score']:.2f} → "
                      f"{r['eval/after/reward_score']:.2f} | {r['eval/after/kl']:.2f} | "
                      f"{r['eval/after/response_length']:.1f} | {r['minutes']:.1f} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    """Held-out oracle score against generated responses, one line per run, one colour per algorithm."""
+    """Held-out strict gold against generated responses, one line per run, one colour per algorithm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,10 +79,10 @@ def plot(rows: list[dict], path: Path) -> Path:
         if r["failed"]:
             continue
         per_step = r["responses_per_step"]
-        ax.plot([s * per_step for s in r["curve"]["step"]], r["curve"]["oracle"], color=colours[r["algorithm"]],
+        ax.plot([s * per_step for s in r["curve"]["step"]], r["curve"]["oracle_strict"], color=colours[r["algorithm"]],
                 alpha=0.8, label=r["algorithm"] if r["seed"] == min(x["seed"] for x in rows) else None)
     ax.set_xlabel("generated responses")
-    ax.set_ylabel("held-out oracle score")
+    ax.set_ylabel("held-out strict gold (oracle_strict)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
