@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from peft import prepare_model_for_kbit_training
+from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import is_conversational
 
@@ -44,6 +45,9 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, stop) -> dict:
     if conversational and chat.missing_template_tokens(tokenizer):
         raise ConfigError(f"the chat template writes {chat.missing_template_tokens(tokenizer)}, which {sft_model} "
                           "does not have; train the reward adapter on an SFT model trained with this template")
+    # The score head (created by the load) and the LoRA (by RewardTrainer) draw from the global random state:
+    # seed it, or the adapter depends on whatever the process drew before (a stage-cache build inside a PPO run).
+    set_seed(cfg.seed)
     model = load_model(sft_model, cfg.model, cfg.quant, device, task="seq-cls", num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id  # the classifier pools at the last non-pad token
     if cfg.quant.mode in ("8bit", "4bit"):
