@@ -252,6 +252,23 @@ def test_whole_chain_on_reviews_chat(chat_chain):
     assert all(s["oracle"] == oracle_score(s["response"]) for s in samples)  # the assistant turn's text
 
 
+def test_grpo_on_reviews_chat_reuses_the_chain(chat_chain):
+    """The critic-free stages take conversations too: GRPO on the chain's own SFT model and reward adapter."""
+    run = chat_chain / "grpo"
+    overrides = [a for a in CHAIN if not a.startswith("stage.ppo_epochs")] + ["stage.num_iterations=1"]
+    done = subprocess.run([sys.executable, "train.py", "stage=grpo", "data=reviews_chat", f"output_dir={chat_chain}",
+                           f"hydra.run.dir={run}", *overrides], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train/steps"] == 2 and isinstance(summary["eval/after/oracle_strict"], float)
+    ppo_inputs = json.loads((chat_chain / "run" / "run_record.json").read_text())["inputs"]
+    assert json.loads((run / "run_record.json").read_text())["inputs"] == ppo_inputs  # the same SFT and reward
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["query"].endswith("<|im_start|>assistant\n") for s in samples)
+    assert all(s["oracle"] == oracle_score(s["response"]) for s in samples)
+
+
 @pytest.mark.parametrize("told", [True, False])
 def test_the_policy_stops_at_the_end_of_turn_token(chat_model, tmp_path, told):
     """``told``: the end-of-turn token is in the generation config, as the SFT and PPO stages put it. The

@@ -255,7 +255,10 @@ class PPOStageConfig:
     # With LoRA on the tiny model's output layer (adapter.output_layer) 1e-3 overshoots: PPO reached KL 50-140
     # nats within 20 steps on two chains and one never recovered; 3e-4 converged on both (KL 3.4 and 6.6).
     learning_rate: float = 3e-4
-    lr_scheduler: str = "constant"  # constant | linear | cosine
+    # Linear decay to 0 over stage.steps (CleanRL's anneal_lr). At a constant rate, late single updates threw a
+    # converged policy off (approx-KL 0.95 and 1.26 at steps ~170 on a fresh seed, KL 4.5 -> 21 nats); with the
+    # decay the same chain ends at KL 4.3, strict gold 0.995.
+    lr_scheduler: str = "linear"  # constant | linear | cosine
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | adamw_8bit (bitsandbytes)
     gamma: float = 1.0
@@ -342,7 +345,7 @@ class CriticFreeStageConfig:
     # With LoRA on the tiny model's output layer (adapter.output_layer) 1e-3 overshoots: PPO reached KL 50-140
     # nats within 20 steps on two chains and one never recovered; 3e-4 converged on both (KL 3.4 and 6.6).
     learning_rate: float = 3e-4
-    lr_scheduler: str = "constant"
+    lr_scheduler: str = "linear"  # as the PPO stage: see PPOStageConfig
     weight_decay: float = 0.0
     optimizer: str = "adamw"
     max_grad_norm: float = 1.0
