@@ -90,3 +90,24 @@ def test_a_policy_can_make_a_choice_confident_only_with_its_output_layer_adapted
         logits = model.policy_forward(batch.input_ids, batch.attention_mask).logits[:, -1]
     p_positive = torch.softmax(logits, -1)[:, positive].sum(-1).mean().item()
     assert low <= p_positive <= high, p_positive
+
+
+def test_a_saved_policy_holds_the_output_layer_lora_but_no_copy_of_the_base(sft, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    base = AutoModelForCausalLM.from_pretrained(sft)
+    model = MultiAdapterModel.build(base, policy_config=policy_lora_config(compose("stage=ppo"), base))
+    with torch.no_grad():
+        for name, param in model.peft_model.named_parameters():
+            if "lm_head.lora_B.policy" in name:
+                param.normal_(0, 0.5)
+    model.save_policy(tmp_path / "policy")
+    saved = load_file(str(tmp_path / "policy" / "adapter_model.safetensors"))
+    assert any("lm_head.lora_B" in k for k in saved) and not any("embed_tokens" in k for k in saved)
+    assert all("lora_" in k for k in saved)  # LoRA weights only
+    ids = torch.tensor([[5, 6, 7, 8]])
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft), tmp_path / "policy").eval()
+    with torch.no_grad():
+        expected = model.eval().policy_forward(ids).logits
+        assert torch.allclose(reloaded(ids).logits, expected, atol=1e-5)

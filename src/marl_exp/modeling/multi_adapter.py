@@ -659,7 +659,9 @@ class MultiAdapterModel(nn.Module):
         adapter = adapter or self._active_policy
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(self.peft_model, adapter_name=adapter)
+        # The base's embedding and output layers are frozen: with LoRA on the output layer (adapter.output_layer)
+        # peft would otherwise save whole copies of them beside the adapter.
+        state = get_peft_model_state_dict(self.peft_model, adapter_name=adapter, save_embedding_layers=False)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, directory / "adapter_model.safetensors")
         self.peft_model.peft_config[adapter].save_pretrained(directory)
         head_state = {k: v.detach().contiguous().cpu() for k, v in self.value_heads[adapter].state_dict().items()}
