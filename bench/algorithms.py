@@ -5,7 +5,7 @@ Every algorithm trains from the same SFT model and reward adapter (built once th
 (``stage.batch_size`` = 64 responses per step in every stage: PPO 64 prompts, the critic-free stages 16
 prompts x 4). Prints a markdown table (strict gold, well-formed share and reward before -> after, KL, wall
 time) and writes ``<out>/algorithms.json``. Learning curves of the strict gold come from the eval/during points
-(``stage.eval_every``).
+(``stage.eval.eval_every``).
 
     python bench/algorithms.py                                    # seed 0, all four, default steps
     python bench/algorithms.py --seeds 0 1 2 --algorithms ppo grpo -- stage.steps=100
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -24,7 +25,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convergence import learning_curve  # noqa: E402  (bench/ is not a package)
+from convergence import (  # noqa: E402  (bench/ is not a package)
+    TARGET_KL,
+    TARGET_RISE,
+    TARGET_STRICT,
+    TARGET_WELL_FORMED,
+    learning_curve,
+)
 
 ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
 
@@ -66,25 +73,83 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+REACHED = 0.9  # "responses to reach": the first evaluation with the strict gold at or above this
+
+
+def meets_target(r: dict) -> bool:
+    """The convergence target of bench/convergence.py, without its wall-time limit (runs here share the CPU)."""
+    after, before = r["eval/after/oracle_strict"], r["eval/before/oracle_strict"]
+    return (after >= TARGET_STRICT and after - before >= TARGET_RISE and r["eval/after/well_formed"] >= TARGET_WELL_FORMED
+            and r["eval/after/kl"] <= TARGET_KL)
+
+
+def responses_to_reach(r: dict, level: float = REACHED) -> float:
+    """Generated responses until the held-out strict gold first reached ``level`` (inf: never)."""
+    curve = r["curve"]
+    return next((s * r["responses_per_step"] for s, v in zip(curve["step"], curve["oracle_strict"]) if v >= level),
+                math.inf)
+
+
+def run_mean_strict(r: dict) -> float:
+    """The strict gold averaged over the evaluations after the start: the area under the learning curve."""
+    values = [v for s, v in zip(r["curve"]["step"], r["curve"]["oracle_strict"]) if s > 0]
+    return sum(values) / len(values) if values else math.nan
+
+
+def by_algorithm(rows: list[dict]) -> str:
+    """One line per algorithm over its seeds: mean [min, max]."""
+    def spread(values: list[float], fmt: str) -> str:
+        if not values:
+            return "–"
+        return f"{sum(values) / len(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
+
+    lines = [f"| algorithm | runs meeting the target | strict gold after | well formed after | KL after (nats) "
+             f"| mean strict over the run | responses to strict ≥ {REACHED} | minutes per run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for algorithm in ALGORITHMS:
+        runs = [r for r in rows if r["algorithm"] == algorithm]
+        done = [r for r in runs if not r["failed"]]
+        if not runs:
+            continue
+        reach = [responses_to_reach(r) for r in done]
+        reach_cell = spread([x for x in reach if math.isfinite(x)], ".0f")
+        if any(not math.isfinite(x) for x in reach):
+            reach_cell += f" ({sum(not math.isfinite(x) for x in reach)} never)"
+        lines.append(f"| {algorithm} | {sum(meets_target(r) for r in done)} of {len(runs)} "
+                     f"| {spread([r['eval/after/oracle_strict'] for r in done], '.3f')} "
+                     f"| {spread([r['eval/after/well_formed'] for r in done], '.3f')} "
+                     f"| {spread([r['eval/after/kl'] for r in done], '.2f')} "
+                     f"| {spread([run_mean_strict(r) for r in done], '.3f')} | {reach_cell} "
+                     f"| {spread([r['minutes'] for r in done], '.1f')} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> Path:
-    """Held-out strict gold against generated responses, one line per run, one colour per algorithm."""
+    """Held-out strict gold and KL against generated responses: a thin line per run, the seeds' mean thick."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = dict(zip(ALGORITHMS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
-    for r in rows:
-        if r["failed"]:
-            continue
-        per_step = r["responses_per_step"]
-        ax.plot([s * per_step for s in r["curve"]["step"]], r["curve"]["oracle_strict"], color=colours[r["algorithm"]],
-                alpha=0.8, label=r["algorithm"] if r["seed"] == min(x["seed"] for x in rows) else None)
-    ax.set_xlabel("generated responses")
-    ax.set_ylabel("held-out strict gold (oracle_strict)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, key, label in ((axes[0], "oracle_strict", "held-out strict gold (oracle_strict)"),
+                           (axes[1], "kl", "KL to the reference (nats per response)")):
+        for algorithm in ALGORITHMS:
+            runs = [r for r in rows if r["algorithm"] == algorithm and not r["failed"]]
+            if not runs:
+                continue
+            for r in runs:
+                ax.plot([s * r["responses_per_step"] for s in r["curve"]["step"]], r["curve"][key],
+                        color=colours[algorithm], alpha=0.3, linewidth=0.8)
+            points = min(len(r["curve"]["step"]) for r in runs)
+            x = [s * runs[0]["responses_per_step"] for s in runs[0]["curve"]["step"][:points]]
+            mean = [sum(r["curve"][key][i] for r in runs) / len(runs) for i in range(points)]
+            ax.plot(x, mean, color=colours[algorithm], linewidth=2, label=f"{algorithm} (mean of {len(runs)})")
+        ax.set_xlabel("generated responses")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -109,6 +174,8 @@ def main(argv=None) -> int:
         (args.out / "algorithms.json").write_text(json.dumps(rows, indent=1))
     rows.sort(key=lambda r: (ALGORITHMS.index(r["algorithm"]), r["seed"]))
     print(markdown(rows))
+    print()
+    print(by_algorithm(rows))
     print(f"learning curves: {plot(rows, args.plot or args.out / 'algorithms.png')}")
     return int(any(r["failed"] for r in rows))
 

@@ -139,8 +139,8 @@ def ppo_config(size: str, quant: str = "fp32", sharing: str = "shared", batch: i
     base, reward = model_dirs(size)
     return compose("stage=ppo", "logger=none", f"model.path={base}", f"quant={quant}", f"device={device}",
                    f"stage.sft_model={base}", f"stage.reward_adapter={reward}", f"stage.sharing={sharing}",
-                   f"stage.batch_size={batch}", f"stage.mini_batch_size={batch}", "stage.ppo_epochs=1",
-                   f"stage.max_new_tokens={new_tokens}", f"stage.min_new_tokens={new_tokens}", *extra)
+                   f"stage.batch_size={batch}", f"stage.optim.mini_batch_size={batch}", "stage.optim.ppo_epochs=1",
+                   f"stage.sampling.max_new_tokens={new_tokens}", f"stage.sampling.min_new_tokens={new_tokens}", *extra)
 
 
 def compose(*overrides: str):
@@ -166,13 +166,13 @@ def build_trainer(cfg, perf=None):
 
     from marl_exp.modeling.loading import load_tokenizer, resolve_device
     from marl_exp.ppo.trainer import PPOTrainer
-    from marl_exp.stages.ppo import build_roles
+    from marl_exp.stages.rl_models import build_roles
 
     quiet()
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.stage.sft_model)
     roles = build_roles(cfg, cfg.stage.sft_model, cfg.stage.reward_adapter, device)
-    roles.model.train(not cfg.stage.disable_dropout)
+    roles.model.train(not cfg.stage.runtime.disable_dropout)
     kwargs = {} if perf is None else {"perf": perf}
     trainer = PPOTrainer(roles, tokenizer, cfg.stage, prompts(), seed=cfg.seed, **kwargs)
     torch.manual_seed(cfg.seed)

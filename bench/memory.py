@@ -50,12 +50,12 @@ def worker(args) -> dict:
     import torch
     import transformers  # noqa: F401
 
-    from marl_exp.stages import ppo  # noqa: F401
+    from marl_exp.stages import rl  # noqa: F401
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     cfg = common.ppo_config(args.size, args.quant, args.sharing, batch=args.batch, new_tokens=args.new_tokens,
                             device="cuda" if cuda else "cpu",
-                            extra=("stage.gradient_checkpointing=true",) if args.gradient_checkpointing else ())
+                            extra=("stage.runtime.gradient_checkpointing=true",) if args.gradient_checkpointing else ())
     common.release_memory()
     baseline = common.rss_mib()
     roles, _, trainer = common.build_trainer(cfg)

@@ -16,7 +16,7 @@ One command:
    weight 0;
 3. the gold-reward PPO run (`+rewards=oracle_strict`: the strict gold is the reward) as the ceiling;
 
-every PPO run with a light, fixed KL penalty (`stage.adaptive_kl=false stage.init_kl_coef=--kl-coef`) so the
+every PPO run with a light, fixed KL penalty (`stage.kl.adaptive_kl=false stage.kl.init_kl_coef=--kl-coef`) so the
 policy moves far from the reference, and an evaluation on the held-out prompts every `--eval-every` steps.
 `--jobs` runs start at once (each with `threads=1`); the first reward-model runs start as soon as the gold run
 has the SFT model. Outputs: a table (printed and in bench/results/overoptimization.md), the raw curves
@@ -66,8 +66,8 @@ QUICK = {"sizes": [64, 256], "steps": 6, "eval_every": 2, "overrides": ["debug=p
 def ppo_command(run_dir: Path, args, job: list[str]) -> list[str]:
     """`python train.py` for one PPO run of the experiment; ``job`` (reward source, size) comes last."""
     return [sys.executable, "train.py", "stage=ppo", "logger=none", "threads=1", f"hydra.run.dir={run_dir}",
-            f"stage.steps={args.steps}", f"stage.eval_every={args.eval_every}", "stage.adaptive_kl=false",
-            f"stage.init_kl_coef={args.kl_coef}", "stage.save_every=0", *args.overrides, *job]
+            f"stage.steps={args.steps}", f"stage.eval.eval_every={args.eval_every}", "stage.kl.adaptive_kl=false",
+            f"stage.kl.init_kl_coef={args.kl_coef}", "stage.save_every=0", *args.overrides, *job]
 
 
 def run_all(args, out: Path) -> list[dict]:

@@ -186,8 +186,8 @@ def rollout_section(size: str, batch: int, new_tokens: int, repeats: int, device
     prompts = [common.prompts()[i % len(common.prompts())] for i in range(batch)]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    kwargs = dict(do_sample=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=stage.temperature,
-                  top_k=stage.top_k, top_p=stage.top_p, eos_token_id=tokenizer.eos_token_id,
+    kwargs = dict(do_sample=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=stage.sampling.temperature,
+                  top_k=stage.sampling.top_k, top_p=stage.sampling.top_p, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
     model.activate_policy("policy")
     model.eval()
@@ -231,8 +231,8 @@ def scaling_section(size: str, batches: list[int], lengths: list[int], base_batc
     points = [(b, base_tokens) for b in batches] + [(base_batch, n) for n in lengths if n != base_tokens]
     rows = []
     for batch, tokens in points:
-        trainer.cfg.batch_size = trainer.cfg.mini_batch_size = batch
-        trainer.cfg.max_new_tokens = trainer.cfg.min_new_tokens = tokens
+        trainer.cfg.batch_size = trainer.cfg.optim.mini_batch_size = batch
+        trainer.cfg.sampling.max_new_tokens = trainer.cfg.sampling.min_new_tokens = tokens
         phases = median_phases(run_interleaved({"shared": trainer}, steps)["shared"])
         rows.append({"batch": batch, "new_tokens": tokens, **with_rates(phases, batch)})
     return {"rows": rows}

@@ -3,7 +3,7 @@
 Both train a LoRA policy on the same base with GRPO against the same reward adapter, from the same prompts:
 
 * **marl-exp** (``stage=grpo``): one base; policy = LoRA adapter, reference = adapters disabled, reward =
-  the reward adapter with its score head, all on that base (``stages.ppo.build_roles``, ``CriticFreeTrainer``).
+  the reward adapter with its score head, all on that base (``stages.rl_models.build_roles``, ``CriticFreeTrainer``).
 * **TRL** (``GRPOTrainer``): the policy is the base wrapped with the same ``LoraConfig`` (``peft_config``); with
   a peft policy and ``beta > 0`` TRL takes the reference from the same model with adapters disabled (no
   ``ref_model``). The reward adapter is loaded the only way TRL can take it: a separate
@@ -150,7 +150,7 @@ def import_runtime() -> None:
 
     import speed  # noqa: F401
     from marl_exp.ppo import critic_free  # noqa: F401
-    from marl_exp.stages import ppo  # noqa: F401
+    from marl_exp.stages import rl  # noqa: F401
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -172,23 +172,23 @@ def marl_config(base: Path, reward: Path, work: Work):
         "stage=grpo", "logger=none", f"model.path={base}", "adapter.output_layer=false", "quant=fp32", "device=cpu",
         f"seed={work.seed}",
         f"stage.sft_model={base}", f"stage.reward_adapter={reward}", f"stage.batch_size={work.batch}",
-        f"stage.num_generations={work.num_generations}", f"stage.mini_batch_size={work.batch}",
-        "stage.gradient_accumulation_steps=1", f"stage.num_iterations={work.num_iterations}",
-        f"stage.max_new_tokens={work.new_tokens}", f"stage.min_new_tokens={work.new_tokens}",
-        f"stage.beta={work.beta}", f"stage.epsilon={work.epsilon}", f"stage.loss_type={work.loss_type}",
-        f"stage.scale_rewards={work.scale_rewards}", f"stage.learning_rate={work.learning_rate}",
-        "stage.lr_scheduler=constant", f"stage.max_grad_norm={work.max_grad_norm}",
-        f"stage.temperature={work.temperature}", f"stage.gradient_checkpointing={work.gradient_checkpointing}")
+        f"stage.sampling.num_generations={work.num_generations}", f"stage.optim.mini_batch_size={work.batch}",
+        "stage.optim.gradient_accumulation_steps=1", f"stage.optim.num_iterations={work.num_iterations}",
+        f"stage.sampling.max_new_tokens={work.new_tokens}", f"stage.sampling.min_new_tokens={work.new_tokens}",
+        f"stage.kl.beta={work.beta}", f"stage.loss.epsilon={work.epsilon}", f"stage.loss.loss_type={work.loss_type}",
+        f"stage.advantages.scale_rewards={work.scale_rewards}", f"stage.optim.learning_rate={work.learning_rate}",
+        "stage.optim.lr_scheduler=constant", f"stage.optim.max_grad_norm={work.max_grad_norm}",
+        f"stage.sampling.temperature={work.temperature}", f"stage.runtime.gradient_checkpointing={work.gradient_checkpointing}")
 
 
 def marl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
-    """marl-exp's GRPO stage: roles and trainer as ``stages.ppo`` builds them, then ``steps`` steps."""
+    """marl-exp's GRPO stage: roles and trainer as ``stages.rl_models`` builds them, then ``steps`` steps."""
     import torch
 
     import speed
     from marl_exp.modeling.loading import load_tokenizer
     from marl_exp.ppo import trainer as trainer_module
-    from marl_exp.stages.ppo import build_roles, make_trainer
+    from marl_exp.stages.rl_models import build_roles, make_trainer
 
     cfg = marl_config(base, reward, work)
     common.release_memory()
@@ -196,7 +196,7 @@ def marl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
     common.quiet()
     tokenizer = load_tokenizer(str(base))
     roles = build_roles(cfg, str(base), str(reward), torch.device("cpu"), tokenizer)
-    roles.model.train(not cfg.stage.disable_dropout)
+    roles.model.train(not cfg.stage.runtime.disable_dropout)
     trainer = make_trainer(cfg.stage, roles, tokenizer, common.prompts(), seed=work.seed)
     torch.manual_seed(work.seed)
     common.materialize_weights(roles.model)
@@ -221,7 +221,7 @@ def marl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
               "score_reward": t.get("reward", 0.0), "update": t.get("optimize", 0.0),
               "tokens": stats["completions/mean_length"] * work.batch,
               "skipped_updates": stats.get("ppo/skipped_batches", 0.0) * work.num_iterations,
-              "optimizer_steps": work.num_iterations * (cfg.stage.batch_size // cfg.stage.mini_batch_size),
+              "optimizer_steps": work.num_iterations * (cfg.stage.batch_size // cfg.stage.optim.mini_batch_size),
               "kl": stats.get("kl"), "scoring_logprob_passes": 2})  # policy and reference (score_many)
     await_go("finish")
     finish(peaks, optimizer_state_bytes(optimizer))
@@ -547,7 +547,7 @@ def reward_probe(size: str, work: Work, repeats: int = 11) -> dict:
 
     from marl_exp.modeling.loading import load_tokenizer
     from marl_exp.ppo.rollout import reward_inputs
-    from marl_exp.stages.ppo import build_roles
+    from marl_exp.stages.rl_models import build_roles
 
     base, reward = peer_model_dirs(size)
     common.quiet()

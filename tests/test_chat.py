@@ -220,7 +220,7 @@ def test_ppo_reads_the_reward_of_a_conversation_where_the_reward_model_learned_i
 CHAIN = ("logger=none", "upstream.sft.max_steps=3", "upstream.reward.max_steps=3",
          "upstream.sft.batch_size=8", "upstream.reward.batch_size=8", "data.num_sft_train=32", "data.num_sft_eval=8",
          "data.num_pairs_train=32", "data.num_pairs_eval=8", "stage.steps=2", "stage.batch_size=8",
-         "stage.mini_batch_size=8", "stage.ppo_epochs=1", "stage.eval_samples=8", "stage.eval_every=0",
+         "stage.optim.mini_batch_size=8", "stage.optim.ppo_epochs=1", "stage.eval.eval_samples=8", "stage.eval.eval_every=0",
          "stage.save_every=0")
 
 
@@ -255,7 +255,7 @@ def test_whole_chain_on_reviews_chat(chat_chain):
 def test_grpo_on_reviews_chat_reuses_the_chain(chat_chain):
     """The critic-free stages take conversations too: GRPO on the chain's own SFT model and reward adapter."""
     run = chat_chain / "grpo"
-    overrides = [a for a in CHAIN if not a.startswith("stage.ppo_epochs")] + ["stage.num_iterations=1"]
+    overrides = [a for a in CHAIN if not a.startswith("stage.optim.ppo_epochs")] + ["stage.optim.num_iterations=1"]
     done = subprocess.run([sys.executable, "train.py", "stage=grpo", "data=reviews_chat", f"output_dir={chat_chain}",
                            f"hydra.run.dir={run}", *overrides], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "HYDRA_FULL_ERROR": "1"}, timeout=600)
@@ -311,8 +311,8 @@ def test_instruct_preset_runs_on_the_local_hh_fixture(chat_model, tmp_path):
     assert preset.stage.sft_model == preset.model.path and preset.adapter.target_modules == ["all-linear"]
     cfg = compose("experiment=instruct_hh_chat", "quant=fp32", "logger=none", f"output_dir={tmp_path}",
                   f"model.path={chat_model}", f"data.path={FIXTURES / 'hh_rlhf'}", "upstream.reward.max_steps=2",
-                  "upstream.reward.batch_size=2", "stage.steps=1", "stage.batch_size=4", "stage.mini_batch_size=2",
-                  "stage.ppo_epochs=1", "stage.eval_samples=2", "stage.max_new_tokens=8", "stage.eval_every=0",
+                  "upstream.reward.batch_size=2", "stage.steps=1", "stage.batch_size=4", "stage.optim.mini_batch_size=2",
+                  "stage.optim.ppo_epochs=1", "stage.eval.eval_samples=2", "stage.sampling.max_new_tokens=8", "stage.eval.eval_every=0",
                   "stage.save_every=0")
     summary = run_stage(cfg, tmp_path / "run")
     assert summary["train/steps"] == 1 and isinstance(summary["eval/after/reward_score"], float)

@@ -9,6 +9,7 @@ import json
 import shutil
 
 import pytest
+from omegaconf import OmegaConf
 import torch
 
 from conftest import compose
@@ -19,10 +20,10 @@ from marl_exp.ppo import core
 from marl_exp.ppo.critic_free import CriticFreeTrainer
 from marl_exp.ppo.rollout import sample, score
 from marl_exp.stages.pipeline import run_stage
-from marl_exp.stages.ppo import build_roles
+from marl_exp.stages.rl_models import build_roles
 
-SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.num_generations=4", "stage.mini_batch_size=4",
-         "stage.eval_samples=8", "stage.max_new_tokens=8", "stage.eval_every=0", "stage.save_every=0")
+SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.sampling.num_generations=4", "stage.optim.mini_batch_size=4",
+         "stage.eval.eval_samples=8", "stage.sampling.max_new_tokens=8", "stage.eval.eval_every=0", "stage.save_every=0")
 
 
 def rl_cfg(chain, out, stage, *overrides):
@@ -92,8 +93,8 @@ def test_every_iteration_uses_the_sampling_policys_logprobs(roles_and_tokenizer,
                                                            tmp_path, monkeypatch):
     roles, tokenizer, prompts = roles_and_tokenizer
     # One mini-batch per iteration (mini_batch_size = batch_size): iteration 2 runs on moved weights.
-    stage = _stage(trained_chain, tmp_path, "grpo", "stage.num_iterations=3", "stage.mini_batch_size=8",
-                   "stage.learning_rate=0.01")
+    stage = _stage(trained_chain, tmp_path, "grpo", "stage.optim.num_iterations=3", "stage.optim.mini_batch_size=8",
+                   "stage.optim.learning_rate=0.01")
     trainer = CriticFreeTrainer(roles, tokenizer, stage, prompts, seed=0)
     calls = []
     original = core.clipped_surrogate
@@ -120,8 +121,8 @@ def test_loss_matches_a_hand_computation_at_ratio_one(roles_and_tokenizer, fresh
     roles, tokenizer, prompts = roles_and_tokenizer
     # One update over the whole batch: at ratio 1 the clipped surrogate is -A per token, and with the KL
     # as a loss term each token adds beta * k3(pi, ref). dapo divides the sum by the batch's token count.
-    stage = _stage(trained_chain, tmp_path, "grpo", "stage.num_iterations=1", "stage.mini_batch_size=8",
-                   "stage.beta=0.1", "stage.loss_type=dapo")
+    stage = _stage(trained_chain, tmp_path, "grpo", "stage.optim.num_iterations=1", "stage.optim.mini_batch_size=8",
+                   "stage.kl.beta=0.1", "stage.loss.loss_type=dapo")
     trainer = CriticFreeTrainer(roles, tokenizer, stage, prompts, seed=0)
     with torch.no_grad():  # a policy that differs from the reference, so the KL term is not 0
         for n, p in roles.model.named_parameters():
@@ -156,7 +157,7 @@ def test_each_stage_runs_through_run_stage(trained_chain, tmp_path, stage, quant
 
 
 def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(trained_chain, tmp_path):
-    overrides = ("stage.steps=3", "stage.save_every=1", "stage.num_iterations=2")
+    overrides = ("stage.steps=3", "stage.save_every=1", "stage.optim.num_iterations=2")
     full = run_stage(rl_cfg(trained_chain, tmp_path, "rloo", *overrides), tmp_path / "full")
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000001", resumed_dir / "checkpoints" / "step-000001")
@@ -172,13 +173,13 @@ def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(trained_cha
 
 
 @pytest.mark.parametrize("override,message", [
-    ("stage.batch_size=10", "stage.batch_size=10 is not divisible by stage.num_generations=4"),
-    ("stage.num_generations=1", "stage.num_generations=1 must be >= 2"),
-    ("stage.loss_type=sum", "stage.loss_type='sum' is not valid"),
-    ("stage.scale_rewards=std", "stage.scale_rewards='std' is not valid"),
-    ("stage.epsilon=1.5", "stage.epsilon=1.5 must be in [0, 1)"),
-    ("stage.beta=-0.1", "stage.beta=-0.1 must be >= 0"),
-    ("stage.num_iterations=0", "stage.num_iterations=0 must be > 0"),
+    ("stage.batch_size=10", "stage.batch_size=10 is not divisible by stage.sampling.num_generations=4"),
+    ("stage.sampling.num_generations=1", "stage.sampling.num_generations=1 must be >= 2"),
+    ("stage.loss.loss_type=sum", "stage.loss.loss_type='sum' is not valid"),
+    ("stage.advantages.scale_rewards=std", "stage.advantages.scale_rewards='std' is not valid"),
+    ("stage.loss.epsilon=1.5", "stage.loss.epsilon=1.5 must be in [0, 1)"),
+    ("stage.kl.beta=-0.1", "stage.kl.beta=-0.1 must be >= 0"),
+    ("stage.optim.num_iterations=0", "stage.optim.num_iterations=0 must be > 0"),
 ])
 def test_bad_values_fail_with_one_line_naming_key_and_fix(override, message):
     cfg = compose("stage=grpo", "logger=none", override)
@@ -191,18 +192,21 @@ def test_bad_values_fail_with_one_line_naming_key_and_fix(override, message):
 def test_each_stage_composes_with_its_trl_names(stage):
     cfg = compose(f"stage={stage}", "logger=none")
     validate(cfg)
-    assert cfg.stage.advantage_estimator == stage and cfg.stage.kl_in_reward == (stage != "grpo")
-    for key in ("num_generations", "beta", "epsilon", "epsilon_high", "loss_type", "scale_rewards",
-                "num_iterations", "mask_truncated_completions", "learning_rate"):
-        assert key in cfg.stage, key
+    assert cfg.stage.advantage_estimator == stage and cfg.stage.kl.kl_in_reward == (stage != "grpo")
+    for key in ("sampling.num_generations", "kl.beta", "loss.epsilon", "loss.epsilon_high", "loss.loss_type",
+                "advantages.scale_rewards", "optim.num_iterations", "loss.mask_truncated_completions",
+                "optim.learning_rate"):
+        assert OmegaConf.select(cfg.stage, key, default="absent") != "absent", key
 
 
 @pytest.mark.slow
-def test_grpo_learns_well_formed_positive_reviews_within_kl_budget(trained_chain, tmp_path):
-    # Default GRPO settings, 40 of the default 200 steps (40 x 64 responses), judged as PPO's test is: by the
-    # strict gold (the oracle on well-formed reviews, 0 elsewhere) and the well-formed share.
-    cfg = compose("stage=grpo", "logger=none", f"output_dir={tmp_path}", "stage.steps=40", "stage.eval_every=0",
-                  "stage.save_every=0", f"stage.sft_model={trained_chain['sft_model']}",
+@pytest.mark.parametrize("stage,quant", [("grpo", "fp32"), ("rloo", "8bit"), ("reinforce_pp", "4bit")])
+def test_each_algorithm_learns_well_formed_positive_reviews_within_kl_budget(trained_chain, tmp_path, stage, quant):
+    # Each critic-free stage at its defaults, 40 of the default 200 steps (40 x 64 responses), each quant mode
+    # once; judged as PPO's test is: by the strict gold (the oracle on well-formed reviews, 0 elsewhere) and the
+    # well-formed share. The 200-step, 3-seed comparison is bench/algorithms.py (README).
+    cfg = compose(f"stage={stage}", f"quant={quant}", "logger=none", f"output_dir={tmp_path}", "stage.steps=40",
+                  "stage.eval.eval_every=0", "stage.save_every=0", f"stage.sft_model={trained_chain['sft_model']}",
                   f"stage.reward_adapter={trained_chain['reward_adapter']}")
     summary = run_stage(cfg, tmp_path / "run")
     before, after = summary["eval/before/oracle_strict"], summary["eval/after/oracle_strict"]
@@ -229,8 +233,8 @@ def test_grpo_data_parallel_on_two_cpu_processes(trained_chain, tmp_path):
     result = accelerate_launch(
         tmp_path, "stage=grpo", "logger=none", f"stage.sft_model={trained_chain['sft_model']}",
         f"stage.reward_adapter={trained_chain['reward_adapter']}", "stage.steps=2", "stage.batch_size=8",
-        "stage.mini_batch_size=4", "stage.gradient_accumulation_steps=2", "stage.loss_type=dapo",
-        "stage.eval_samples=8", "stage.save_every=1", "stage.max_new_tokens=8")
+        "stage.optim.mini_batch_size=4", "stage.optim.gradient_accumulation_steps=2", "stage.loss.loss_type=dapo",
+        "stage.eval.eval_samples=8", "stage.save_every=1", "stage.sampling.max_new_tokens=8")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dist/world_size"] == WORLD

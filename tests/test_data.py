@@ -180,7 +180,7 @@ def test_too_long_prompts_are_an_error_or_skipped(tokenizer):
     from marl_exp.data.checks import fit_prompts
 
     with pytest.raises(DataError, match=r"prompts.jsonl row 1: prompt has \d+ tokens, more than the 40 .*stage."
-                                        r"max_new_tokens or set data.on_bad_row=skip"):
+                                        r"sampling.max_new_tokens or set data.on_bad_row=skip"):
         fit_prompts(prompts, origins, tokenizer, 40, "error", what="train prompts")
     assert fit_prompts(prompts, origins, tokenizer, 40, "skip", what="train prompts") == [prompts[0], prompts[2]]
     with pytest.raises(DataError, match="row 0"):  # skipping every prompt leaves nothing to train on
@@ -217,7 +217,7 @@ def test_llama_hh_preset_is_the_seed_setup():
     assert (cfg.quant.mode, cfg.quant.bnb_4bit_quant_type) == ("4bit", "nf4")
     assert (cfg.adapter.r, cfg.adapter.lora_alpha, cfg.adapter.lora_dropout) == (16, 32, 0.05)
     stage = cfg.stage
-    assert (stage.learning_rate, stage.batch_size, stage.mini_batch_size, stage.top_p, stage.max_new_tokens) == \
+    assert (stage.optim.learning_rate, stage.batch_size, stage.optim.mini_batch_size, stage.sampling.top_p, stage.sampling.max_new_tokens) == \
         (1e-5, 8, 2, 0.9, 32)
 
 
@@ -256,8 +256,8 @@ def test_ppo_on_hh_rlhf_fixture(trained_chain, tmp_path):
 
     cfg = compose("stage=ppo", "logger=none", f"output_dir={tmp_path}", f"stage.sft_model={trained_chain['sft_model']}",
                   f"stage.reward_adapter={trained_chain['reward_adapter']}", "data=hh_rlhf",
-                  f"data.path={FIXTURES / 'hh_rlhf'}", "stage.steps=1", "stage.batch_size=4", "stage.mini_batch_size=2",
-                  "stage.ppo_epochs=1", "stage.eval_samples=2", "stage.max_new_tokens=8")
+                  f"data.path={FIXTURES / 'hh_rlhf'}", "stage.steps=1", "stage.batch_size=4", "stage.optim.mini_batch_size=2",
+                  "stage.optim.ppo_epochs=1", "stage.eval.eval_samples=2", "stage.sampling.max_new_tokens=8")
     summary = run_stage(cfg, tmp_path / "run")
     assert "eval/after/reward_score" in summary and "eval/after/oracle_score" not in summary  # no oracle
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]

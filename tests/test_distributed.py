@@ -88,7 +88,7 @@ def test_ppo_data_parallel_on_two_cpu_processes(trained_chain, tmp_path):
     result = accelerate_launch(
         tmp_path, "stage=ppo", "logger=none", f"stage.sft_model={trained_chain['sft_model']}",
         f"stage.reward_adapter={trained_chain['reward_adapter']}", "stage.steps=3", "stage.batch_size=8",
-        "stage.mini_batch_size=4", "stage.ppo_epochs=2", "stage.eval_samples=8", "stage.save_every=2")
+        "stage.optim.mini_batch_size=4", "stage.optim.ppo_epochs=2", "stage.eval.eval_samples=8", "stage.save_every=2")
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())

@@ -94,11 +94,11 @@ BAD_INPUTS = [
     (["model=gpt2"], "model.path='openai-community/gpt2' is not a local path and not in the Hugging Face cache",
      "issue"),
     (["data=imdb"], "data.path='stanfordnlp/imdb' is not a local path and not in the Hugging Face cache", "issue"),
-    (["stage.batch_size=64", "stage.mini_batch_size=24"],
-     "stage.batch_size=64 is not divisible by stage.mini_batch_size=24; use a divisor such as stage.mini_batch_size=16",
+    (["stage.batch_size=64", "stage.optim.mini_batch_size=24"],
+     "stage.batch_size=64 is not divisible by stage.optim.mini_batch_size=24; use a divisor such as stage.optim.mini_batch_size=16",
      "issue"),
-    (["learning_rate=1e-4"], "learning_rate=1e-4 is not a config key; did you mean stage.learning_rate", "issue"),
-    (["+learning_rate=1e-4"], "learning_rate=0.0001 is not a config key; did you mean stage.learning_rate", "issue"),
+    (["learning_rate=1e-4"], "learning_rate=1e-4 is not a config key; did you mean stage.optim.learning_rate", "issue"),
+    (["+learning_rate=1e-4"], "learning_rate=0.0001 is not a config key; did you mean stage.optim.learning_rate", "issue"),
     (["model=gtp2"], "model=gtp2 is not a model option; did you mean model=gpt2? (options: gpt2, llama-7b, tiny)",
      "issue"),
     (["+adapter.lora_droput=0.1"], "adapter.lora_droput=0.1 is not a config key; did you mean adapter.lora_dropout?",
@@ -110,7 +110,7 @@ BAD_INPUTS = [
     (["debug=pp0"], "debug=pp0 is not a debug option; did you mean debug=ppo?", "new"),
     (["+sweep=lorarank"], "sweep=lorarank is not a sweep option; did you mean sweep=lora_rank?", "new"),
     (["adapter.rank=8"], "adapter.rank=8 is not a config key; did you mean adapter.r?", "new"),
-    (["stage.lr=0.1"], "stage.lr=0.1 is not a config key; did you mean stage.learning_rate?", "new"),
+    (["stage.lr=0.1"], "stage.lr=0.1 is not a config key; did you mean stage.optim.learning_rate?", "new"),
     (["data.columns.txt=body"], "data.columns.txt=body is not a config key; did you mean data.columns.text?", "new"),
     (["+model.tiny.hiden=3"], "model.tiny.hiden=3 is not a config key; did you mean model.tiny.hidden_size?", "new"),
     (["stage=sft", "+stage.reward_adapter=x"], "stage.reward_adapter=x is a key of stage=ppo/grpo/rloo/reinforce_pp, not of stage=sft", "new"),
@@ -120,7 +120,7 @@ BAD_INPUTS = [
     (["+adapter.r=8"], "+adapter.r: adapter.r already exists; drop the + (adapter.r=8)", "new"),
     (["~adapter.zz"], "~adapter.zz: there is no such key to delete", "new"),
     (["stage.policies=a,b"], "stage.policies=a,b is ambiguous: write stage.policies=[a,b] for a list", "new"),
-    (["stage.top_p=["], "cannot parse the override 'stage.top_p=['", "new"),
+    (["stage.sampling.top_p=["], "cannot parse the override 'stage.sampling.top_p=['", "new"),
     (["threads=0"], "threads='0' is not valid; use threads=auto or a number of threads >= 1", "new"),
     (["upstream.reward.quant=3bit"], "upstream.reward.quant='3bit' is not valid; use one of same, fp32", "new"),
     (["upstream.sft.quant=4bit", "upstream.sft.finetune=full"], "upstream.sft.finetune=full cannot train 4bit", "new"),
@@ -536,7 +536,7 @@ def ppo_run(trained_chain, tmp_path_factory):
     out = tmp_path_factory.mktemp("told")
     cfg = compose("stage=ppo", "logger=none", f"output_dir={out}", f"stage.sft_model={trained_chain['sft_model']}",
                   f"stage.reward_adapter={trained_chain['reward_adapter']}", "stage.steps=2", "stage.batch_size=8",
-                  "stage.mini_batch_size=4", "stage.eval_samples=8", "stage.max_new_tokens=8", "stage.eval_every=1",
+                  "stage.optim.mini_batch_size=4", "stage.eval.eval_samples=8", "stage.sampling.max_new_tokens=8", "stage.eval.eval_every=1",
                   "stage.save_every=0")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):

@@ -23,8 +23,8 @@ from marl_exp.tracking import Tracker
 
 QUICK_WANDB = tuple(o for o in QUICK if not o.startswith("logger=")) + ("logger=wandb",)
 QUICK_DATA = tuple(o for o in QUICK if o.startswith("data."))
-PPO_SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.mini_batch_size=4", "stage.eval_samples=8",
-             "stage.max_new_tokens=8", "stage.eval_every=0", "stage.save_every=0")
+PPO_SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.optim.mini_batch_size=4", "stage.eval.eval_samples=8",
+             "stage.sampling.max_new_tokens=8", "stage.eval.eval_every=0", "stage.save_every=0")
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,10 @@ from marl_exp.modeling.loading import load_tokenizer, resolve_device
 from marl_exp.ppo.roles import critic_name
 from marl_exp.ppo.rollout import PerfOptions, Rollout, sample, score, score_many
 from marl_exp.ppo.trainer import PPOTrainer
-from marl_exp.stages.ppo import build_roles
+from marl_exp.stages.rl_models import build_roles
 
-SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.mini_batch_size=4", "stage.max_new_tokens=8",
-         "stage.eval_every=0", "stage.save_every=0")
+SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.optim.mini_batch_size=4", "stage.sampling.max_new_tokens=8",
+         "stage.eval.eval_every=0", "stage.save_every=0")
 PROMPTS = ["the movie was", "this show is", "the plot felt", "the cast seemed"] * 2
 ALL_OFF = PerfOptions(**{f.name: False for f in dataclasses.fields(PerfOptions)})
 ATOL = 1e-5
@@ -35,7 +35,7 @@ def build(chain, out, *overrides):
     roles = build_roles(cfg, str(chain["sft_model"]), str(chain["reward_adapter"]), resolve_device("cpu"))
     for name in roles.model.policy_names:  # fresh LoRA B = 0 would make every policy the reference
         perturb(roles.model, name, seed=len(name))
-    roles.model.train(not cfg.stage.disable_dropout)
+    roles.model.train(not cfg.stage.runtime.disable_dropout)
     return roles, load_tokenizer(str(chain["sft_model"])), cfg
 
 
@@ -191,10 +191,10 @@ def test_fused_scoring_reads_each_critic_from_its_own_adapter(two_policies_with_
 # --------------------------------------------------------------------------- gradient checkpointing
 def test_gradient_checkpointing_recomputes_in_eval_mode_and_keeps_gradients(trained_chain, tmp_path):
     """PPO runs the policy in eval mode (no dropout); transformers checkpoints only layers in training mode,
-    so without help stage.gradient_checkpointing=true would silently do nothing."""
+    so without help stage.runtime.gradient_checkpointing=true would silently do nothing."""
     grads, calls = {}, {}
     for checkpointing in (False, True):
-        roles, tokenizer, _ = build(trained_chain, tmp_path, f"stage.gradient_checkpointing={checkpointing}")
+        roles, tokenizer, _ = build(trained_chain, tmp_path, f"stage.runtime.gradient_checkpointing={checkpointing}")
         model = roles.model.eval()
         tokenizer.padding_side = "left"
         enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
@@ -270,5 +270,5 @@ def test_stage_fused_scoring_option_reaches_the_scoring_pass(trained_chain, tmp_
     real = trainer_module.score_many
     monkeypatch.setattr(trainer_module, "score_many",
                         lambda *a, perf, **k: seen.append(perf.fused_scoring) or real(*a, perf=perf, **k))
-    run_stage(ppo_cfg(trained_chain, tmp_path, "stage.steps=1", "stage.fused_scoring=true"), tmp_path / "run")
+    run_stage(ppo_cfg(trained_chain, tmp_path, "stage.steps=1", "stage.runtime.fused_scoring=true"), tmp_path / "run")
     assert seen == [True]

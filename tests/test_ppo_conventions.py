@@ -26,10 +26,10 @@ from marl_exp.ppo.rollout import Rollout, sample, score
 from marl_exp.ppo.roles import critic_name
 from marl_exp.ppo.trainer import PPOTrainer
 from marl_exp.stages.pipeline import run_stage
-from marl_exp.stages.ppo import build_roles
+from marl_exp.stages.rl_models import build_roles
 
-SMALL = ("stage.steps=1", "stage.batch_size=8", "stage.mini_batch_size=8", "stage.ppo_epochs=1",
-         "stage.eval_samples=8", "stage.max_new_tokens=8", "stage.eval_every=0", "stage.save_every=0")
+SMALL = ("stage.steps=1", "stage.batch_size=8", "stage.optim.mini_batch_size=8", "stage.optim.ppo_epochs=1",
+         "stage.eval.eval_samples=8", "stage.sampling.max_new_tokens=8", "stage.eval.eval_every=0", "stage.save_every=0")
 PROMPTS = ["the movie was", "this show is", "the plot felt", "the cast seemed"]
 
 
@@ -54,7 +54,7 @@ def max_change(before, params) -> float:
 
 # ------------------------------------------------------------------------ 1. critic adapter trains
 def test_critic_adapter_receives_gradients_and_changes(trained_chain, tmp_path):
-    cfg = ppo_cfg(trained_chain, tmp_path, "stage.critic=adapter", "stage.learning_rate=1e-2")
+    cfg = ppo_cfg(trained_chain, tmp_path, "stage.critic=adapter", "stage.optim.learning_rate=1e-2")
     roles = roles_for(cfg)
     model = roles.model
     policy, critic = model.trainable_parameters("policy"), model.trainable_parameters(critic_name("policy"))
@@ -136,7 +136,7 @@ def test_separate_roles_read_the_reward_where_the_shared_model_does(trained_chai
 # ------------------------------------------------------------------------ 3. what sampling obeys
 @pytest.fixture(scope="module")
 def shared(trained_chain, tmp_path_factory):
-    cfg = ppo_cfg(trained_chain, tmp_path_factory.mktemp("sampling"), "stage.max_new_tokens=16")
+    cfg = ppo_cfg(trained_chain, tmp_path_factory.mktemp("sampling"), "stage.sampling.max_new_tokens=16")
     tokenizer = load_tokenizer(cfg.stage.sft_model)
     return roles_for(cfg, tokenizer), tokenizer, cfg
 
@@ -180,7 +180,7 @@ def test_every_eos_id_of_the_model_stops_a_response(shared):
 def test_filters_that_change_the_sampled_distribution_warn_once(shared, caplog):
     roles, tokenizer, cfg = shared
     stage = cfg.stage.copy()
-    stage.top_k, stage.min_new_tokens = 5, 2
+    stage.sampling.top_k, stage.sampling.min_new_tokens = 5, 2
     rollout_module._WARNED.clear()
     with caplog.at_level(logging.WARNING, logger="marl_exp.ppo.rollout"):
         for _ in range(2):
@@ -222,7 +222,7 @@ def opt_model_dir(trained_chain, tmp_path_factory):
 def test_first_epoch_ratio_is_one_with_gradient_checkpointing_on_a_model_with_in_layer_dropout(
         trained_chain, opt_model_dir, tmp_path):
     model_dir, reward_dir = opt_model_dir / "model", opt_model_dir / "reward"
-    cfg = ppo_cfg(trained_chain, tmp_path, "stage.gradient_checkpointing=true", sft=model_dir, reward=reward_dir)
+    cfg = ppo_cfg(trained_chain, tmp_path, "stage.runtime.gradient_checkpointing=true", sft=model_dir, reward=reward_dir)
     roles = build_roles(cfg, str(model_dir), str(reward_dir), resolve_device("cpu"))
     model = roles.model
     model.train(False)
@@ -237,7 +237,7 @@ def test_first_epoch_ratio_is_one_with_gradient_checkpointing_on_a_model_with_in
 def test_early_stop_reads_the_approx_kl_of_the_epoch_just_run(shared, monkeypatch):
     roles, tokenizer, cfg = shared
     stage = cfg.stage.copy()
-    stage.ppo_epochs, stage.early_stop_kl = 4, 0.6
+    stage.optim.ppo_epochs, stage.optim.early_stop_kl = 4, 0.6
     trainer = PPOTrainer(roles, tokenizer, stage, PROMPTS, seed=0)
     calls = []
 
@@ -257,15 +257,15 @@ def test_early_stop_reads_the_approx_kl_of_the_epoch_just_run(shared, monkeypatc
 
 # ----------------------------------------------------------- 6. each policy its own KL and scores
 def test_each_policy_has_its_own_kl_coefficient_and_score_statistics(trained_chain, tmp_path):
-    cfg = ppo_cfg(trained_chain, tmp_path, "stage.policies=[calm,wild]", "stage.whiten_scores=true",
-                  "stage.target_kl=1.0", "stage.kl_horizon=100")
+    cfg = ppo_cfg(trained_chain, tmp_path, "stage.policies=[calm,wild]", "stage.scores.whiten_scores=true",
+                  "stage.kl.target_kl=1.0", "stage.kl.kl_horizon=100")
     roles = roles_for(cfg)
     with torch.no_grad():  # "wild" starts far from the reference, "calm" is a fresh adapter (KL 0)
         for name, param in roles.model.peft_model.named_parameters():
             if ".lora_B.wild." in name:
                 param.normal_(0, 0.5)
     trainer = PPOTrainer(roles, load_tokenizer(cfg.stage.sft_model), cfg.stage, PROMPTS, seed=0)
-    init = cfg.stage.init_kl_coef
+    init = cfg.stage.kl.init_kl_coef
     stats = trainer.step()
     assert stats["wild/objective/kl"] > 1.0 and abs(stats["calm/objective/kl"]) < 1e-4
     # Adaptive control: KL above the target raises β, below lowers it; each by its own policy's KL.
@@ -302,7 +302,7 @@ def test_separate_mode_reads_a_two_label_reward_adapter(trained_chain, tmp_path)
 
 
 def test_samples_every_logs_training_responses(trained_chain, tmp_path):
-    cfg = ppo_cfg(trained_chain, tmp_path, "stage.steps=2", "stage.samples_every=1")
+    cfg = ppo_cfg(trained_chain, tmp_path, "stage.steps=2", "stage.eval.samples_every=1")
     run_stage(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["eval"] == "train"]

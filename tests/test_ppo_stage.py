@@ -18,10 +18,10 @@ from marl_exp.ppo.rollout import Rollout, response_slice, sample, score, truncat
 from marl_exp.ppo.roles import SharedRoles
 from marl_exp.ppo.trainer import PPOTrainer
 from marl_exp.stages.pipeline import run_stage
-from marl_exp.stages.ppo import build_roles
+from marl_exp.stages.rl_models import build_roles
 
-SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.mini_batch_size=4", "stage.eval_samples=8",
-         "stage.max_new_tokens=8", "stage.eval_every=0", "stage.save_every=0")
+SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.optim.mini_batch_size=4", "stage.eval.eval_samples=8",
+         "stage.sampling.max_new_tokens=8", "stage.eval.eval_every=0", "stage.save_every=0")
 
 
 def ppo_cfg(chain, out, *overrides):
@@ -167,7 +167,7 @@ def test_critic_as_its_own_adapter(trained_chain, tmp_path):
 def test_sampling_respects_min_new_tokens_and_max_new_tokens(shared_and_separate):
     shared, _, tokenizer, cfg = shared_and_separate
     stage = cfg.stage.copy()
-    stage.min_new_tokens, stage.max_new_tokens, stage.top_k, stage.top_p = 4, 6, 5, 0.9
+    stage.sampling.min_new_tokens, stage.sampling.max_new_tokens, stage.sampling.top_k, stage.sampling.top_p = 4, 6, 5, 0.9
     torch.manual_seed(0)
     rollout = sample(shared.model, tokenizer, ["the movie was"] * 16, "policy", stage)
     lengths = rollout.response_mask.sum(1)

@@ -28,7 +28,7 @@ from marl_exp.tracking import SegmentRun, Tracker, wandb_history_steps
 from wandb_files import StubWandbServer, killed_wandb_file_records, wandb_file_records
 
 # 12 PPO steps, a checkpoint and an evaluation every 4; SFT and reward built into the stage cache first.
-KILLED_RUN = ("debug=ppo", "stage.steps=12", "stage.save_every=4", "stage.eval_every=4", "logger=wandb")
+KILLED_RUN = ("debug=ppo", "stage.steps=12", "stage.save_every=4", "stage.eval.eval_every=4", "logger=wandb")
 # Recomputed after a resume to the same values; only timings differ.
 TIMING = ("time/", "perf/")
 

@@ -61,7 +61,7 @@ def test_ppo_stage_reports_the_metrics_on_both_evaluation_splits(trained_chain, 
 
     cfg = compose("stage=ppo", "logger=none", f"output_dir={tmp_path}", f"stage.sft_model={trained_chain['sft_model']}",
                   f"stage.reward_adapter={trained_chain['reward_adapter']}", "stage.steps=1", "stage.batch_size=4",
-                  "stage.mini_batch_size=2", "stage.ppo_epochs=1", "stage.eval_samples=8", "stage.eval_every=0",
+                  "stage.optim.mini_batch_size=2", "stage.optim.ppo_epochs=1", "stage.eval.eval_samples=8", "stage.eval.eval_every=0",
                   "stage.save_every=0")
     summary = run_stage(cfg, tmp_path / "run")
     names = ("reward_score", "kl", "response_length", "oracle_score", "oracle_strict", "well_formed", "eos_fraction",

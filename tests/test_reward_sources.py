@@ -27,11 +27,11 @@ from marl_exp.modeling.loading import load_tokenizer, resolve_device
 from marl_exp.ppo.reward_sources import RewardFunctionError, RewardSources
 from marl_exp.ppo.rollout import PerfOptions, Rollout, score
 from marl_exp.stages.pipeline import run_stage
-from marl_exp.stages.ppo import build_roles
+from marl_exp.stages.rl_models import build_roles
 from test_first_hour import BATCH_DRIVER, fake_model, fake_reward_adapter
 
-SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.mini_batch_size=4", "stage.eval_samples=8",
-         "stage.max_new_tokens=8", "stage.eval_every=0", "stage.save_every=0")
+SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.optim.mini_batch_size=4", "stage.eval.eval_samples=8",
+         "stage.sampling.max_new_tokens=8", "stage.eval.eval_every=0", "stage.save_every=0")
 PROMPTS = ["the movie was", "the plot felt", "this show is"]
 RESPONSES = [" great . i loved it .", " dull and very weak . i hated it .", " not really boring . i liked it ."]
 
@@ -161,7 +161,7 @@ def test_default_reward_is_unchanged_and_a_weight_zero_source_is_only_logged(tra
 @pytest.mark.parametrize("stage, sharing", [("ppo", "shared"), ("ppo", "separate"), ("grpo", "shared")])
 def test_gold_reward_run_trains_without_a_reward_stage(trained_chain, tmp_path, stage, sharing):
     """The oracle as the only reward: no reward adapter is given, none is built or loaded."""
-    overrides = ("stage.num_generations=4",) if stage == "grpo" else ("stage.ppo_epochs=1",)
+    overrides = ("stage.sampling.num_generations=4",) if stage == "grpo" else ("stage.optim.ppo_epochs=1",)
     cfg = rl_cfg(trained_chain, tmp_path, "+rewards=oracle_strict", f"stage.sharing={sharing}", *overrides,
                  stage=stage, reward=False)
     validate(cfg)

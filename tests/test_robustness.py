@@ -25,10 +25,10 @@ from marl_exp.ppo import trainer as trainer_module
 from marl_exp.ppo.checkpoint import is_complete, latest_checkpoint
 from marl_exp.ppo.trainer import PPOTrainer
 from marl_exp.stages.pipeline import run_stage
-from marl_exp.stages.ppo import build_roles
+from marl_exp.stages.rl_models import build_roles
 
-SMALL = ("stage.batch_size=8", "stage.mini_batch_size=4", "stage.eval_samples=8", "stage.max_new_tokens=8",
-         "stage.eval_every=0", "stage.save_every=0")
+SMALL = ("stage.batch_size=8", "stage.optim.mini_batch_size=4", "stage.eval.eval_samples=8", "stage.sampling.max_new_tokens=8",
+         "stage.eval.eval_every=0", "stage.save_every=0")
 
 
 def chain_overrides(chain) -> tuple[str, ...]:
@@ -155,7 +155,7 @@ def test_stop_on_signal_restores_the_previous_handlers():
 # ------------------------------------------------------------------------------------- non-finite values
 @pytest.fixture(scope="module")
 def roles_and_tokenizer(trained_chain, tmp_path_factory):
-    cfg = ppo_cfg(trained_chain, tmp_path_factory.mktemp("nonfinite"), "stage.steps=4", "stage.ppo_epochs=1")
+    cfg = ppo_cfg(trained_chain, tmp_path_factory.mktemp("nonfinite"), "stage.steps=4", "stage.optim.ppo_epochs=1")
     roles = build_roles(cfg, str(trained_chain["sft_model"]), str(trained_chain["reward_adapter"]), resolve_device("cpu"))
     return roles, load_tokenizer(str(trained_chain["sft_model"])), cfg
 
@@ -173,7 +173,7 @@ def _restore(roles, weights):
 def test_nan_rewards_skip_the_update_and_are_counted(roles_and_tokenizer, monkeypatch):
     roles, tokenizer, cfg = roles_and_tokenizer
     stage = cfg.stage.copy()
-    stage.whiten_scores = True  # NaN must not reach the running score statistics either
+    stage.scores.whiten_scores = True  # NaN must not reach the running score statistics either
     trainer = PPOTrainer(roles, tokenizer, stage, ["the movie was", "the plot felt"], seed=0)
     weights, kl_coef, moments = _snapshot(roles, trainer)
     real = roles.reward_scores
@@ -245,15 +245,15 @@ def test_k_bad_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tra
         return out
 
     monkeypatch.setattr(trainer_module, "score_many", nan_from_step_3)
-    cfg = ppo_cfg(trained_chain, tmp_path, "stage.steps=6", "stage.save_every=1", "stage.max_bad_steps=2",
-                  "stage.ppo_epochs=1")
+    cfg = ppo_cfg(trained_chain, tmp_path, "stage.steps=6", "stage.save_every=1", "stage.optim.max_bad_steps=2",
+                  "stage.optim.ppo_epochs=1")
     with pytest.raises(SystemExit) as exit_info:
         cli.main(cfg, run_dir=tmp_path / "run")
     assert exit_info.value.code == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("marl-exp: error:")]
     assert len(errors) == 1 and errors[0].startswith(
         "marl-exp: error: PPO stopped at step 4: 2 steps in a row had non-finite values (last: non-finite reward "
-        "scores (raw_scores) of policy 'policy'); stage.max_bad_steps=2.")
+        "scores (raw_scores) of policy 'policy'); stage.optim.max_bad_steps=2.")
     assert (tmp_path / "run" / cli.FAILURE_MARKER).exists()
     checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
     assert [c.name for c in checkpoints] == ["step-000001", "step-000002"]  # none after a bad step

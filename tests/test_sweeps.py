@@ -47,7 +47,7 @@ def job_dirs(output_dir: Path) -> list[Path]:
 @pytest.mark.parametrize("preset, params", [
     ("lora_rank", {"adapter.r": "8,16,32"}),
     ("rank_x_quant", {"adapter.r": "8,16,32", "quant": "fp32,8bit,4bit"}),
-    ("kl_coef", {"stage": "ppo", "stage.init_kl_coef": "0.05,0.1,0.2"}),
+    ("kl_coef", {"stage": "ppo", "stage.kl.init_kl_coef": "0.05,0.1,0.2"}),
 ])
 def test_sweep_presets_set_the_sweeper_params(preset, params):
     cfg = compose_with_hydra(f"+sweep={preset}")
@@ -62,7 +62,7 @@ def test_every_sweep_point_of_the_presets_composes():
             cfg = compose_with_hydra(f"quant={quant}", f"adapter.r={r}")
             assert cfg.quant.mode == quant and cfg.adapter.r == r
     for coef in (0.05, 0.1, 0.2):
-        assert compose_with_hydra("stage=ppo", f"stage.init_kl_coef={coef}").stage.init_kl_coef == coef
+        assert compose_with_hydra("stage=ppo", f"stage.kl.init_kl_coef={coef}").stage.kl.init_kl_coef == coef
 
 
 def test_wandb_sweep_file_runs_train_py_with_hydra_overrides():
@@ -98,7 +98,7 @@ def test_optuna_sweeper_config_composes_and_instantiates():
     sweeper = compose_with_hydra("hydra/sweeper=optuna_search").hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper")
     assert sweeper.direction == "maximize" and sweeper.n_trials > 0
-    assert set(sweeper.params) == {"adapter.r", "stage.learning_rate"}
+    assert set(sweeper.params) == {"adapter.r", "stage.optim.learning_rate"}
     assert instantiate(sweeper).sweeper.n_trials == sweeper.n_trials  # the plugin accepts it
 
 

@@ -209,50 +209,36 @@ def load_reward_function(key: str, spec: str) -> Callable:
     return target
 
 
+# ------------------------------------------------------------------------------ RL stages
+# An RL stage's config follows the phases of its step (``RLTrainer.step``): the top level says what trains
+# against what, for how long; each phase has its own heading. Keys keep TRL's names under the headings:
+#   sampling    phase 1  max_new_tokens, temperature, top_k, top_p, (num_generations)
+#   kl, scores  phase 3  the KL to the reference and how reward scores become the optimised scores
+#   advantages  phase 4  the estimator's options
+#   loss, optim phase 5  the clipped loss; optimizer, mini-batches, updates per batch, guards
+#   runtime              dropout, gradient checkpointing, fused scoring
+#   eval                 held-out evaluation and training samples
+# ``sampling``, ``optim``, ``runtime`` and ``eval`` are the same in every RL stage, so one override fits all.
+
+
 @dataclass
-class PPOStageConfig:
-    """PPO on the multi-adapter model. Defaults suit the built-in task on a CPU; names follow TRL."""
-
-    name: str = "ppo"
-    # Upstream outputs; empty = run (or reuse) the SFT and reward stages through the stage cache.
-    sft_model: Optional[str] = None
-    reward_adapter: Optional[str] = None
-    reward_label_index: Optional[int] = None  # which output of a multi-label score head is the reward
-    # The reward, a weighted sum of sources (reward adapters, module:function): name -> RewardSourceConfig.
-    # Empty = one source "reward": the upstream reward adapter above, weight 1. Presets: +rewards=<conf/rewards>.
-    rewards: Dict[str, RewardSourceConfig] = field(default_factory=dict)
-    allow_base_mismatch: bool = False  # experts only: use a reward adapter trained on another base
-    policies: List[str] = field(default_factory=lambda: ["policy"])  # >1 trains several on one base
-    critic: str = "value_head"  # value_head (on the policy adapter) | adapter (own LoRA + value head)
-    sharing: str = "shared"  # shared (one base) | separate (own reference and reward model instances)
-
-    # ---- schedule
-    steps: int = 200  # PPO iterations (rollout + optimisation)
-    batch_size: int = 64  # prompts per rollout
-    mini_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    ppo_epochs: int = 4
-
-    # ---- rollout (sampling)
-    max_new_tokens: int = 24
+class SamplingConfig:
+    max_new_tokens: int = 24  # TRL: max_completion_length
     min_new_tokens: int = 0  # > 0 forbids EOS early: sampling then differs from the scored softmax (warned)
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
 
-    # ---- reward
-    kl_penalty: str = "kl"  # kl | abs | mse | full
-    kl_estimator: str = "k1"  # k1 | k3 (for kl_penalty=kl)
-    adaptive_kl: bool = True
-    init_kl_coef: float = 0.1
-    target_kl: float = 8.0  # nats per response, for the adaptive controller
-    kl_horizon: int = 2000
-    score_scale: float = 1.0
-    score_clip: Optional[float] = None
-    whiten_scores: bool = False  # normalise scores by their running mean/std
-    missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses without EOS
 
-    # ---- optimisation
+@dataclass
+class GroupSamplingConfig(SamplingConfig):
+    num_generations: int = 4  # responses per prompt (the group): batch_size / num_generations prompts per step
+
+
+@dataclass
+class OptimConfig:
+    mini_batch_size: int = 16  # responses per optimizer update
+    gradient_accumulation_steps: int = 1
     # With LoRA on the tiny model's output layer (adapter.output_layer) 1e-3 overshoots: PPO reached KL 50-140
     # nats within 20 steps on two chains and one never recovered; 3e-4 converged on both (KL 3.4 and 6.6).
     learning_rate: float = 3e-4
@@ -262,107 +248,154 @@ class PPOStageConfig:
     lr_scheduler: str = "linear"  # constant | linear | cosine
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | adamw_8bit (bitsandbytes)
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
     max_grad_norm: float = 1.0
-    whiten_advantages: bool = True
-    early_stop_kl: Optional[float] = None  # stop the epochs of a step when approx-KL exceeds this
     ratio_threshold: float = 10.0  # skip a mini-batch whose mean ratio exceeds this
     # Updates with NaN/inf (logits, scores, losses, gradients) are skipped and counted; this many bad
     # steps in a row stop the run (the last checkpoint stays intact).
     max_bad_steps: int = 3
+
+
+@dataclass
+class PPOOptimConfig(OptimConfig):
+    ppo_epochs: int = 4  # updates of each batch
+    early_stop_kl: Optional[float] = None  # stop the epochs of a step when approx-KL exceeds this
+
+
+@dataclass
+class CriticFreeOptimConfig(OptimConfig):
+    num_iterations: int = 2  # updates of each batch (TRL's μ; PPO's ppo_epochs)
+
+
+@dataclass
+class RuntimeConfig:
     disable_dropout: bool = True  # dropout would make old and new log-probs differ at ratio 1
     gradient_checkpointing: bool = False
     # Policy, reference and reward scoring in one mixed-adapter forward (peft adapter_names). Same results
     # (tested); not faster on CPU (docs/performance.md), so off until measured on a GPU.
     fused_scoring: bool = False
 
-    # ---- evaluation, logging, checkpoints
-    eval_every: int = 20
+
+@dataclass
+class EvalConfig:
+    eval_every: int = 20  # steps between held-out evaluations (0 = only before and after)
     eval_samples: int = 96  # responses sampled over the held-out prompts
-    log_every: int = 1
     samples_every: int = 20  # a few training responses to samples.jsonl (and a W&B table); 0 = off
-    save_every: int = 50
+
+
+@dataclass
+class PPOKLConfig:
+    kl_penalty: str = "kl"  # kl | abs | mse | full
+    kl_estimator: str = "k1"  # k1 | k3 (for kl_penalty=kl)
+    adaptive_kl: bool = True
+    init_kl_coef: float = 0.1
+    target_kl: float = 8.0  # nats per response, for the adaptive controller
+    kl_horizon: int = 2000
+
+
+@dataclass
+class PPOScoresConfig:
+    """How reward scores become the scores PPO optimises, in this order."""
+
+    missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses without EOS
+    whiten_scores: bool = False  # normalise scores by their running mean/std
+    score_scale: float = 1.0
+    score_clip: Optional[float] = None
+
+
+@dataclass
+class PPOAdvantagesConfig:
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+
+
+@dataclass
+class PPOLossConfig:
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class RLStageConfig:
+    """What every RL stage has at its top level: its inputs, roles and schedule."""
+
+    name: str = MISSING
+    # Upstream outputs; empty = run (or reuse) the SFT and reward stages through the stage cache.
+    sft_model: Optional[str] = None
+    reward_adapter: Optional[str] = None
+    reward_label_index: Optional[int] = None  # which output of a multi-label score head is the reward
+    # The reward, a weighted sum of sources (reward adapters, module:function): name -> RewardSourceConfig.
+    # Empty = one source "reward": the upstream reward adapter above, weight 1. Presets: +rewards=<conf/rewards>.
+    rewards: Dict[str, RewardSourceConfig] = field(default_factory=dict)
+    allow_base_mismatch: bool = False  # experts only: use a reward adapter trained on another base
+    policies: List[str] = field(default_factory=lambda: ["policy"])  # >1 trains several on one base
+    sharing: str = "shared"  # shared (one base) | separate (own reference and reward model instances)
+    steps: int = 200  # RL steps (sample, score, update)
+    batch_size: int = 64  # responses per step (PPO: one per prompt)
+    log_every: int = 1
+    save_every: int = 50  # steps between checkpoints
     resume: Optional[str] = None  # a checkpoint dir, or "auto" = the latest complete one in the run dir
 
 
 @dataclass
-class CriticFreeStageConfig:
-    """GRPO, RLOO and REINFORCE++ on the multi-adapter model: no value head, no critic.
+class PPOStageConfig(RLStageConfig):
+    """PPO on the multi-adapter model. Defaults suit the built-in task on a CPU; names follow TRL."""
 
-    Each step samples ``num_generations`` responses to each of ``batch_size / num_generations`` prompts
-    from the policy adapter, scores them with the reward adapter on the same base (the reference is the
-    base with adapters disabled), turns the scores into advantages with the estimator registered as
-    ``advantage_estimator`` (``marl_exp.ppo.core``) and runs ``num_iterations`` clipped updates of the
-    policy adapter per batch. Names follow TRL 1.x's ``GRPOConfig`` / ``RLOOConfig``; schedule,
-    sampling and bookkeeping keys are the PPO stage's, so one override fits every RL stage.
-    """
+    name: str = "ppo"
+    critic: str = "value_head"  # value_head (on the policy adapter) | adapter (own LoRA + value head)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    kl: PPOKLConfig = field(default_factory=PPOKLConfig)
+    scores: PPOScoresConfig = field(default_factory=PPOScoresConfig)
+    advantages: PPOAdvantagesConfig = field(default_factory=PPOAdvantagesConfig)
+    loss: PPOLossConfig = field(default_factory=PPOLossConfig)
+    optim: PPOOptimConfig = field(default_factory=PPOOptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
-    name: str = MISSING
-    advantage_estimator: str = MISSING  # grpo | rloo | reinforce_pp (core.advantage_estimators())
-    # Upstream outputs; empty = run (or reuse) the SFT and reward stages through the stage cache.
-    sft_model: Optional[str] = None
-    reward_adapter: Optional[str] = None
-    reward_label_index: Optional[int] = None
-    rewards: Dict[str, RewardSourceConfig] = field(default_factory=dict)  # the reward's sources, as PPO's
-    allow_base_mismatch: bool = False
-    policies: List[str] = field(default_factory=lambda: ["policy"])
-    sharing: str = "shared"  # shared (one base) | separate (own reference and reward model instances)
 
-    # ---- schedule (responses, not prompts: PPO's batch_size of 64 prompts = 64 responses, the same budget)
-    steps: int = 200
-    batch_size: int = 64  # responses per step: batch_size / num_generations prompts
-    num_generations: int = 4  # responses per prompt (the group)
-    mini_batch_size: int = 16  # responses per optimizer update
-    gradient_accumulation_steps: int = 1
-    num_iterations: int = 2  # updates of each batch (TRL's μ; PPO's ppo_epochs)
-
-    # ---- sampling
-    max_new_tokens: int = 24  # TRL: max_completion_length
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    # ---- rewards and KL
+@dataclass
+class CriticFreeKLConfig:
     beta: float = 0.0  # KL coefficient (0 = no KL term)
     kl_in_reward: bool = False  # False: β·k3 KL in the loss (GRPO); True: -β·KL in the reward (RLOO, REINFORCE++)
     kl_estimator: str = "k1"  # per-token KL in the reward: k1 (TRL's RLOO, REINFORCE++) | k3
+
+
+@dataclass
+class CriticFreeAdvantagesConfig:
     scale_rewards: str = "group"  # grpo: group | batch | none (Dr. GRPO)
     normalize_advantages: bool = False  # rloo: whiten the advantages over the batch
     gamma: float = 1.0  # reinforce_pp: discount of the return to go
 
-    # ---- loss
+
+@dataclass
+class CriticFreeLossConfig:
     epsilon: float = 0.2
     epsilon_high: Optional[float] = None  # None = epsilon; DAPO's clip higher: 0.28
     loss_type: str = "dapo"  # grpo | bnpo | dapo | dr_grpo (TRL 1.x's default: dapo)
     mask_truncated_completions: bool = False  # responses without EOS leave the loss (DAPO)
 
-    # ---- optimisation (as the PPO stage)
-    # With LoRA on the tiny model's output layer (adapter.output_layer) 1e-3 overshoots: PPO reached KL 50-140
-    # nats within 20 steps on two chains and one never recovered; 3e-4 converged on both (KL 3.4 and 6.6).
-    learning_rate: float = 3e-4
-    lr_scheduler: str = "linear"  # as the PPO stage: see PPOStageConfig
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"
-    max_grad_norm: float = 1.0
-    ratio_threshold: float = 10.0  # skip a mini-batch whose mean ratio exceeds this
-    max_bad_steps: int = 3
-    disable_dropout: bool = True
-    gradient_checkpointing: bool = False
-    fused_scoring: bool = False
 
-    # ---- evaluation, logging, checkpoints
-    eval_every: int = 20
-    eval_samples: int = 96
-    log_every: int = 1
-    samples_every: int = 20
-    save_every: int = 50
-    resume: Optional[str] = None
+@dataclass
+class CriticFreeStageConfig(RLStageConfig):
+    """GRPO, RLOO and REINFORCE++ on the multi-adapter model: no value head, no critic.
+
+    Each step samples ``sampling.num_generations`` responses to each of ``batch_size / num_generations``
+    prompts from the policy adapter, scores them with the reward adapter on the same base (the reference is
+    the base with adapters disabled), turns the scores into advantages with the estimator registered as
+    ``advantage_estimator`` (``marl_exp.ppo.core``) and runs ``optim.num_iterations`` clipped updates of the
+    policy adapter per batch. Names follow TRL 1.x's ``GRPOConfig`` / ``RLOOConfig``.
+    """
+
+    advantage_estimator: str = MISSING  # grpo | rloo | reinforce_pp (core.advantage_estimators())
+    sampling: GroupSamplingConfig = field(default_factory=GroupSamplingConfig)
+    kl: CriticFreeKLConfig = field(default_factory=CriticFreeKLConfig)
+    advantages: CriticFreeAdvantagesConfig = field(default_factory=CriticFreeAdvantagesConfig)
+    loss: CriticFreeLossConfig = field(default_factory=CriticFreeLossConfig)
+    optim: CriticFreeOptimConfig = field(default_factory=CriticFreeOptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass
@@ -371,9 +404,9 @@ class GRPOStageConfig(CriticFreeStageConfig):
 
     name: str = "grpo"
     advantage_estimator: str = "grpo"
-    # TRL's default is 0; without a KL term GRPO drifted to 30-42 nats on the built-in task and the oracle
+    # TRL's default β is 0; without a KL term GRPO drifted to 30-42 nats on the built-in task and the oracle
     # fell back to 0.77-0.78 by step 200 (3 seeds); with 0.04 (DeepSeekMath's) it ends at 0.81-0.84.
-    beta: float = 0.04
+    kl: CriticFreeKLConfig = field(default_factory=lambda: CriticFreeKLConfig(beta=0.04))
 
 
 @dataclass
@@ -382,8 +415,7 @@ class RLOOStageConfig(CriticFreeStageConfig):
 
     name: str = "rloo"
     advantage_estimator: str = "rloo"
-    beta: float = 0.05
-    kl_in_reward: bool = True
+    kl: CriticFreeKLConfig = field(default_factory=lambda: CriticFreeKLConfig(beta=0.05, kl_in_reward=True))
 
 
 @dataclass
@@ -392,13 +424,34 @@ class ReinforcePPStageConfig(CriticFreeStageConfig):
 
     name: str = "reinforce_pp"
     advantage_estimator: str = "reinforce_pp"
-    beta: float = 0.05
-    kl_in_reward: bool = True
+    kl: CriticFreeKLConfig = field(default_factory=lambda: CriticFreeKLConfig(beta=0.05, kl_in_reward=True))
+
+
+def _rl_sections() -> dict[str, str]:
+    """Leaf key -> its heading in the RL stage configs (``learning_rate`` -> ``optim``)."""
+    sections = {}
+    for schema in (PPOStageConfig, CriticFreeStageConfig):
+        for section, nested in _schema_fields(schema).items():
+            if nested is not None and section != "rewards":
+                sections.update({leaf: section for leaf in _schema_fields(nested)})
+    return sections
+
+
+def nest_rl_keys(flat: dict) -> dict:
+    """RL stage settings given flat (``{"learning_rate": 1e-3, "steps": 4}``) under their headings
+    (``{"optim": {"learning_rate": 1e-3}, "steps": 4}``), for code that builds a stage config."""
+    sections, nested = _rl_sections(), {}
+    for key, value in flat.items():
+        if key in sections:
+            nested.setdefault(sections[key], {})[key] = value
+        else:
+            nested[key] = value
+    return nested
 
 
 STAGE_SCHEMAS = {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig,
                  "grpo": GRPOStageConfig, "rloo": RLOOStageConfig, "reinforce_pp": ReinforcePPStageConfig}
-# The stages that train policies with RL on the SFT model against the reward adapter (stages/ppo.py).
+# The stages that train policies with RL on the SFT model against the reward adapter (stages/rl.py).
 RL_STAGES = ("ppo", "grpo", "rloo", "reinforce_pp")
 CRITIC_FREE_STAGES = ("grpo", "rloo", "reinforce_pp")
 
@@ -626,7 +679,7 @@ KEY_ALIASES = {"lr": "learning_rate", "bs": "batch_size", "batch": "batch_size",
 
 def closest_keys(key: str, candidates: list[str], limit: int = 3) -> list[str]:
     """Valid keys a user most likely meant by ``key``: a close name beside it (same parent) if there is
-    one; else the same or a close name elsewhere (``learning_rate`` -> ``stage.learning_rate``); else any
+    one; else the same or a close name elsewhere (``learning_rate`` -> ``stage.optim.learning_rate``); else any
     close dotted key. Nodes above ``key`` are never suggested."""
     parent, _, leaf = key.rpartition(".")
     leaf = KEY_ALIASES.get(leaf, leaf)
@@ -639,6 +692,11 @@ def closest_keys(key: str, candidates: list[str], limit: int = 3) -> list[str]:
     def ranked(keys: list[str]) -> list[str]:  # the run's own stage first, then the shallowest
         return sorted(keys, key=lambda c: (not c.startswith("stage."), c.count("."), c))
 
+    # The same name under a heading of the same node: stage.learning_rate -> stage.optim.learning_rate.
+    root = key.partition(".")[0]
+    under_heading = ranked([c for c in by_leaf.get(leaf, []) if "." in key and c.partition(".")[0] == root])
+    if under_heading:
+        return under_heading[:limit]
     siblings = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == parent}
     found = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), limit, 0.6)]
     if not found:
@@ -652,11 +710,17 @@ def closest_keys(key: str, candidates: list[str], limit: int = 3) -> list[str]:
 
 def unknown_key_message(key: str, value: Any, candidates: list[str], stage_name: str | None = None) -> str:
     shown = f"{key}={value}" if value is not None else key
-    if stage_name is not None and key.startswith("stage."):
-        owners = [n for n in STAGE_SCHEMAS if n != stage_name and key in valid_keys(n)]
+    leaf = KEY_ALIASES.get(key.rpartition(".")[2], key.rpartition(".")[2])
+    own_stage_has_it = any(c.startswith("stage.") and c.endswith(f".{leaf}") for c in candidates)
+    if stage_name is not None and key.startswith("stage.") and not own_stage_has_it:
+        # Another stage's key, as given (stage.finetune) or under its heading (stage.beta -> stage.kl.beta).
+        owners = {n: k for n in STAGE_SCHEMAS if n != stage_name for k in valid_keys(n)
+                  if k == key or (k.startswith("stage.") and k.endswith(f".{leaf}"))}
         if owners:
-            return f"{shown} is a key of stage={'/'.join(owners)}, not of stage={stage_name}; drop it or set stage=" \
-                   f"{owners[0]}"
+            owner_key = next(iter(owners.values()))
+            what = shown if owner_key == key else f"{shown}: {owner_key}"
+            return f"{what} is a key of stage={'/'.join(owners)}, not of stage={stage_name}; drop it or set stage=" \
+                   f"{next(iter(owners))}"
     close = closest_keys(key, candidates)
     if not close:
         return f"{shown} is not a config key; `python train.py --cfg job` lists every key"
@@ -822,48 +886,53 @@ def _check_device_dtypes(cfg: DictConfig) -> None:
 
 
 def _validate_ppo(stage: DictConfig) -> None:
-    for key in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
-                "max_new_tokens", "temperature", "cliprange", "cliprange_value", "max_grad_norm", "eval_samples",
-                "log_every", "max_bad_steps"):
-        _positive(f"stage.{key}", stage[key])
-    _check(stage.learning_rate > 0, f"stage.learning_rate={stage.learning_rate!r} must be > 0")
-    _check(0 <= stage.gamma <= 1 and 0 <= stage.lam <= 1,
-           f"stage.gamma={stage.gamma!r} and stage.lam={stage.lam!r} must be in [0, 1]")
-    _one_of("stage.kl_penalty", stage.kl_penalty, ("kl", "abs", "mse", "full"))
-    _one_of("stage.kl_estimator", stage.kl_estimator, ("k1", "k3"))
-    _check(stage.init_kl_coef >= 0, f"stage.init_kl_coef={stage.init_kl_coef!r} must be >= 0")
-    if stage.adaptive_kl:
-        _positive("stage.target_kl", stage.target_kl, "or set stage.adaptive_kl=false")
-        _positive("stage.kl_horizon", stage.kl_horizon, "or set stage.adaptive_kl=false")
+    for key in ("optim.ppo_epochs", "loss.cliprange", "loss.cliprange_value"):
+        _positive(f"stage.{key}", OmegaConf.select(stage, key))
+    kl, adv = stage.kl, stage.advantages
+    _check(0 <= adv.gamma <= 1 and 0 <= adv.lam <= 1,
+           f"stage.advantages.gamma={adv.gamma!r} and stage.advantages.lam={adv.lam!r} must be in [0, 1]")
+    _one_of("stage.kl.kl_penalty", kl.kl_penalty, ("kl", "abs", "mse", "full"))
+    _one_of("stage.kl.kl_estimator", kl.kl_estimator, ("k1", "k3"))
+    _check(kl.init_kl_coef >= 0, f"stage.kl.init_kl_coef={kl.init_kl_coef!r} must be >= 0")
+    if kl.adaptive_kl:
+        _positive("stage.kl.target_kl", kl.target_kl, "or set stage.kl.adaptive_kl=false")
+        _positive("stage.kl.kl_horizon", kl.kl_horizon, "or set stage.kl.adaptive_kl=false")
     _one_of("stage.critic", stage.critic, ("value_head", "adapter"))
     _validate_shared_rl(stage)
 
 
 def _validate_shared_rl(stage: DictConfig) -> None:
     """Rules every RL stage shares: batches, sampling, roles, optimizer, resume."""
-    _check(stage.mini_batch_size <= stage.batch_size,
-           f"stage.mini_batch_size={stage.mini_batch_size} is larger than stage.batch_size={stage.batch_size}; "
+    for key in ("steps", "batch_size", "optim.mini_batch_size", "optim.gradient_accumulation_steps",
+                "sampling.max_new_tokens", "sampling.temperature", "optim.max_grad_norm", "eval.eval_samples",
+                "log_every", "optim.max_bad_steps", "optim.learning_rate"):
+        _positive(f"stage.{key}", OmegaConf.select(stage, key))
+    sampling, optim = stage.sampling, stage.optim
+    _check(optim.mini_batch_size <= stage.batch_size,
+           f"stage.optim.mini_batch_size={optim.mini_batch_size} is larger than stage.batch_size={stage.batch_size}; "
            "lower it or raise the batch size")
     # A remainder would make the last mini-batch of every epoch smaller, weighting its samples more.
-    _check(stage.batch_size % stage.mini_batch_size == 0,
-           f"stage.batch_size={stage.batch_size} is not divisible by stage.mini_batch_size={stage.mini_batch_size}; "
-           f"use a divisor such as stage.mini_batch_size={_divisor_near(stage.batch_size, stage.mini_batch_size)}")
-    _check(stage.mini_batch_size % stage.gradient_accumulation_steps == 0,
-           f"stage.mini_batch_size={stage.mini_batch_size} is not divisible by "
-           f"stage.gradient_accumulation_steps={stage.gradient_accumulation_steps}")
-    _check(0 < stage.top_p <= 1, f"stage.top_p={stage.top_p!r} must be in (0, 1]")
-    _check(stage.top_k >= 0, f"stage.top_k={stage.top_k!r} must be >= 0 (0 turns it off)")
-    _check(0 <= stage.min_new_tokens <= stage.max_new_tokens,
-           f"stage.min_new_tokens={stage.min_new_tokens} must be in [0, stage.max_new_tokens={stage.max_new_tokens}]")
+    _check(stage.batch_size % optim.mini_batch_size == 0,
+           f"stage.batch_size={stage.batch_size} is not divisible by stage.optim.mini_batch_size="
+           f"{optim.mini_batch_size}; use a divisor such as stage.optim.mini_batch_size="
+           f"{_divisor_near(stage.batch_size, optim.mini_batch_size)}")
+    _check(optim.mini_batch_size % optim.gradient_accumulation_steps == 0,
+           f"stage.optim.mini_batch_size={optim.mini_batch_size} is not divisible by "
+           f"stage.optim.gradient_accumulation_steps={optim.gradient_accumulation_steps}")
+    _check(0 < sampling.top_p <= 1, f"stage.sampling.top_p={sampling.top_p!r} must be in (0, 1]")
+    _check(sampling.top_k >= 0, f"stage.sampling.top_k={sampling.top_k!r} must be >= 0 (0 turns it off)")
+    _check(0 <= sampling.min_new_tokens <= sampling.max_new_tokens,
+           f"stage.sampling.min_new_tokens={sampling.min_new_tokens} must be in [0, stage.sampling.max_new_tokens="
+           f"{sampling.max_new_tokens}]")
     _one_of("stage.sharing", stage.sharing, ("shared", "separate"))
-    _one_of("stage.optimizer", stage.optimizer, ("adamw", "adamw_8bit"))
-    _one_of("stage.lr_scheduler", stage.lr_scheduler, ("constant", "linear", "cosine"))
+    _one_of("stage.optim.optimizer", optim.optimizer, ("adamw", "adamw_8bit"))
+    _one_of("stage.optim.lr_scheduler", optim.lr_scheduler, ("constant", "linear", "cosine"))
     policies = list(stage.policies)
     _check(len(policies) > 0 and len(set(policies)) == len(policies) and all(policies),
            f"stage.policies={policies} must be a non-empty list of distinct names")
     _check(not any(p.endswith("_critic") or p in ("reward", "__base__") for p in policies),
            f"stage.policies={policies}: names ending in _critic, 'reward' and '__base__' are reserved")
-    _check(stage.ratio_threshold > 1, f"stage.ratio_threshold={stage.ratio_threshold!r} must be > 1")
+    _check(optim.ratio_threshold > 1, f"stage.optim.ratio_threshold={optim.ratio_threshold!r} must be > 1")
     if stage.resume not in (None, "auto"):
         _check(os.path.isdir(stage.resume), f"stage.resume={stage.resume!r} does not exist; "
                "give a checkpoints/step-* dir or use stage.resume=auto")
@@ -872,24 +941,23 @@ def _validate_shared_rl(stage: DictConfig) -> None:
 def _validate_critic_free(stage: DictConfig) -> None:
     from marl_exp.ppo.core import LOSS_TYPES, SCALE_REWARDS, advantage_estimators
 
-    for key in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "num_iterations",
-                "max_new_tokens", "temperature", "max_grad_norm", "eval_samples", "log_every", "max_bad_steps",
-                "learning_rate"):
-        _positive(f"stage.{key}", stage[key])
+    _positive("stage.optim.num_iterations", stage.optim.num_iterations)
     _one_of("stage.advantage_estimator", stage.advantage_estimator, advantage_estimators())
-    _check(stage.num_generations >= 2, f"stage.num_generations={stage.num_generations} must be >= 2; a group "
-           "needs two responses to compare (TRL's default is 8)")
-    _check(stage.batch_size % stage.num_generations == 0,
-           f"stage.batch_size={stage.batch_size} is not divisible by stage.num_generations={stage.num_generations}; "
-           f"use a multiple of it, e.g. stage.batch_size={stage.num_generations * max(1, stage.batch_size // stage.num_generations)}")
-    _check(stage.beta >= 0, f"stage.beta={stage.beta!r} must be >= 0; 0 turns the KL term off")
-    _check(0 <= stage.epsilon < 1, f"stage.epsilon={stage.epsilon!r} must be in [0, 1); 0.2 is usual")
-    _check(stage.epsilon_high is None or stage.epsilon_high >= 0,
-           f"stage.epsilon_high={stage.epsilon_high!r} must be >= 0 or null (= stage.epsilon); DAPO uses 0.28")
-    _one_of("stage.loss_type", stage.loss_type, LOSS_TYPES)
-    _one_of("stage.scale_rewards", stage.scale_rewards, SCALE_REWARDS)
-    _one_of("stage.kl_estimator", stage.kl_estimator, ("k1", "k3"))
-    _check(0 <= stage.gamma <= 1, f"stage.gamma={stage.gamma!r} must be in [0, 1]")
+    group = stage.sampling.num_generations
+    _check(group >= 2, f"stage.sampling.num_generations={group} must be >= 2; a group needs two responses to "
+           "compare (TRL's default is 8)")
+    _check(stage.batch_size % group == 0,
+           f"stage.batch_size={stage.batch_size} is not divisible by stage.sampling.num_generations={group}; "
+           f"use a multiple of it, e.g. stage.batch_size={group * max(1, stage.batch_size // group)}")
+    kl, loss, adv = stage.kl, stage.loss, stage.advantages
+    _check(kl.beta >= 0, f"stage.kl.beta={kl.beta!r} must be >= 0; 0 turns the KL term off")
+    _check(0 <= loss.epsilon < 1, f"stage.loss.epsilon={loss.epsilon!r} must be in [0, 1); 0.2 is usual")
+    _check(loss.epsilon_high is None or loss.epsilon_high >= 0,
+           f"stage.loss.epsilon_high={loss.epsilon_high!r} must be >= 0 or null (= stage.loss.epsilon); DAPO uses 0.28")
+    _one_of("stage.loss.loss_type", loss.loss_type, LOSS_TYPES)
+    _one_of("stage.advantages.scale_rewards", adv.scale_rewards, SCALE_REWARDS)
+    _one_of("stage.kl.kl_estimator", kl.kl_estimator, ("k1", "k3"))
+    _check(0 <= adv.gamma <= 1, f"stage.advantages.gamma={adv.gamma!r} must be in [0, 1]")
     _validate_shared_rl(stage)
 
 

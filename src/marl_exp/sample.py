@@ -91,15 +91,18 @@ def _read_json(path: Path) -> dict:
 
 
 def sampling_config(cfg: DictConfig | None, args: argparse.Namespace) -> DictConfig:
-    """The run's PPO stage settings (current defaults for keys it lacks), with the command line's overrides."""
+    """The run's sampling and KL settings in a PPO stage config (current defaults for keys it lacks), with
+    the command line's overrides. A run recorded before the stage config had headings holds them flat."""
     stage = OmegaConf.structured(PPOStageConfig)
     if cfg is not None and cfg.get("stage", {}).get("name") in RL_STAGES:
-        known = {k: v for k, v in OmegaConf.to_container(cfg.stage, resolve=True).items() if k in stage}
-        stage = OmegaConf.merge(stage, known)
+        recorded = OmegaConf.to_container(cfg.stage, resolve=True)
+        for section in ("sampling", "kl"):
+            given = recorded.get(section, recorded)
+            stage[section] = OmegaConf.merge(stage[section], {k: v for k, v in given.items() if k in stage[section]})
     for key in ("max_new_tokens", "temperature", "top_k", "top_p"):
         if getattr(args, key) is not None:
-            stage[key] = getattr(args, key)
-    stage.min_new_tokens = min(stage.min_new_tokens, stage.max_new_tokens)
+            stage.sampling[key] = getattr(args, key)
+    stage.sampling.min_new_tokens = min(stage.sampling.min_new_tokens, stage.sampling.max_new_tokens)
     return stage
 
 
@@ -257,6 +260,6 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     reward = f"reward adapter {sources['reward_adapter']}" if sources["reward_adapter"] else "no reward adapter"
     header = (f"marl-exp sample: {args.path} | base {sources['base']} | {reward} | reference = adapters off | "
-              f"seed {args.seed}, temperature {stage.temperature:g}, max {stage.max_new_tokens} new tokens")
+              f"seed {args.seed}, temperature {stage.sampling.temperature:g}, max {stage.sampling.max_new_tokens} new tokens")
     print(table(rows, header))
     return 0

@@ -23,8 +23,8 @@ NATURAL = {"llama": "pad_is_eos", "gpt2": "pad_is_eos", "opt": "own_pad", "gpt_n
 TINY_CHAIN = ("logger=none", "upstream.sft.max_steps=3", "upstream.reward.max_steps=3", "upstream.sft.batch_size=8",
               "upstream.reward.batch_size=8", "data.num_sft_train=32", "data.num_sft_eval=8",
               "data.num_pairs_train=32", "data.num_pairs_eval=8", "stage.steps=2", "stage.batch_size=4",
-              "stage.mini_batch_size=4", "stage.ppo_epochs=1", "stage.max_new_tokens=6", "stage.eval_samples=4",
-              "stage.eval_every=0", "stage.save_every=0")
+              "stage.optim.mini_batch_size=4", "stage.optim.ppo_epochs=1", "stage.sampling.max_new_tokens=6", "stage.eval.eval_samples=4",
+              "stage.eval.eval_every=0", "stage.save_every=0")
 
 
 @pytest.mark.slow

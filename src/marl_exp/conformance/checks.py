@@ -36,7 +36,16 @@ import torch
 from omegaconf import OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from marl_exp.config import AdapterConfig, Config, DataConfig, LoggerConfig, ModelConfig, PPOStageConfig, QuantConfig
+from marl_exp.config import (
+    AdapterConfig,
+    Config,
+    DataConfig,
+    LoggerConfig,
+    ModelConfig,
+    PPOStageConfig,
+    QuantConfig,
+    nest_rl_keys,
+)
 from marl_exp.data.reviews import ReviewGenerator
 from marl_exp.modeling.loading import load_model, load_tokenizer
 from marl_exp.modeling.multi_adapter import position_ids_from_mask
@@ -114,9 +123,9 @@ class Probe:
             "model": OmegaConf.structured(ModelConfig(name="checked", path=self.model_dir)),
             "quant": OmegaConf.structured(QuantConfig(mode=self.quant)),
             "adapter": OmegaConf.structured(AdapterConfig(r=8, lora_alpha=16)),
-            "stage": OmegaConf.merge(OmegaConf.structured(PPOStageConfig), {
+            "stage": OmegaConf.merge(OmegaConf.structured(PPOStageConfig), nest_rl_keys({
                 "batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 8,
-                "sft_model": self.model_dir, **stage}),
+                "sft_model": self.model_dir, **stage})),
             "data": OmegaConf.structured(DataConfig), "logger": OmegaConf.structured(LoggerConfig(name="none")),
         }
         return OmegaConf.merge(OmegaConf.structured(Config), node)
@@ -141,7 +150,7 @@ class Probe:
         return str(out)
 
     def roles(self, **stage):
-        from marl_exp.stages.ppo import build_roles  # the stage's own construction, as a run does it
+        from marl_exp.stages.rl_models import build_roles  # the stage's own construction, as a run does it
 
         cfg = self._config(**stage)
         return build_roles(cfg, self.model_dir, self.reward_dir, self.device, self.tokenizer), cfg
@@ -237,12 +246,12 @@ class Probe:
         model, tok = roles.model, self.tokenizer
         prompt = probe_texts(1)[0][0]
         stage = cfg.stage.copy()
-        stage.max_new_tokens = 1
+        stage.sampling.max_new_tokens = 1
         torch.manual_seed(0)
         drawn = sample(model, tok, [prompt] * PARITY_SAMPLES, model.active_policy, stage).response_ids[:, 0]
         enc = tok([prompt], return_tensors="pt")
         probs = (model.policy_forward(enc.input_ids, enc.attention_mask).logits[0, -1].float()
-                 / stage.temperature).softmax(-1)
+                 / stage.sampling.temperature).softmax(-1)
         statistic, critical, bins = chi_square(drawn, probs)
         parity = statistic <= critical
         detail = f"chi2 {statistic:.1f} vs critical {critical:.1f} ({bins} bins, alpha {ALPHA:g})"
@@ -256,7 +265,7 @@ class Probe:
             control, _, _ = chi_square(raw[:, -1], probs)
             detail += f"; the model's own generation config would give chi2 {control:.1f} (detected: {control > critical})"
         # Responses end at the first of every EOS id.
-        stage.max_new_tokens = 16
+        stage.sampling.max_new_tokens = 16
         stops = stop_token_ids(tok, model)
         responses = sample(model, tok, [prompt] * 64, model.active_policy, stage)
         raw = responses.response_ids.clone()
@@ -305,7 +314,7 @@ class Probe:
             torch.nn.utils.clip_grad_norm_ = clip
         unchanged = [n for n, g in largest_grad.items() if g == 0.0]  # never received a non-zero gradient
         touched = [n for n, p in named.items() if id(p) not in trainable and not torch.equal(p, before[n])]
-        init = cfg.stage.init_kl_coef
+        init = cfg.stage.kl.init_kl_coef
         coefs = stats["wild/objective/kl_coef"], stats["calm/objective/kl_coef"]
         own_kl = coefs[0] > init > coefs[1]  # wild's KL is above the target (β up), calm's 0 (β down)
         counts = [trainer.score_moments[n].count for n in ("calm", "wild")]

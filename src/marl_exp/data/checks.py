@@ -87,7 +87,7 @@ def fit_prompts(prompts: list[str], origins: list[str], tokenizer, max_prompt_to
     if on_bad_row == "error" or len(too_long) == len(prompts):
         raise DataError(f"{origins[first]}: prompt has {lengths[first]} tokens, more than the {max_prompt_tokens} "
                         f"that fit in the context with the response ({len(too_long)} such prompts in {what}); "
-                        "shorten them, lower stage.max_new_tokens or set data.on_bad_row=skip")
+                        "shorten them, lower stage.sampling.max_new_tokens or set data.on_bad_row=skip")
     log.warning("%s: skipped %d of %d prompts longer than %d tokens", what, len(too_long), len(prompts),
                 max_prompt_tokens)
     skip = set(too_long)

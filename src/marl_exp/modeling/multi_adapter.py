@@ -5,9 +5,9 @@
 * **reward**: a frozen LoRA adapter (trained as a sequence classifier) plus its score head; further
   reward adapters (``add_reward_adapter``), each with its own score head, score other objectives.
 
-Every role switch goes through ``_role`` which restores, on exit, the active adapter, each
-parameter's ``requires_grad`` and each module's train/eval mode exactly as they were: peft's
-``set_adapter`` and ``disable_adapter`` both rewrite ``requires_grad`` (peft #2759, #3447).
+Every role switch is one of four, all in the "role switching" section below (their table is there), and
+each puts back what it changes: peft's ``set_adapter`` and ``disable_adapter`` both rewrite
+``requires_grad`` (peft #2759, #3447), so no forward pass calls them directly.
 """
 
 from __future__ import annotations
@@ -319,6 +319,15 @@ class MultiAdapterModel(nn.Module):
         return next(iter(self.value_heads.values())).dropout.p if len(self.value_heads) else 0.0
 
     # ------------------------------------------------------------------------------ role switching
+    # Every role switch of the model, on this screen:
+    #   activate_policy(name)  train a policy: ``name`` active and the only trainable adapter (with its value
+    #                          head); stays active. policy_forward, compute_reward_score(ppo_adapter_name=)
+    #   _role(adapter)         generate: any adapter, or None = the reference; eval mode; the active adapter,
+    #                          requires_grad and modes restored on exit. generate
+    #   _scoring_pass(adapter) score without gradients: only the LoRA layers' selection flips (None = all
+    #                          disabled), restored on exit. reference_logits, compute_reward_score
+    #   _rows_under(adapters)  fused scoring: row i under adapters[i] by peft's per-row hooks; nothing is
+    #                          switched. score_roles
     def activate_policy(self, name: str) -> None:
         """Make ``name`` the active (and only trainable) policy adapter with its value head."""
         self._check_policy(name)

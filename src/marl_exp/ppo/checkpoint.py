@@ -16,6 +16,7 @@ import torch
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from marl_exp import distributed
 from marl_exp.io import atomic_write_json, read_json
 from marl_exp.modeling.multi_adapter import VALUE_HEAD_FILE
 
@@ -92,3 +93,35 @@ def load_checkpoint(checkpoint: Path, model, adapters: list[str]) -> tuple[dict,
         model.value_heads[name].load_state_dict(load_file(directory / VALUE_HEAD_FILE, device=str(model.device)))
     state = torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu")
     return state["trainer"], state["summary"]
+
+
+# ---------------------------------------------------------------- data parallel: one writer, every rank's state
+def save_checkpoint_on_main(run_dir: Path, step: int, model, adapters: list[str], trainer,
+                            summary: dict) -> Path:
+    """Rank 0 writes the checkpoint, with every rank's random state so a resume samples as before."""
+    state = trainer.state_dict()
+    rank_states = distributed.gather({key: state[key] for key in RANK_STATE_KEYS})
+    path = None
+    if distributed.is_main():
+        if distributed.is_distributed():
+            state["rank_states"] = rank_states
+        path = save_checkpoint(run_dir, step, model, adapters, state, summary)
+    distributed.barrier()
+    return distributed.broadcast(path)
+
+
+# The parts of the trainer's state that differ between ranks (each samples its own prompts).
+RANK_STATE_KEYS = ("prompt_rng", "shuffle_gen", "torch_rng", "cuda_rng")
+
+
+def own_rank_state(state: dict, fresh: dict) -> dict:
+    """This rank's random state from a checkpoint (rank 0's in a plain run); ``fresh`` = this rank's new
+    trainer state, whose seeds are used when the checkpoint came from another number of processes."""
+    rank_states = state.pop("rank_states", None)
+    if not distributed.is_distributed():
+        return state
+    if rank_states is None or len(rank_states) != distributed.world_size():
+        log.warning("the checkpoint was written by %d process(es), this run has %d: ranks other than 0 sample "
+                    "with fresh seeds", len(rank_states or [None]), distributed.world_size())
+        return state if distributed.is_main() else {**state, **{k: fresh[k] for k in RANK_STATE_KEYS}}
+    return {**state, **rank_states[distributed.rank()]}

@@ -31,16 +31,16 @@ class CriticFreeTrainer(RLTrainer):
     def __init__(self, roles, tokenizer, cfg, prompts: list[str], seed: int, perf=None):
         self.estimator = core.get_advantage_estimator(cfg.advantage_estimator)
         self.settings = core.AdvantageSettings(
-            num_generations=cfg.num_generations, beta=cfg.beta, scale_rewards=cfg.scale_rewards,
-            normalize_advantages=cfg.normalize_advantages, gamma=cfg.gamma)
+            num_generations=cfg.sampling.num_generations, beta=cfg.kl.beta, scale_rewards=cfg.advantages.scale_rewards,
+            normalize_advantages=cfg.advantages.normalize_advantages, gamma=cfg.advantages.gamma)
         super().__init__(roles, tokenizer, cfg, prompts, seed, **({} if perf is None else {"perf": perf}))
 
     # ------------------------------------------------------------------------- the algorithm's part
     def _next_prompts(self) -> list[str]:
         """Each prompt ``num_generations`` times in a row: one group per prompt."""
-        groups = self.cfg.batch_size // self.cfg.num_generations
+        groups = self.cfg.batch_size // self.cfg.sampling.num_generations
         return [prompt for prompt in (self.prompt_rng.choice(self.prompts) for _ in range(groups))
-                for _ in range(self.cfg.num_generations)]
+                for _ in range(self.cfg.sampling.num_generations)]
 
     def _trained_parameters(self, name: str) -> list:
         # The LoRA weights only: the model gives every policy a value head, which nothing here trains.
@@ -48,18 +48,18 @@ class CriticFreeTrainer(RLTrainer):
         return [p for p in self.model.trainable_parameters(name) if id(p) not in heads]
 
     def _updates_per_batch(self) -> int:
-        return self.cfg.num_iterations
+        return self.cfg.optim.num_iterations
 
     def _shape_scores(self, name: str, rollout: Rollout) -> torch.Tensor:
         return rollout.raw_scores.clone()
 
     def _estimate_advantages(self, name: str, rollout: Rollout) -> tuple[torch.Tensor, None]:
-        kl = rollout.kl if self.cfg.kl_in_reward else None
+        kl = rollout.kl if self.cfg.kl.kl_in_reward else None
         return self.estimator(rollout.scores, rollout.response_mask, kl, self.settings), None
 
     def _loss_mask(self, rollout: Rollout) -> torch.Tensor:
         """The tokens that enter the loss: TRL's ``mask_truncated_completions`` drops responses without EOS."""
-        if not self.cfg.mask_truncated_completions:
+        if not self.cfg.loss.mask_truncated_completions:
             return rollout.response_mask
         return core.drop_truncated_completions(rollout.response_mask, ~rollout.has_eos)
 
@@ -68,14 +68,14 @@ class CriticFreeTrainer(RLTrainer):
         cfg, mask = self.cfg, rollout.response_mask
         if rollout.advantages is None:  # called on its own (tests), not from ``step``
             rollout.advantages, _ = self._estimate_advantages(policy.name, rollout)
-        epoch_stats, _, nonfinite_updates = self._run_epochs(policy, rollout, cfg.num_iterations)
+        epoch_stats, _, nonfinite_updates = self._run_epochs(policy, rollout, cfg.optim.num_iterations)
         keys = sorted(set().union(*epoch_stats))
         stats = {k: _mean([s[k] for s in epoch_stats if k in s]) for k in keys}
         if "ppo/grad_norm" in stats:
             stats["grad_norm"] = stats.pop("ppo/grad_norm")
         lengths = mask.sum(1).float()
         terminated = lengths[rollout.has_eos]
-        _, zero_std = core.zero_std_groups(rollout.raw_scores, cfg.num_generations)
+        _, zero_std = core.zero_std_groups(rollout.raw_scores, cfg.sampling.num_generations)
         stats.update({
             "reward": rollout.raw_scores.mean().item(),
             "reward_std": rollout.raw_scores.std().item(),
@@ -97,7 +97,7 @@ class CriticFreeTrainer(RLTrainer):
     def _micro_batch_backward(self, name: str, rollout: Rollout, rows: torch.Tensor, mini_batch: torch.Tensor) -> dict:
         tokens = None
         weight = len(rows) / len(mini_batch)  # grpo, bnpo, dr_grpo: the mean of the micro-batches' losses
-        if self.cfg.loss_type == "dapo":
+        if self.cfg.loss.loss_type == "dapo":
             # dapo divides by the response tokens of the whole update (every micro-batch, every rank).
             local = float(self._loss_mask(rollout.select(mini_batch)).sum())
             tokens, weight = distributed.mean(local) * distributed.world_size(), 1.0
@@ -111,14 +111,14 @@ class CriticFreeTrainer(RLTrainer):
         if not _all_finite(logprobs.detach(), mask):
             return {"skipped": True, "nonfinite": True}
         # mb.logprobs: the sampling policy's, fixed for all num_iterations passes over this batch.
-        if core.is_ratio_extreme(logprobs.detach(), mb.logprobs, mb.response_mask, cfg.ratio_threshold):
+        if core.is_ratio_extreme(logprobs.detach(), mb.logprobs, mb.response_mask, cfg.optim.ratio_threshold):
             return {"skipped": True}
         per_token, clip_stats = core.clipped_surrogate(logprobs, mb.logprobs, mb.advantages, mask,
-                                                       cfg.epsilon, cfg.epsilon_high)
+                                                       cfg.loss.epsilon, cfg.loss.epsilon_high)
         kl = core.kl_loss_per_token(logprobs, mb.ref_logprobs, mask)
-        if cfg.beta > 0 and not cfg.kl_in_reward:
-            per_token = per_token + cfg.beta * kl
-        loss = core.aggregate_loss(per_token, mask, cfg.loss_type, max_completion_length=cfg.max_new_tokens,
+        if cfg.kl.beta > 0 and not cfg.kl.kl_in_reward:
+            per_token = per_token + cfg.kl.beta * kl
+        loss = core.aggregate_loss(per_token, mask, cfg.loss.loss_type, max_completion_length=cfg.sampling.max_new_tokens,
                                    num_items_in_batch=tokens, num_processes=distributed.world_size())
         if not torch.isfinite(loss.detach()):
             return {"skipped": True, "nonfinite": True}

@@ -126,8 +126,8 @@ def sampling_config(cfg, stop_ids: list[int], pad_token_id: int) -> GenerationCo
     (``MultiAdapterModel.generate`` blanks it); top-k, top-p and ``min_new_tokens`` are the only
     changes to that softmax, and ``warn_if_sampling_differs`` says so once."""
     return GenerationConfig(
-        do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+        do_sample=True, temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
+        max_new_tokens=cfg.sampling.max_new_tokens, min_new_tokens=cfg.sampling.min_new_tokens,
         eos_token_id=list(stop_ids), pad_token_id=pad_token_id, use_cache=True,
     )
 
@@ -139,18 +139,18 @@ def warn_if_sampling_differs(cfg) -> list[str]:
     """Once per process: settings under which responses are not sampled from the softmax the trainer
     scores (log-probs, ratio and KL assume the plain tempered softmax)."""
     reasons = []
-    if cfg.top_k:
-        reasons.append(f"top_k={cfg.top_k} samples only the {cfg.top_k} most likely tokens")
-    if cfg.top_p < 1:
-        reasons.append(f"top_p={cfg.top_p} cuts the tail of the distribution")
-    if cfg.min_new_tokens:
-        reasons.append(f"min_new_tokens={cfg.min_new_tokens} forbids EOS for the first tokens")
+    if cfg.sampling.top_k:
+        reasons.append(f"top_k={cfg.sampling.top_k} samples only the {cfg.sampling.top_k} most likely tokens")
+    if cfg.sampling.top_p < 1:
+        reasons.append(f"top_p={cfg.sampling.top_p} cuts the tail of the distribution")
+    if cfg.sampling.min_new_tokens:
+        reasons.append(f"min_new_tokens={cfg.sampling.min_new_tokens} forbids EOS for the first tokens")
     message = "; ".join(reasons)
     if reasons and message not in _WARNED:
         _WARNED.add(message)
         log.warning("sampling differs from the softmax PPO scores (%s): log-probs, ratios and KL are computed "
-                    "without these filters, so the update is slightly off-policy; set stage.top_k=0, "
-                    "stage.top_p=1 and stage.min_new_tokens=0 to sample exactly what is trained", message)
+                    "without these filters, so the update is slightly off-policy; set stage.sampling.top_k=0, "
+                    "stage.sampling.top_p=1 and stage.sampling.min_new_tokens=0 to sample exactly what is trained", message)
     return reasons
 
 
@@ -269,12 +269,12 @@ def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, tokenizer,
                           fused=perf.fused_scoring, reward_input_ids=reward_ids, reward_attention_mask=reward_mask,
                           reward=sources.primary is not None)
         crop = slice(None) if perf.window_logits else window
-        logits = temperature_scaled(out.policy_logits[:, crop], cfg.temperature)
-        ref_logits = temperature_scaled(out.reference_logits[:, crop], cfg.temperature)
+        logits = temperature_scaled(out.policy_logits[:, crop], cfg.sampling.temperature)
+        ref_logits = temperature_scaled(out.reference_logits[:, crop], cfg.sampling.temperature)
         logprobs = logprobs_from_logits(logits, responses)
         ref_logprobs = logprobs_from_logits(ref_logits, responses)
         # The critic-free stages have no kl_penalty option: their KL in the reward is the plain estimate.
-        kl = kl_per_token(logprobs, ref_logprobs, getattr(cfg, "kl_penalty", "kl"), cfg.kl_estimator,
+        kl = kl_per_token(logprobs, ref_logprobs, getattr(cfg.kl, "kl_penalty", "kl"), cfg.kl.kl_estimator,
                           logits=logits, ref_logits=ref_logits)
         values = out.values[:, crop].float()
         if sources.primary is not None:

@@ -94,13 +94,13 @@ class RLTrainer:
         self.step_count = 0
         # Steps with non-finite values (their updates are skipped): in a row, and in all.
         self.bad_steps_in_a_row, self.bad_steps_total = 0, 0
-        updates = cfg.steps * self._updates_per_batch() * math.ceil(cfg.batch_size / cfg.mini_batch_size)
+        updates = cfg.steps * self._updates_per_batch() * math.ceil(cfg.batch_size / cfg.optim.mini_batch_size)
         self.policies = {name: self._policy_state(name, updates) for name in cfg.policies}
 
     def _policy_state(self, name: str, updates: int) -> PolicyState:
         params = self._trained_parameters(name)
         optimizer = _make_optimizer(self.cfg, params)
-        scheduler = get_scheduler(self.cfg.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=updates)
+        scheduler = get_scheduler(self.cfg.optim.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=updates)
         return PolicyState(name, optimizer, scheduler, params)
 
     # ------------------------------------------------------------------------------------ one step
@@ -227,9 +227,9 @@ class RLTrainer:
         window = response_slice(mb.query_ids.shape[1], mb.response_ids.shape[1])
         if self.perf.window_logits:
             out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name, logits_positions=window)
-            return out, temperature_scaled(out.logits, self.cfg.temperature), window
+            return out, temperature_scaled(out.logits, self.cfg.sampling.temperature), window
         out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name)
-        return out, temperature_scaled(out.logits[:, window], self.cfg.temperature), window
+        return out, temperature_scaled(out.logits[:, window], self.cfg.sampling.temperature), window
 
     def _run_epochs(self, policy: PolicyState, rollout: Rollout, epochs: int) -> tuple[list[dict], bool, int]:
         """``epochs`` passes over the rollout in shuffled mini-batches, one optimizer step each (gradient
@@ -237,14 +237,14 @@ class RLTrainer:
         cfg = self.cfg
         epoch_stats: list[dict] = []
         batch = rollout.query_ids.shape[0]
-        micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
+        micro = cfg.optim.mini_batch_size // cfg.optim.gradient_accumulation_steps
         stopped_early = False
         nonfinite_updates = 0
         for _ in range(epochs):
             epoch_start = len(epoch_stats)
             order = torch.randperm(batch, generator=self.shuffle_gen)
-            for start in range(0, batch, cfg.mini_batch_size):
-                mb = order[start:start + cfg.mini_batch_size]
+            for start in range(0, batch, cfg.optim.mini_batch_size):
+                mb = order[start:start + cfg.optim.mini_batch_size]
                 policy.optimizer.zero_grad(set_to_none=True)
                 mb_stats = [self._micro_batch_backward(policy.name, rollout, mb[m_start:m_start + micro], mb)
                             for m_start in range(0, len(mb), micro)]
@@ -254,7 +254,7 @@ class RLTrainer:
                 if not skipped:
                     # Data parallel: the mean gradient over ranks, before clipping, as DDP would have it.
                     distributed.average_gradients(policy.params)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, cfg.max_grad_norm)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, cfg.optim.max_grad_norm)
                     if math.isfinite(float(grad_norm)):
                         policy.optimizer.step()
                         policy.scheduler.step()
@@ -272,7 +272,7 @@ class RLTrainer:
 
     # ------------------------------------------------------------------------- non-finite values
     def _updates_per_step(self) -> int:
-        return self._updates_per_batch() * math.ceil(self.cfg.batch_size / self.cfg.mini_batch_size) * len(self.policies)
+        return self._updates_per_batch() * math.ceil(self.cfg.batch_size / self.cfg.optim.mini_batch_size) * len(self.policies)
 
     def _skip_step(self, problem: str, timings: dict) -> dict:
         """A step whose rollout had non-finite values: nothing is updated (weights, optimizer, KL
@@ -295,14 +295,14 @@ class RLTrainer:
                     "ppo/nonfinite_steps_in_a_row": float(self.bad_steps_in_a_row)}
         if problem is None:
             return counters
-        limit, algorithm = self.cfg.max_bad_steps, getattr(self.cfg, "name", "ppo").upper()
+        limit, algorithm = self.cfg.optim.max_bad_steps, getattr(self.cfg, "name", "ppo").upper()
         log.warning("%s step %d: %s; its update was skipped (%d bad step(s) in a row, the run stops at %d)",
                     algorithm, self.step_count, problem, self.bad_steps_in_a_row, limit)
         if self.bad_steps_in_a_row >= limit:
             err = TrainingDiverged(
                 f"{algorithm} stopped at step {self.step_count}: {self.bad_steps_in_a_row} steps in a row "
-                f"had non-finite values (last: {problem}); stage.max_bad_steps={limit}. No update of those steps was "
-                "applied and the last checkpoint is intact; lower stage.learning_rate or check the reward model, then "
+                f"had non-finite values (last: {problem}); stage.optim.max_bad_steps={limit}. No update of those steps was "
+                "applied and the last checkpoint is intact; lower stage.optim.learning_rate or check the reward model, then "
                 "resume with stage.resume=auto")
             err.stats = {**stats, **counters}
             raise err
@@ -342,7 +342,7 @@ class PPOTrainer(RLTrainer):
                  perf: PerfOptions = DEFAULT_PERF):
         self.critic = cfg.critic
         # Each policy its own KL coefficient and score statistics: they follow that policy's responses only.
-        self.kl_ctls = {name: core.make_kl_controller(cfg.adaptive_kl, cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+        self.kl_ctls = {name: core.make_kl_controller(cfg.kl.adaptive_kl, cfg.kl.init_kl_coef, cfg.kl.target_kl, cfg.kl.kl_horizon)
                         for name in cfg.policies}
         self.score_moments = {name: RunningMoments() for name in cfg.policies}
         super().__init__(roles, tokenizer, cfg, prompts, seed, perf)
@@ -354,7 +354,7 @@ class PPOTrainer(RLTrainer):
         return params
 
     def _updates_per_batch(self) -> int:
-        return self.cfg.ppo_epochs
+        return self.cfg.optim.ppo_epochs
 
     def _after_update(self, stats: dict) -> dict:
         out = {}
@@ -373,23 +373,23 @@ class PPOTrainer(RLTrainer):
     def _shape_scores(self, name: str, rollout: Rollout) -> torch.Tensor:
         """Score options, in the order applied: missing-EOS penalty, running whitening, scale, clip."""
         cfg, scores = self.cfg, rollout.raw_scores.clone()
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (~rollout.has_eos).float()
-        if cfg.whiten_scores:
+        if cfg.scores.missing_eos_penalty is not None:
+            scores = scores - cfg.scores.missing_eos_penalty * (~rollout.has_eos).float()
+        if cfg.scores.whiten_scores:
             moments = self.score_moments[name]
             moments.update(distributed.cat_tensors(scores))  # every rank's scores of this policy
             scores = (scores - moments.mean) / moments.std
-        scores = scores * cfg.score_scale
-        if cfg.score_clip is not None:
-            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        scores = scores * cfg.scores.score_scale
+        if cfg.scores.score_clip is not None:
+            scores = scores.clamp(-cfg.scores.score_clip, cfg.scores.score_clip)
         return scores
 
     def _estimate_advantages(self, name: str, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token rewards -β·KL on every response token, the score added at the last one; GAE."""
         cfg, mask = self.cfg, rollout.response_mask
         rewards, _ = core.compute_rewards(rollout.scores, rollout.kl, mask, self.kl_ctls[name].value)
-        advantages, returns = core.compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
+        advantages, returns = core.compute_gae(rewards, rollout.values, mask, cfg.advantages.gamma, cfg.advantages.lam)
+        if cfg.advantages.whiten_advantages:
             advantages = core.masked_whiten(advantages, mask)
         return advantages, returns
 
@@ -399,7 +399,7 @@ class PPOTrainer(RLTrainer):
         if rollout.advantages is None:  # called on its own (tests, benchmarks), not from ``step``
             rollout.advantages, rollout.returns = self._estimate_advantages(policy.name, rollout)
         advantages, returns = rollout.advantages, rollout.returns
-        epoch_stats, stopped_early, nonfinite_updates = self._run_epochs(policy, rollout, cfg.ppo_epochs)
+        epoch_stats, stopped_early, nonfinite_updates = self._run_epochs(policy, rollout, cfg.optim.ppo_epochs)
 
         keys = sorted(set().union(*epoch_stats))
         stats = {k: _mean([s[k] for s in epoch_stats if k in s]) for k in keys}
@@ -434,7 +434,7 @@ class PPOTrainer(RLTrainer):
         # by the first one, whose approx-KL starts at 0 (the policy is the rollout policy there).
         approxkl = _mean([s["ppo/policy/approxkl"] for s in epoch_stats if "ppo/policy/approxkl" in s])
         approxkl = distributed.mean(approxkl)  # one decision for all ranks
-        return self.cfg.early_stop_kl is not None and approxkl > self.cfg.early_stop_kl
+        return self.cfg.optim.early_stop_kl is not None and approxkl > self.cfg.optim.early_stop_kl
 
     def _loss_backward(self, name: str, mb: Rollout, advantages, returns, weight: float) -> dict:
         cfg, mask = self.cfg, mb.response_mask
@@ -444,14 +444,14 @@ class PPOTrainer(RLTrainer):
         if not _all_finite(logprobs.detach(), mask):  # NaN/inf logits: no backward at all
             return {"skipped": True, "nonfinite": True}
         # Guard: a mini-batch whose probability ratio exploded would only produce a destructive update.
-        if core.is_ratio_extreme(logprobs.detach(), mb.logprobs, mask, cfg.ratio_threshold):
+        if core.is_ratio_extreme(logprobs.detach(), mb.logprobs, mask, cfg.optim.ratio_threshold):
             return {"skipped": True}
-        pg_loss, pg_stats = core.policy_loss(logprobs, mb.logprobs, advantages, mask, cfg.cliprange)
-        if self.perf.lazy_entropy and cfg.entropy_coef == 0:
+        pg_loss, pg_stats = core.policy_loss(logprobs, mb.logprobs, advantages, mask, cfg.loss.cliprange)
+        if self.perf.lazy_entropy and cfg.loss.entropy_coef == 0:
             entropy = core.masked_mean(_entropy_for_logging(logits), mask)
         else:
             entropy = core.masked_mean(core.entropy_from_logits(logits), mask)
-        loss = pg_loss - cfg.entropy_coef * entropy
+        loss = pg_loss - cfg.loss.entropy_coef * entropy
         if not torch.isfinite(loss.detach()):
             return {"skipped": True, "nonfinite": True}
         values = out.values
@@ -466,23 +466,23 @@ class PPOTrainer(RLTrainer):
                                                logits_positions=no_logits).values
             try:
                 vf_loss, vf_stats = core.value_loss(values[:, window].float(), mb.values, returns, mask,
-                                                    cfg.cliprange_value)
+                                                    cfg.loss.cliprange_value)
                 if not torch.isfinite(vf_loss.detach()):
                     return {"skipped": True, "nonfinite": True}
-                (cfg.vf_coef * vf_loss * weight).backward()
+                (cfg.loss.vf_coef * vf_loss * weight).backward()
             finally:
                 self.model.activate_policy(name)
         else:
             vf_loss, vf_stats = core.value_loss(values[:, window].float(), mb.values, returns, mask,
-                                                cfg.cliprange_value)
+                                                cfg.loss.cliprange_value)
             if not torch.isfinite(vf_loss.detach()):
                 return {"skipped": True, "nonfinite": True}
-            ((loss + cfg.vf_coef * vf_loss) * weight).backward()
+            ((loss + cfg.loss.vf_coef * vf_loss) * weight).backward()
         return {
             "skipped": False,
             "ppo/loss/policy": pg_loss.item(),
             "ppo/loss/value": vf_loss.item(),
-            "ppo/loss/total": (pg_loss + cfg.vf_coef * vf_loss).item(),
+            "ppo/loss/total": (pg_loss + cfg.loss.vf_coef * vf_loss).item(),
             "ppo/policy/entropy": entropy.item(),
             "objective/entropy": entropy.item(),
             "ppo/policy/approxkl": pg_stats["approxkl"].item(),
@@ -518,11 +518,11 @@ def _entropy_for_logging(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _make_optimizer(cfg, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw_8bit":
+    if cfg.optim.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
 
 
 _ROLLOUT_FIELDS = ("raw_scores", "logprobs", "ref_logprobs", "values", "kl")

@@ -65,8 +65,8 @@ def _runner(stage: str):
     if stage == "reward":
         from marl_exp.stages import reward
         return reward.run
-    from marl_exp.stages import ppo
-    return ppo.run
+    from marl_exp.stages import rl
+    return rl.run
 
 
 def resolve_inputs(cfg: DictConfig) -> dict:
