@@ -173,3 +173,21 @@ def test_cli_bad_ppo_config_exits_2_with_one_line(tmp_path, overrides, message):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("marl-exp: error:")]
     assert len(errors) == 1 and errors[0].startswith(f"marl-exp: error: {message}")
     assert "Traceback" not in proc.stderr
+
+
+def test_flat_rl_settings_nest_under_their_headings():
+    from marl_exp.config import nest_rl_keys
+
+    nested = nest_rl_keys({"learning_rate": 1e-3, "steps": 4, "top_k": 5, "beta": 0.1, "cliprange": 0.3,
+                           "eval_every": 2, "critic": "adapter"})
+    assert nested == {"optim": {"learning_rate": 1e-3}, "steps": 4, "sampling": {"top_k": 5}, "kl": {"beta": 0.1},
+                      "loss": {"cliprange": 0.3}, "eval": {"eval_every": 2}, "critic": "adapter"}
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "rloo", "reinforce_pp"])
+def test_every_rl_stage_shares_the_sampling_optim_runtime_and_eval_headings(stage):
+    cfg = compose(f"stage={stage}", "stage.sampling.max_new_tokens=7", "stage.optim.learning_rate=0.01",
+                  "stage.runtime.gradient_checkpointing=true", "stage.eval.eval_every=3")
+    validate(cfg)
+    assert (cfg.stage.sampling.max_new_tokens, cfg.stage.optim.learning_rate, cfg.stage.runtime.gradient_checkpointing,
+            cfg.stage.eval.eval_every) == (7, 0.01, True, 3)

@@ -112,6 +112,15 @@ BAD_INPUTS = [
     (["adapter.rank=8"], "adapter.rank=8 is not a config key; did you mean adapter.r?", "new"),
     (["stage.lr=0.1"], "stage.lr=0.1 is not a config key; did you mean stage.optim.learning_rate?", "new"),
     (["data.columns.txt=body"], "data.columns.txt=body is not a config key; did you mean data.columns.text?", "new"),
+    # An RL key without its heading (TRL's flat name, marl-exp's before the headings) names where it lives.
+    (["stage.learning_rate=1e-4"], "stage.learning_rate=1e-4 is not a config key; did you mean stage.optim.learning_rate?",
+     "new"),
+    (["stage=grpo", "stage.num_generations=8"],
+     "stage.num_generations=8 is not a config key; did you mean stage.sampling.num_generations?", "new"),
+    (["stage.beta=0.1"], "stage.beta=0.1: stage.kl.beta is a key of stage=grpo/rloo/reinforce_pp, not of stage=ppo; "
+     "drop it or set stage=grpo", "new"),
+    (["stage=sft", "stage.max_new_tokens=8"], "stage.max_new_tokens=8: stage.sampling.max_new_tokens is a key of "
+     "stage=ppo/grpo/rloo/reinforce_pp, not of stage=sft", "new"),
     (["+model.tiny.hiden=3"], "model.tiny.hiden=3 is not a config key; did you mean model.tiny.hidden_size?", "new"),
     (["stage=sft", "+stage.reward_adapter=x"], "stage.reward_adapter=x is a key of stage=ppo/grpo/rloo/reinforce_pp, not of stage=sft", "new"),
     (["adapter.r=eight"], "adapter.r=eight: Value 'eight' of type 'str' could not be converted to Integer", "new"),
