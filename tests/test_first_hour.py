@@ -632,3 +632,20 @@ def test_sample_bad_arguments_are_one_line(tmp_path, capsys):
         f"marl-exp: error: {str(tmp_path / 'nope')!r} does not exist; give a PPO run dir or a policy adapter dir"]
     assert sample.main([str(tmp_path)]) == 2
     assert "has no policies/<name>/ adapter" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recorded", [
+    {"name": "grpo", "sampling": {"max_new_tokens": 9, "temperature": 0.7, "num_generations": 4}, "kl": {"beta": 0.1}},
+    {"name": "ppo", "max_new_tokens": 9, "temperature": 0.7, "kl_estimator": "k3"},  # recorded before the headings
+])
+def test_sample_reads_the_runs_sampling_settings_nested_or_flat(recorded):
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    from marl_exp.sample import sampling_config
+
+    args = argparse.Namespace(max_new_tokens=None, temperature=None, top_k=5, top_p=None)
+    stage = sampling_config(OmegaConf.create({"stage": recorded}), args)
+    assert (stage.sampling.max_new_tokens, stage.sampling.temperature, stage.sampling.top_k) == (9, 0.7, 5)
+    assert stage.kl.kl_estimator == ("k3" if recorded["name"] == "ppo" else "k1")
