@@ -267,3 +267,26 @@ def test_a_run_reruns_from_its_saved_hydra_dir(failing_sweep, tmp_path):
     before = json.loads((run / "summary.json").read_text())
     after = json.loads((rerun / "summary.json").read_text())
     assert after["eval/loss"] == pytest.approx(before["eval/loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("argv,label", [
+    (["-m", "stage=grpo,rloo,ppo"], "grpo-rloo-ppo"),
+    (["--multirun", "debug=rl", "stage=ppo, grpo"], "ppo-grpo"),
+    (["-m", "stage=glob(*)"], "stages"),
+    (["-m", "stage=grpo", "seed=0,1"], None),  # one stage: the dir is named after it, as before
+    (["stage=grpo,rloo"], None),  # not a multirun (Hydra refuses the list itself)
+    (["-m", "stage.sampling.top_k=0,5"], None),
+])
+def test_a_sweep_over_stages_gets_one_sweep_dir_label(argv, label):
+    from marl_exp.config import swept_stages
+
+    assert swept_stages(argv) == label
+
+
+def test_the_sweep_dir_label_is_the_swept_stages_else_the_stage(monkeypatch):
+    from marl_exp.config import SWEEP_LABEL_ENV, sweep_label
+
+    monkeypatch.delenv(SWEEP_LABEL_ENV, raising=False)
+    assert sweep_label("ppo") == "ppo"
+    monkeypatch.setenv(SWEEP_LABEL_ENV, "grpo-rloo")
+    assert sweep_label("ppo") == sweep_label("grpo") == "grpo-rloo"  # every job of the sweep: the same dir

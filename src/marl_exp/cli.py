@@ -34,8 +34,11 @@ def run_app(config_dir: Path | str) -> None:
     import hydra
 
     from marl_exp import hydra_errors
-    from marl_exp.config import register_configs
+    from marl_exp.config import SWEEP_LABEL_ENV, register_configs, swept_stages
 
+    label = swept_stages(sys.argv[1:])
+    if label is not None:  # one sweep dir for a sweep over stages (children inherit the environment)
+        os.environ[SWEEP_LABEL_ENV] = label
     try:
         register_configs()
         hydra_errors.install()

@@ -610,9 +610,34 @@ def project_root() -> Path:
     return root if (root / "conf").is_dir() else Path.cwd()
 
 
+# ``python train.py -m stage=grpo,rloo,ppo``: Hydra resolves the sweep dir from each job's own config, so a
+# dir named after stage.name would split one sweep into a dir per stage (and its end report would count one).
+SWEEP_LABEL_ENV = "MARL_EXP_SWEEP_LABEL"
+
+
+def sweep_label(stage_name: str) -> str:
+    """The sweep dir's suffix: the stages a command line sweeps over (set by ``cli.run_app``), else the stage."""
+    return os.environ.get(SWEEP_LABEL_ENV) or stage_name
+
+
+def swept_stages(argv: list[str]) -> str | None:
+    """``grpo-rloo-ppo`` for a multirun command line that sweeps ``stage=grpo,rloo,ppo``; None otherwise."""
+    if not any(arg in ("-m", "--multirun") for arg in argv):
+        return None
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "stage" and "," in value:
+            return "-".join(v.strip() for v in value.split(",") if v.strip())
+        if sep and key.lstrip("+~") == "stage" and "(" in value:  # choice(...), glob(...): no plain list
+            return "stages"
+    return None
+
+
 def register_configs() -> None:
     if not OmegaConf.has_resolver("marl_exp.project_root"):
         OmegaConf.register_new_resolver("marl_exp.project_root", lambda: str(project_root()))
+    if not OmegaConf.has_resolver("marl_exp.sweep_label"):
+        OmegaConf.register_new_resolver("marl_exp.sweep_label", sweep_label)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="model", name="schema", node=ModelConfig)
