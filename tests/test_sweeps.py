@@ -290,3 +290,15 @@ def test_the_sweep_dir_label_is_the_swept_stages_else_the_stage(monkeypatch):
     assert sweep_label("ppo") == "ppo"
     monkeypatch.setenv(SWEEP_LABEL_ENV, "grpo-rloo")
     assert sweep_label("ppo") == sweep_label("grpo") == "grpo-rloo"  # every job of the sweep: the same dir
+
+
+def test_a_sweep_label_from_a_parent_process_is_not_inherited(monkeypatch):
+    from marl_exp import cli, config
+    from marl_exp.config import SWEEP_LABEL_ENV
+
+    monkeypatch.setenv(SWEEP_LABEL_ENV, "grpo-rloo")  # as inside a job of a stage sweep
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", "seed=0,1"])
+    monkeypatch.setattr(config, "register_configs", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(SystemExit):  # stop before Hydra starts: the label is decided first
+        cli.run_app(REPO / "conf")
+    assert SWEEP_LABEL_ENV not in os.environ

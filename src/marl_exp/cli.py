@@ -39,6 +39,8 @@ def run_app(config_dir: Path | str) -> None:
     label = swept_stages(sys.argv[1:])
     if label is not None:  # one sweep dir for a sweep over stages (children inherit the environment)
         os.environ[SWEEP_LABEL_ENV] = label
+    else:  # not from a parent process (a run started inside a job of a stage sweep)
+        os.environ.pop(SWEEP_LABEL_ENV, None)
     try:
         register_configs()
         hydra_errors.install()

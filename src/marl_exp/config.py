@@ -213,12 +213,14 @@ def load_reward_function(key: str, spec: str) -> Callable:
 # An RL stage's config follows the phases of its step (``RLTrainer.step``): the top level says what trains
 # against what, for how long; each phase has its own heading. Keys keep TRL's names under the headings:
 #   sampling    phase 1  max_new_tokens, temperature, top_k, top_p, (num_generations)
-#   kl, scores  phase 3  the KL to the reference and how reward scores become the optimised scores
+#   kl          phase 2  the per-token KL to the reference; its coefficient acts in phase 4 or 5
+#   scores      phase 3  how reward scores become the optimised scores (PPO)
 #   advantages  phase 4  the estimator's options
 #   loss, optim phase 5  the clipped loss; optimizer, mini-batches, updates per batch, guards
 #   runtime              dropout, gradient checkpointing, fused scoring
 #   eval                 held-out evaluation and training samples
-# ``sampling``, ``optim``, ``runtime`` and ``eval`` are the same in every RL stage, so one override fits all.
+# Every RL stage has ``sampling``, ``optim``, ``runtime`` and ``eval`` with the keys they share, so one override
+# of a shared key fits every RL stage.
 
 
 @dataclass
@@ -718,8 +720,7 @@ def closest_keys(key: str, candidates: list[str], limit: int = 3) -> list[str]:
         return sorted(keys, key=lambda c: (not c.startswith("stage."), c.count("."), c))
 
     # The same name under a heading of the same node: stage.learning_rate -> stage.optim.learning_rate.
-    root = key.partition(".")[0]
-    under_heading = ranked([c for c in by_leaf.get(leaf, []) if "." in key and c.partition(".")[0] == root])
+    under_heading = ranked([c for c in by_leaf.get(leaf, []) if parent and c.startswith(f"{parent}.")])
     if under_heading:
         return under_heading[:limit]
     siblings = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == parent}
@@ -735,8 +736,8 @@ def closest_keys(key: str, candidates: list[str], limit: int = 3) -> list[str]:
 
 def unknown_key_message(key: str, value: Any, candidates: list[str], stage_name: str | None = None) -> str:
     shown = f"{key}={value}" if value is not None else key
-    leaf = KEY_ALIASES.get(key.rpartition(".")[2], key.rpartition(".")[2])
-    own_stage_has_it = any(c.startswith("stage.") and c.endswith(f".{leaf}") for c in candidates)
+    leaf = key.rpartition(".")[2]
+    own_stage_has_it = any(c.startswith("stage.") and c.endswith(f".{KEY_ALIASES.get(leaf, leaf)}") for c in candidates)
     if stage_name is not None and key.startswith("stage.") and not own_stage_has_it:
         # Another stage's key, as given (stage.finetune) or under its heading (stage.beta -> stage.kl.beta).
         owners = {n: k for n in STAGE_SCHEMAS if n != stage_name for k in valid_keys(n)

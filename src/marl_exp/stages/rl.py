@@ -60,6 +60,7 @@ class RLRecipe:
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg, stage = self.cfg, self.stage
+        device = resolve_device(cfg.device)
         self.tokenizer = load_tokenizer(self.sft_model, cfg.model)
         self.task = build_task(cfg.data)
         conversational = chat.is_conversational(self.task.prompts_train[0])  # message lists: the template renders
@@ -68,7 +69,7 @@ class RLRecipe:
         context = context_length(self.sft_model, cfg.model)
         if context:
             self.task.fit_prompts(self.tokenizer, context - stage.sampling.max_new_tokens, cfg.data.on_bad_row)
-        self.roles = build_roles(cfg, self.sft_model, self.reward_adapter, resolve_device(cfg.device), self.tokenizer)
+        self.roles = build_roles(cfg, self.sft_model, self.reward_adapter, device, self.tokenizer)
         self.model = model = self.roles.model
         if distributed.is_main():
             console.say(console.memory_line(model.memory_footprint()))
