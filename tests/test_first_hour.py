@@ -362,6 +362,7 @@ def test_ctrl_c_while_waiting_for_the_cache_lock_is_one_line_exit_130(tmp_path, 
     class CtrlCWhileWaiting(logging.Handler):  # Ctrl-C once the run says it waits for the lock
         def emit(self, record):
             if record.getMessage().startswith("another job is building"):
+                # To the process, as a terminal sends it: any thread may receive it.
                 threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
 
     waiting = CtrlCWhileWaiting()
@@ -649,3 +650,27 @@ def test_sample_reads_the_runs_sampling_settings_nested_or_flat(recorded):
     stage = sampling_config(OmegaConf.create({"stage": recorded}), args)
     assert (stage.sampling.max_new_tokens, stage.sampling.temperature, stage.sampling.top_k) == (9, 0.7, 5)
     assert stage.kl.kl_estimator == ("k3" if recorded["name"] == "ppo" else "k1")
+
+
+def test_ctrl_c_that_reaches_another_thread_still_ends_the_wait_for_a_cache_lock(tmp_path):
+    # A terminal's Ctrl-C goes to the process; any thread may take it. A blocking flock would return only once
+    # the other job released the lock (10 s here); the wait polls, so the main thread sees the signal at once.
+    import fcntl
+
+    from marl_exp.stages.pipeline import _build_lock
+
+    target = tmp_path / "cache" / "sft-x"
+    target.parent.mkdir(parents=True)
+    with open(target.with_name(".sft-x.lock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        release = threading.Timer(10, fcntl.flock, (held, fcntl.LOCK_UN))
+        interrupt = threading.Timer(0.3, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGINT))
+        release.start()
+        interrupt.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt), _build_lock(target):
+                pass
+        finally:
+            release.cancel()
+        assert time.monotonic() - started < 3

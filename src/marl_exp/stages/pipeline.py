@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -206,11 +207,24 @@ def _build_lock(target: Path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("another job is building %s; waiting for it", target)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            _wait_for_lock(handle)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _wait_for_lock(handle, poll_s: float = 0.2) -> None:
+    """An exclusive lock on ``handle``, taken in short polls. A blocking flock returns on a signal only when the
+    signal reaches this thread: a Ctrl-C that another thread receives would wait until the lock is free."""
+    import fcntl
+
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(poll_s)
 
 
 def save_run_record(cfg: DictConfig, run_dir: Path, inputs: dict) -> None:
