@@ -351,7 +351,16 @@ def test_given_reward_adapter_is_checked_against_the_sft_model_the_cache_would_u
 
 
 # ------------------------------------------------------------------------------- interrupts, leftovers
-def test_ctrl_c_while_waiting_for_the_cache_lock_is_one_line_exit_130(tmp_path, capsys):
+@pytest.fixture
+def sigint_raises():
+    """SIGINT as Python sets it up in a terminal: a background job of a non-interactive shell (``pytest &``)
+    starts with SIGINT ignored, and Python then installs no handler; these tests would wait forever."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_waiting_for_the_cache_lock_is_one_line_exit_130(tmp_path, capsys, sigint_raises):
     import fcntl
 
     from marl_exp.stages.pipeline import cache_dir, upstream_config
@@ -652,7 +661,7 @@ def test_sample_reads_the_runs_sampling_settings_nested_or_flat(recorded):
     assert stage.kl.kl_estimator == ("k3" if recorded["name"] == "ppo" else "k1")
 
 
-def test_ctrl_c_that_reaches_another_thread_still_ends_the_wait_for_a_cache_lock(tmp_path):
+def test_ctrl_c_that_reaches_another_thread_still_ends_the_wait_for_a_cache_lock(tmp_path, sigint_raises):
     # A terminal's Ctrl-C goes to the process; any thread may take it. A blocking flock would return only once
     # the other job released the lock (10 s here); the wait polls, so the main thread sees the signal at once.
     import fcntl
