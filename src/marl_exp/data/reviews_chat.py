@@ -12,9 +12,12 @@ assistant turns; PPO prompts as message lists. The oracle scores the assistant t
 
 from __future__ import annotations
 
+import random
+
 from datasets import Dataset
 
 from marl_exp.data import reviews
+from marl_exp.ppo.response_metrics import judged_text as generic_judged_text
 
 USER_PREFIX = "review: "
 
@@ -41,17 +44,47 @@ def as_chat_task(plain, data_cfg):
 
     def pairs(split: str) -> Dataset:
         data = plain.pairs_train if split == "train" else plain.pairs_eval
+        rng = random.Random(f"{data_cfg.seed}-{split}-off-request")
+        rejected = [off_request(c, rng) if rng.random() < data_cfg.pair_off_request_prob else r
+                    for c, r in zip(data["chosen"], data["rejected"])]
         return Dataset.from_dict({"prompt": [user_turn(opening_of(c), system) for c in data["chosen"]],
                                   "chosen": [[_assistant(c)] for c in data["chosen"]],
-                                  "rejected": [[_assistant(r)] for r in data["rejected"]]})
+                                  "rejected": [[_assistant(r)] for r in rejected]})
 
     def prompts(split: str) -> tuple[list, list[str]]:
         openings = plain.prompts(split)
         return [user_turn(o, system) for o in openings], plain.prompt_origins[split]
 
-    # The judges read the assistant turn, which is a whole review (opening included).
+    # The judges read the assistant turn as the review it gives for the requested opening (judged_text).
     return Task("reviews_chat", sft=sft, pairs=pairs, prompts=prompts, oracle=reviews.oracle_score,
-                judge=reviews.well_formed, extra_eval_splits=plain.extra_eval_splits)
+                judge=reviews.well_formed, extra_eval_splits=plain.extra_eval_splits, judged_text=judged_text)
+
+
+def off_request(review: str, rng: random.Random) -> str:
+    """The same review under another opening: well formed and as positive, but not the review asked for."""
+    opening = opening_of(review)
+    other = rng.choice([o for o in reviews.openings() if o != opening])
+    return other + review[len(opening):]
+
+
+def requested_opening(prompt: list[dict]) -> str | None:
+    """The opening the last user turn asks the review to start with (None: not a review request)."""
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1][len(USER_PREFIX):].strip() if users and users[-1].startswith(USER_PREFIX) else None
+
+
+def judged_text(prompt, reply: str) -> str:
+    """The review a reply gives, as the judges read it. The assistant must write the review that starts with
+    the requested opening: a reply that starts with it is read as it is; any other reply is read after the
+    opening, as the plain task reads a continuation (``great . i liked it .`` to ``review: the movie was``
+    is ``the movie was great . i liked it .``; a reply about another subject is then not well formed).
+    Without this, a policy could give one well-formed review to every request. Plain prompts: prompt + reply."""
+    if isinstance(prompt, str):
+        return generic_judged_text(prompt, reply)
+    opening = requested_opening(prompt)
+    if opening is None or reply.strip().startswith(opening):
+        return reply
+    return f"{opening} {reply.strip()}"
 
 
 def _assistant(text: str) -> dict:

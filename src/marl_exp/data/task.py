@@ -10,6 +10,7 @@ from datasets import Dataset
 from marl_exp.config import ConfigError
 from marl_exp.data import loaders, reviews
 from marl_exp.data.checks import fit_prompts
+from marl_exp.ppo.response_metrics import judged_text as generic_judged_text
 
 
 class Task:
@@ -17,7 +18,8 @@ class Task:
 
     def __init__(self, name: str, sft: Callable[[str], Dataset], pairs: Callable[[str], Dataset],
                  prompts: Callable[[str], tuple[list[str], list[str]]], oracle: Callable[[str], float] | None = None,
-                 judge: Callable[[str], bool] | None = None, extra_eval_splits: tuple[str, ...] = ()):
+                 judge: Callable[[str], bool] | None = None, extra_eval_splits: tuple[str, ...] = (),
+                 judged_text: Callable | None = None):
         self.name = name
         self._sft, self._pairs, self._prompts = sft, pairs, prompts
         # Ground-truth scorer of a full text in [0, 1]; None for real datasets that have none.
@@ -25,6 +27,8 @@ class Task:
         # Whether a full text is a well-formed answer (the strict gold is the oracle where it is, 0
         # elsewhere); None for real datasets.
         self.judge = judge
+        # The text the judges read for (prompt, response): prompt + response, or a conversation's reply.
+        self.judged_text = judged_text or generic_judged_text
         # Prompt splits evaluated beside "eval" (reported as eval/<tag>/<split>/<metric>).
         self.extra_eval_splits = tuple(extra_eval_splits)
         self.prompt_origins: dict[str, list[str]] = {}

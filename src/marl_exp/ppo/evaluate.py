@@ -21,7 +21,7 @@ EVAL_SEED = 12345
 
 @torch.no_grad()
 def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None, num_samples: int | None = None,
-             batch_size: int = 64, judge=None) -> tuple[dict, list[dict]]:
+             batch_size: int = 64, judge=None, judged_text=judged_text) -> tuple[dict, list[dict]]:
     """Metrics over ``num_samples`` sampled responses to ``prompts`` (cycled), and a few samples."""
     num_samples = num_samples or cfg.eval.eval_samples
     queries = [prompts[i % len(prompts)] for i in range(num_samples)]

@@ -15,12 +15,6 @@ def judged_text(prompt, response: str) -> str:
     return f"{prompt}{response}" if isinstance(prompt, str) else response
 
 
-def judged_texts(prompts: Sequence, responses: Sequence[str]) -> list[str]:
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses; give one prompt per response")
-    return [judged_text(p, r) for p, r in zip(prompts, responses)]
-
-
 def distinct_n(responses: Sequence[str], n: int) -> float:
     """Distinct-n (Li et al. 2016): distinct word n-grams over all responses / all word n-grams.
 

@@ -122,8 +122,8 @@ class RLRecipe:
                 tracker.log(stats, step=step)
             if stage.eval.samples_every and step % stage.eval.samples_every == 0 and distributed.is_main():
                 for name, rollout in trainer.last_rollouts.items():
-                    self._log_samples(step, "train", name, rollout_samples(rollout, self.tokenizer, self.task.oracle,
-                                                                           self.task.judge), split="train")
+                    self._log_samples(step, "train", name, rollout_samples(rollout, self.tokenizer, self.task),
+                                      split="train")
             if stage.eval.eval_every and step % stage.eval.eval_every == 0 and step < stage.steps:
                 tracker.log(self.evaluate("during", step), step=step)
             # Not after a step with non-finite values: the last checkpoint stays the last good one.
@@ -172,7 +172,7 @@ class RLRecipe:
         for i, name in enumerate(stage.policies):
             for split in ("eval", *task.extra_eval_splits):
                 values, samples = evaluate(self.roles, self.tokenizer, task.prompts(split), name, stage,
-                                           oracle=task.oracle, judge=task.judge)
+                                           oracle=task.oracle, judge=task.judge, judged_text=task.judged_text)
                 if split == "eval":
                     console.say(console.eval_line(tag, step, stage.steps, values, name if several else None))
                 prefixes = ([f"eval/{tag}/"] if i == 0 else []) + ([f"eval/{tag}/{name}/"] if several else [])
@@ -195,14 +195,16 @@ class RLRecipe:
             self.tracker.wandb_run.log({key: table}, step=step)
 
 
-def rollout_samples(rollout, tokenizer, oracle=None, judge=None, limit: int = 8) -> list[dict]:
+def rollout_samples(rollout, tokenizer, task, limit: int = 8) -> list[dict]:
     """The first ``limit`` responses of a training rollout, decoded, with their raw reward (and the task's
     oracle and judge, when it has them)."""
+    oracle, judge = task.oracle, task.judge
     queries = tokenizer.batch_decode(rollout.query_ids[:limit], skip_special_tokens=True)
     responses = tokenizer.batch_decode(rollout.response_ids[:limit], skip_special_tokens=True)
     rewards = rollout.raw_scores[:limit].tolist() if rollout.raw_scores is not None else [None] * len(queries)
-    # A conversation's judges read the assistant turn only; a plain text's, the prompt and its continuation.
-    judged = responses if rollout.conversations is not None else [q + r for q, r in zip(queries, responses)]
+    # The judges read what the evaluation reads: a plain prompt and its continuation, a conversation's reply.
+    prompts = rollout.conversations[:limit] if rollout.conversations is not None else queries
+    judged = [task.judged_text(p, r) for p, r in zip(prompts, responses)]
     return [{"query": q, "response": r, "reward": w, "oracle": oracle(t) if oracle is not None else None,
              "well_formed": judge(t) if judge is not None else None}
             for q, r, w, t in zip(queries, responses, rewards, judged)]
