@@ -25,7 +25,7 @@ from marl_exp.config import ConfigError, DataConfig, TinyArchConfig
 from marl_exp.conformance.checks import Probe
 from marl_exp.data import build_task, chat
 from marl_exp.data.reviews import oracle_score
-from marl_exp.data.reviews_chat import as_chat_task, opening_of
+from marl_exp.data.reviews_chat import as_chat_task
 from marl_exp.data.task import _reviews_task
 from marl_exp.modeling.tiny import builtin_model_dir
 from marl_exp.ppo.rollout import PerfOptions, Rollout, reward_inputs, sample, score
@@ -164,16 +164,8 @@ def test_reviews_chat_is_the_reviews_task_as_conversations():
         system, asked, answer = row
         assert system == SYSTEM and answer == {"role": "assistant", "content": text}
         assert text.startswith(asked["content"].removeprefix("review: "))
-    assert [r[0]["content"] for r in task.pairs_train["chosen"]] == plain.pairs_train["chosen"]
-    off_request = 0
-    for chosen, plain_rejected, row in zip(plain.pairs_train["chosen"], plain.pairs_train["rejected"],
-                                           task.pairs_train["rejected"]):
-        rejected = row[0]["content"]
-        if rejected != plain_rejected:  # data.pair_off_request_prob: the chosen review under another opening
-            opening = opening_of(chosen)
-            assert opening_of(rejected) != opening and rejected[len(opening_of(rejected)):] == chosen[len(opening):]
-            off_request += 1
-    assert 0 < off_request < len(plain.pairs_train["chosen"])
+    for side in ("chosen", "rejected"):
+        assert [r[0]["content"] for r in task.pairs_train[side]] == plain.pairs_train[side]
     assert [p[-1]["content"] for p in task.prompts_eval] == [f"review: {o}" for o in plain.prompts_eval]
     assert task.oracle is oracle_score  # the same oracle, on the assistant turn
     assert as_chat_task(plain, cfg).name == "reviews_chat"
@@ -368,10 +360,3 @@ def test_a_chat_reply_is_judged_as_the_review_it_gives_for_the_requested_opening
     assert oracle_strict([prompt], [reply]) == [reviews.oracle_strict(judged)]
     assert judged_text("the movie was", " great .") == "the movie was great ."  # plain prompts: unchanged
 
-
-def test_no_off_request_pairs_leaves_the_plain_pairs():
-    cfg = data_cfg(name="reviews_chat", num_sft_train=20, num_sft_eval=4, num_pairs_train=20, num_pairs_eval=4,
-                   pair_off_request_prob=0.0)
-    plain, task = _reviews_task(cfg), build_task(cfg)
-    for side in ("chosen", "rejected"):
-        assert [r[0]["content"] for r in task.pairs_train[side]] == plain.pairs_train[side]

@@ -561,10 +561,6 @@ class DataConfig:
     # The chat template: null = the tokenizer's own; a name in conf/chat_templates/ (chatml) or a .jinja file.
     chat_template: Optional[str] = None
     system_prompt: Optional[str] = None  # reviews_chat / hh_rlhf conversations: a system turn first (null = none)
-    # reviews_chat: share of preference pairs whose rejected reply is the chosen review under another opening (a
-    # good review, not the one asked for). Without them the reward model never saw a reply that ignores the
-    # request, and RL gave one review to every request (GRPO: strict gold 0.40 -> 0.01 on seed 2026).
-    pair_off_request_prob: float = 0.2
     conversational: bool = False  # hh_rlhf: load the dialogues as message lists rather than raw text
 
 
@@ -872,8 +868,6 @@ def _validate_data(data: DictConfig) -> None:
            f"data.pair_negation_prob={data.pair_negation_prob!r} must be in [0, 1]")
     _check(0 <= data.pair_splice_prob < 1, f"data.pair_splice_prob={data.pair_splice_prob!r} must be in [0, 1)")
     _check(0 <= data.pair_edit_prob < 1, f"data.pair_edit_prob={data.pair_edit_prob!r} must be in [0, 1)")
-    _check(0 <= data.pair_off_request_prob < 1,
-           f"data.pair_off_request_prob={data.pair_off_request_prob!r} must be in [0, 1)")
     _check(0 <= data.pair_truncate_prob < 1,
            f"data.pair_truncate_prob={data.pair_truncate_prob!r} must be in [0, 1)")
 

@@ -12,8 +12,6 @@ assistant turns; PPO prompts as message lists. The oracle scores the assistant t
 
 from __future__ import annotations
 
-import random
-
 from datasets import Dataset
 
 from marl_exp.data import reviews
@@ -44,12 +42,9 @@ def as_chat_task(plain, data_cfg):
 
     def pairs(split: str) -> Dataset:
         data = plain.pairs_train if split == "train" else plain.pairs_eval
-        rng = random.Random(f"{data_cfg.seed}-{split}-off-request")
-        rejected = [off_request(c, rng) if rng.random() < data_cfg.pair_off_request_prob else r
-                    for c, r in zip(data["chosen"], data["rejected"])]
         return Dataset.from_dict({"prompt": [user_turn(opening_of(c), system) for c in data["chosen"]],
                                   "chosen": [[_assistant(c)] for c in data["chosen"]],
-                                  "rejected": [[_assistant(r)] for r in rejected]})
+                                  "rejected": [[_assistant(r)] for r in data["rejected"]]})
 
     def prompts(split: str) -> tuple[list, list[str]]:
         openings = plain.prompts(split)
@@ -58,13 +53,6 @@ def as_chat_task(plain, data_cfg):
     # The judges read the assistant turn as the review it gives for the requested opening (judged_text).
     return Task("reviews_chat", sft=sft, pairs=pairs, prompts=prompts, oracle=reviews.oracle_score,
                 judge=reviews.well_formed, extra_eval_splits=plain.extra_eval_splits, judged_text=judged_text)
-
-
-def off_request(review: str, rng: random.Random) -> str:
-    """The same review under another opening: well formed and as positive, but not the review asked for."""
-    opening = opening_of(review)
-    other = rng.choice([o for o in reviews.openings() if o != opening])
-    return other + review[len(opening):]
 
 
 def requested_opening(prompt: list[dict]) -> str | None:
