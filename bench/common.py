@@ -249,12 +249,21 @@ def tensor_bytes(module) -> int:
 
 
 # ----------------------------------------------------------------------------------------- machine
+# The instruction sets that decide a CPU's matmul speed per dtype (bf16 runs ~7x fp32 with AMX, ~1x without).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+
+
 def machine() -> dict:
+    """Where a result was measured: CPU and its matmul-relevant flags, threads, torch build, the commit and
+    whether the tree had uncommitted changes (a result from a dirty tree cannot be reproduced from a commit)."""
     import torch
 
-    info = {"cpu": _cpu_name(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "git": _git_commit()}
+    commit, dirty = git_state()
+    info = {"cpu": _cpu_name(), "cpu_flags": _cpu_flags(), "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "git": commit + ("+dirty" if dirty else ""), "tree": "dirty" if dirty else "clean",
+            "load_avg_at_start": round(os.getloadavg()[0], 2)}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -262,7 +271,21 @@ def machine() -> dict:
 
 def machine_line(info: dict) -> str:
     where = info.get("gpu") or f"{info['cpu']}, {info['cpu_cores']} cores, {info['torch_threads']} torch threads"
-    return f"{where}; torch {info['torch']}; commit {info['git']}"
+    flags = f" ({' '.join(info['cpu_flags'])})" if info.get("cpu_flags") else ""
+    return f"{where}{flags}; torch {info['torch']}; commit {info['git']}"
+
+
+def require_clean_tree(allow_dirty: bool) -> None:
+    """Results are tied to a commit: refuse to measure uncommitted code unless asked (``--allow-dirty``)."""
+    commit, dirty = git_state()
+    if dirty and not allow_dirty:
+        sys.exit(f"bench: error: the tree at {commit} has uncommitted changes ({dirty.splitlines()[0].strip()} ...); "
+                 "commit them first, or pass --allow-dirty (the result then records the tree as dirty)")
+
+
+def add_allow_dirty(parser) -> None:
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="measure a tree with uncommitted changes (recorded as dirty in the results)")
 
 
 def _cpu_name() -> str:
@@ -275,15 +298,42 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _git_commit() -> str:
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [flag for flag in ISA_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
+def git_state() -> tuple[str, str]:
+    """(short commit, ``git status --porcelain`` of tracked files: empty when clean)."""
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10)
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
+        return out.stdout.strip() or "unknown", dirty
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return "unknown", ""
+
+
+def _git_commit() -> str:
+    commit, dirty = git_state()
+    return commit + ("+dirty" if dirty else "")
+
+
+def seeds(name: str) -> tuple[list[int], str]:
+    """A seed list from bench/seeds.json and the commit that last changed that file (a claim names it)."""
+    lists = json.loads((REPO / "bench" / "seeds.json").read_text())
+    if name not in lists or not isinstance(lists[name], list):
+        raise SystemExit(f"bench: error: bench/seeds.json has no seed list {name!r}")
+    out = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", "bench/seeds.json"],
+                         capture_output=True, text=True, timeout=10)
+    return [int(s) for s in lists[name]], out.stdout.strip() or "uncommitted"
 
 
 def write_json(path: Path, payload: dict) -> None:

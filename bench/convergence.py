@@ -8,19 +8,25 @@ Judged by the strict gold (issue 13): per chain ``oracle_strict`` (the oracle on
 elsewhere) after PPO at least 0.8 and up at least 0.25 from the SFT policy, ``well_formed`` at least 0.9 and
 the KL to the reference at most 10 nats, on the held-out evaluation prompts.
 
-    python bench/convergence.py --seeds 2026 2027 2028             # × fp32 8bit 4bit
+    python bench/convergence.py --jobs 3                 # bench/seeds.json's "convergence" list × fp32 8bit 4bit
     python bench/convergence.py --seeds 0 --quants fp32 -- stage.steps=50   # extra overrides after --
+
+The results record the machine (CPU, its flags, threads, torch, commit, clean or dirty tree) and the seed
+list's origin; a dirty tree is refused unless ``--allow-dirty``. ``--from-json`` merges earlier results
+files through this script, keeping each file's machine record.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import common  # noqa: E402  (bench/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_STRICT, TARGET_RISE, TARGET_WELL_FORMED, TARGET_KL, TARGET_MINUTES = 0.8, 0.25, 0.9, 10.0, 15.0
@@ -117,38 +123,58 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[2026, 2027, 2028])
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: bench/seeds.json's convergence list")
     parser.add_argument("--quants", nargs="+", default=["fp32", "8bit", "4bit"])
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="chains at once; with more than one, each runs with threads=1")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "convergence")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--name", default="convergence", help="results file stem (bench/results/<name>.json)")
     parser.add_argument("--png", type=Path, default=REPO / "docs" / "convergence.png")
     parser.add_argument("--from-json", type=Path, nargs="+",
                         help="no runs: merge these results files into one table and plot")
+    common.add_allow_dirty(parser)
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides (after --)")
     args = parser.parse_args()
     if args.from_json:
-        rows = [row for path in args.from_json for row in json.loads(path.read_text())["rows"]]
-        print(markdown(rows))
-        plot(rows, args.png)
+        sources = [json.loads(path.read_text()) for path in args.from_json]
+        rows = [row for source in sources for row in source["rows"]]
+        write_results(args, rows, {"merged_from": [{"file": str(path), "machine": source.get("machine"),
+                                                    "seeds": source.get("seeds")}
+                                                   for path, source in zip(args.from_json, sources)]})
         return
 
+    common.require_clean_tree(args.allow_dirty)
+    machine = common.machine()  # before the runs: the commit and tree state they ran on
+    seeds, seeds_commit = (args.seeds, "command line") if args.seeds else common.seeds("convergence")
+    extra = [*args.overrides, *(["threads=1"] if args.jobs > 1 else [])]
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    rows = []
-    for quant in args.quants:
-        for seed in args.seeds:
-            print(f"running chain quant={quant} seed={seed} ...", flush=True)
-            row = run_chain(quant, seed, args.out / stamp / f"{quant}-seed{seed}", args.overrides)
-            rows.append(row)
-            print(markdown([row]).splitlines()[-1], flush=True)
+    chains = [(quant, seed) for quant in args.quants for seed in seeds]
+    print(f"{len(chains)} chains, {args.jobs} at once, on {common.machine_line(machine)}", flush=True)
+
+    def one(chain):
+        quant, seed = chain
+        row = run_chain(quant, seed, args.out / stamp / f"{quant}-seed{seed}", extra)
+        print(markdown([row]).splitlines()[-1], flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(one, chains))
+    machine["jobs"] = args.jobs
+    write_results(args, rows, {"machine": machine, "seeds": {"list": seeds, "from": seeds_commit},
+                               "overrides": extra})
+    sys.exit(0 if all(r.get("passed") for r in rows) else 1)
+
+
+def write_results(args, rows: list[dict], record: dict) -> None:
     table = markdown(rows)
     print("\n" + table)
-    machine = f"{os.cpu_count()} CPU cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "convergence.md").write_text(f"Machine: {machine}\n\n{table}\n")
-    (args.results / "convergence.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    header = json.dumps({k: v for k, v in record.items()}, indent=None)
+    (args.results / f"{args.name}.md").write_text(f"Written by bench/convergence.py. Record: {header}\n\n{table}\n")
+    (args.results / f"{args.name}.json").write_text(json.dumps({**record, "rows": rows}, indent=2) + "\n")
     plot(rows, args.png)
-    print(f"\nwrote {args.results / 'convergence.md'}, {args.png}")
-    sys.exit(0 if all(r.get("passed") for r in rows) else 1)
+    print(f"\nwrote {args.results / (args.name + '.json')}, {args.png}")
 
 
 if __name__ == "__main__":
