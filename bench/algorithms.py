@@ -25,7 +25,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convergence import (  # noqa: E402  (bench/ is not a package)
+import common  # noqa: E402  (bench/ is not a package)
+from convergence import (  # noqa: E402
     TARGET_KL,
     TARGET_RISE,
     TARGET_STRICT,
@@ -51,7 +52,7 @@ def run(algorithm: str, seed: int, out: Path, extra: list[str]) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = sum(1 for r in rows if "time/rollout" in r)  # logged steps (log_every=1)
     per_step = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())["stage"]["batch_size"]
-    return {"algorithm": algorithm, "seed": seed, "failed": False, "minutes": minutes, "steps": steps,
+    return {"algorithm": algorithm, "seed": seed, "overrides": extra, "failed": False, "minutes": minutes, "steps": steps,
             "responses_per_step": per_step,
             **{f"eval/{tag}/{k}": summary[f"eval/{tag}/{k}"] for tag in ("before", "after")
                for k in ("oracle_strict", "well_formed", "oracle_score", "reward_score", "kl", "response_length")},
@@ -96,31 +97,51 @@ def run_mean_strict(r: dict) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def by_algorithm(rows: list[dict]) -> str:
-    """One line per algorithm over its seeds: mean [min, max]."""
-    def spread(values: list[float], fmt: str) -> str:
-        if not values:
-            return "–"
-        return f"{sum(values) / len(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
+SUMMARY_METRICS = {  # summary key: (what it is of a run, format in the table)
+    "strict_after": (lambda r: r["eval/after/oracle_strict"], ".3f"),
+    "well_formed_after": (lambda r: r["eval/after/well_formed"], ".3f"),
+    "kl_after": (lambda r: r["eval/after/kl"], ".2f"),
+    "mean_strict_over_run": (run_mean_strict, ".3f"),
+    "responses_to_reach": (responses_to_reach, ".0f"),
+    "minutes": (lambda r: r["minutes"], ".1f"),
+}
 
-    lines = [f"| algorithm | runs meeting the target | strict gold after | well formed after | KL after (nats) "
-             f"| mean strict over the run | responses to strict ≥ {REACHED} | minutes per run |",
-             "|---|---|---|---|---|---|---|---|"]
+
+def summarize(rows: list[dict]) -> dict:
+    """Per algorithm over its seeds: runs meeting the target, and mean / min / max of each summary metric
+    (responses_to_reach over the runs that reached it; ``never`` counts the others)."""
+    summary = {}
     for algorithm in ALGORITHMS:
         runs = [r for r in rows if r["algorithm"] == algorithm]
         done = [r for r in runs if not r["failed"]]
         if not runs:
             continue
-        reach = [responses_to_reach(r) for r in done]
-        reach_cell = spread([x for x in reach if math.isfinite(x)], ".0f")
-        if any(not math.isfinite(x) for x in reach):
-            reach_cell += f" ({sum(not math.isfinite(x) for x in reach)} never)"
-        lines.append(f"| {algorithm} | {sum(meets_target(r) for r in done)} of {len(runs)} "
-                     f"| {spread([r['eval/after/oracle_strict'] for r in done], '.3f')} "
-                     f"| {spread([r['eval/after/well_formed'] for r in done], '.3f')} "
-                     f"| {spread([r['eval/after/kl'] for r in done], '.2f')} "
-                     f"| {spread([run_mean_strict(r) for r in done], '.3f')} | {reach_cell} "
-                     f"| {spread([r['minutes'] for r in done], '.1f')} |")
+        entry = {"runs": len(runs), "meeting_target": sum(meets_target(r) for r in done)}
+        for key, (of_run, _) in SUMMARY_METRICS.items():
+            values = [of_run(r) for r in done]
+            finite = [v for v in values if math.isfinite(v)]
+            entry[key] = ({"mean": sum(finite) / len(finite), "min": min(finite), "max": max(finite)}
+                          if finite else None)
+            if len(finite) < len(values):
+                entry[key + "_never"] = len(values) - len(finite)
+        summary[algorithm] = entry
+    return summary
+
+
+def by_algorithm(rows: list[dict]) -> str:
+    """One line per algorithm over its seeds: mean [min, max]."""
+    lines = [f"| algorithm | runs meeting the target | strict gold after | well formed after | KL after (nats) "
+             f"| mean strict over the run | responses to strict ≥ {REACHED} | minutes per run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for algorithm, entry in summarize(rows).items():
+        cells = []
+        for key, (_, fmt) in SUMMARY_METRICS.items():
+            stats = entry[key]
+            cell = "–" if stats is None else f"{stats['mean']:{fmt}} [{stats['min']:{fmt}}, {stats['max']:{fmt}}]"
+            if entry.get(key + "_never"):
+                cell += f" ({entry[key + '_never']} never)"
+            cells.append(cell)
+        lines.append(f"| {algorithm} | {entry['meeting_target']} of {entry['runs']} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -159,24 +180,37 @@ def plot(rows: list[dict], path: Path) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: bench/seeds.json's algorithms list")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench-algorithms")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="results file to write (e.g. bench/results/algorithms.json; default: <out>/algorithms.json)")
     parser.add_argument("--plot", type=Path, default=None, help="learning curves PNG (default: <out>/algorithms.png)")
     parser.add_argument("--from-json", nargs="*", type=Path, default=[],
-                        help="tabulate and plot saved algorithms.json files instead of running")
+                        help="tabulate and plot saved results files instead of running (merged through this script)")
+    common.add_allow_dirty(parser)
     parser.add_argument("extra", nargs="*", help="overrides for every run, after --")
     args = parser.parse_args(argv)
     if args.from_json:
-        rows = [row for path in args.from_json for row in json.loads(path.read_text())]
+        sources = [json.loads(path.read_text()) for path in args.from_json]
+        rows = [row for source in sources for row in (source if isinstance(source, list) else source["rows"])]
+        record = {"merged_from": [{"file": str(path), **({} if isinstance(source, list) else
+                                                         {k: source.get(k) for k in ("machine", "seeds", "overrides")})}
+                                  for path, source in zip(args.from_json, sources)]}
     else:
-        rows = [run(a, s, args.out, args.extra) for s in args.seeds for a in args.algorithms]
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "algorithms.json").write_text(json.dumps(rows, indent=1))
+        common.require_clean_tree(args.allow_dirty)
+        machine = common.machine()
+        seeds, seeds_from = (args.seeds, "command line") if args.seeds else common.seeds("algorithms")
+        rows = [run(a, s, args.out, args.extra) for s in seeds for a in args.algorithms]
+        record = {"machine": machine, "seeds": {"list": seeds, "from": seeds_from}, "overrides": args.extra}
     rows.sort(key=lambda r: (ALGORITHMS.index(r["algorithm"]), r["seed"]))
+    results = args.results or args.out / "algorithms.json"
+    targets = {"oracle_strict_min": TARGET_STRICT, "oracle_strict_rise_min": TARGET_RISE,
+               "well_formed_min": TARGET_WELL_FORMED, "kl_max": TARGET_KL}
+    common.write_json(results, {**record, "targets": targets, "summary": summarize(rows), "rows": rows})
     print(markdown(rows))
     print()
     print(by_algorithm(rows))
-    print(f"learning curves: {plot(rows, args.plot or args.out / 'algorithms.png')}")
+    print(f"results: {results}; learning curves: {plot(rows, args.plot or args.out / 'algorithms.png')}")
     return int(any(r["failed"] for r in rows))
 
 

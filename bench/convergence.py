@@ -30,6 +30,8 @@ import common  # noqa: E402  (bench/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_STRICT, TARGET_RISE, TARGET_WELL_FORMED, TARGET_KL, TARGET_MINUTES = 0.8, 0.25, 0.9, 10.0, 15.0
+TARGETS = {"oracle_strict_min": TARGET_STRICT, "oracle_strict_rise_min": TARGET_RISE,
+           "well_formed_min": TARGET_WELL_FORMED, "kl_max": TARGET_KL, "chain_minutes_max": TARGET_MINUTES}
 REPORTED = ("oracle_strict", "well_formed", "oracle_score", "reward_score", "kl", "response_length")
 
 
@@ -162,7 +164,7 @@ def main() -> None:
         rows = list(pool.map(one, chains))
     machine["jobs"] = args.jobs
     write_results(args, rows, {"machine": machine, "seeds": {"list": seeds, "from": seeds_commit},
-                               "overrides": extra})
+                               "overrides": extra, "targets": TARGETS})
     sys.exit(0 if all(r.get("passed") for r in rows) else 1)
 
 

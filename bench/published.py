@@ -1,0 +1,111 @@
+"""Every number the docs publish traces to a results file: a check, run by the test suite.
+
+A published result sits in a marked block of README.md or docs/*.md:
+
+    <!-- results: bench/results/convergence.json | python bench/convergence.py --jobs 3 -->
+    ...table or prose...
+    <!-- /results -->
+
+The block names its results file(s) (comma-separated) and, after ``|``, the command that wrote them. Every
+decimal number in the block (code spans and fenced code left out: they hold commands and settings) must be
+some number of those files rounded to the decimals quoted: `0.995` matches 0.99479, `7.8` matches 7.83.
+
+    python bench/published.py            # lists each block and any number missing from its files
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"<!-- results: (?P<files>[^|>]+?)\s*\|\s*(?P<command>.+?)\s*-->(?P<body>.*?)<!-- /results -->",
+                   re.DOTALL)
+FENCE = re.compile(r"```.*?```", re.DOTALL)
+CODE_SPAN = re.compile(r"`[^`\n]*`")
+DECIMAL = re.compile(r"(?<![\w.])[-−]?\d+\.\d+(?![\d.]*\w)")
+NUMBER_IN_TEXT = re.compile(r"[-−]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+@dataclass
+class Block:
+    page: str
+    line: int
+    files: list[str]
+    command: str
+    missing: list[str] = field(default_factory=list)
+    checked: int = 0
+
+
+def published_pages() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def quoted_numbers(body: str) -> list[str]:
+    text = CODE_SPAN.sub(" ", FENCE.sub(" ", body))
+    return DECIMAL.findall(text)
+
+
+def numbers_in(value) -> list[float]:
+    """Every number in a JSON value, also those written inside strings (a machine line, a label)."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, str):
+        return [float(n) for n in NUMBER_IN_TEXT.findall(value.replace("−", "-"))]
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in numbers_in(k) + numbers_in(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in numbers_in(v)]
+    return []
+
+
+def matches(quoted: str, values: list[float]) -> bool:
+    number = float(quoted.replace("−", "-"))
+    decimals = len(quoted.split(".")[1])
+    half_unit = 0.5 * 10 ** -decimals + 1e-9
+    return any(abs(v - number) <= half_unit for v in values)
+
+
+def check_page(path: Path) -> list[Block]:
+    text = path.read_text()
+    blocks = []
+    for found in BLOCK.finditer(text):
+        files = [f.strip() for f in found["files"].split(",")]
+        block = Block(str(path.relative_to(REPO)), text.count("\n", 0, found.start()) + 1, files, found["command"])
+        values = []
+        for name in files:
+            results = REPO / name
+            if not results.is_file():
+                block.missing.append(f"results file {name} does not exist")
+                continue
+            values += numbers_in(json.loads(results.read_text()))
+        for quoted in quoted_numbers(found["body"]):
+            block.checked += 1
+            if not matches(quoted, values):
+                block.missing.append(quoted)
+        blocks.append(block)
+    return blocks
+
+
+def check_all() -> list[Block]:
+    return [block for page in published_pages() for block in check_page(page)]
+
+
+def main() -> None:
+    blocks = check_all()
+    bad = 0
+    for b in blocks:
+        status = "ok" if not b.missing else f"MISSING {', '.join(b.missing)}"
+        print(f"{b.page}:{b.line}  {', '.join(b.files)}  {b.checked} numbers  {status}")
+        bad += bool(b.missing)
+    print(f"{len(blocks)} blocks, {bad} with numbers not in their results files")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
