@@ -67,7 +67,9 @@ def trainer_kwargs(cfg, output_dir: Path, device: torch.device) -> dict:
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=device.type == "cpu",
-        bf16=cfg.quant.mode == "bf16" and device.type == "cuda",
+        # bf16 mixed precision, on a CPU too: the fp32 adapters and heads (upcast_trainable_to_fp32) receive
+        # the bf16 base's hidden states, and only autocast runs their matmuls on both.
+        bf16=cfg.quant.mode == "bf16",
         report_to="none",  # our TrackerCallback forwards logs to W&B and metrics.jsonl
         save_strategy="no",  # the stage saves its own output; checkpoints are its own business
         eval_strategy="no",
@@ -113,8 +115,9 @@ def count_parameters(model) -> dict:
 
 
 def upcast_trainable_to_fp32(model) -> None:
-    """TRL casts trainable weights of quantized models to bf16; keep adapters and heads in fp32,
-    the dtype of the hidden states they receive on CPU (and the precision LoRA training wants)."""
+    """TRL casts trainable weights of quantized models to bf16, and peft keeps ``modules_to_save`` (the
+    score head) in the base dtype; keep every trainable weight, and so its optimizer state, in fp32. Over a
+    bf16 base the forward then needs autocast (``bf16=True`` in ``trainer_kwargs``)."""
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
