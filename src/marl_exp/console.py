@@ -277,8 +277,9 @@ def result(cfg: DictConfig, run_dir: Path, summary: dict[str, Any]) -> str:
     lines = [f"marl-exp: result of the {stage} stage{took}"]
     if stage in ("ppo", "grpo", "rloo", "reinforce_pp"):
         lines += _ppo_table(cfg, summary)
+        files = "peft adapters + value_head.safetensors" if stage == "ppo" else "peft adapters"  # only PPO has a critic
         lines.append("  adapters   " + ", ".join(str(run_dir / "policies" / n) for n in cfg.stage.policies)
-                     + " (peft adapters + value_head.safetensors)")
+                     + f" ({files})")
         lines.append(f"  samples    marl-exp sample {run_dir}")
     elif stage == "reward":
         lines.append(_row("held-out pairwise accuracy", None, summary.get("eval/pairwise_accuracy")))

@@ -85,12 +85,15 @@ def checkpoint_step(checkpoint: Path | None) -> int | None:
 
 
 def load_checkpoint(checkpoint: Path, model, adapters: list[str]) -> tuple[dict, dict]:
-    """Load adapter and value-head weights into ``model``; return (trainer state, summary so far)."""
+    """Load adapter and value-head weights into ``model``; return (trainer state, summary so far).
+
+    A policy without a value head file is one of a critic-free stage, which trains none."""
     for name in adapters:
         directory = checkpoint / "policies" / name
         weights = load_file(directory / "adapter_model.safetensors", device=str(model.device))
         set_peft_model_state_dict(model.peft_model, weights, adapter_name=name)
-        model.value_heads[name].load_state_dict(load_file(directory / VALUE_HEAD_FILE, device=str(model.device)))
+        if (directory / VALUE_HEAD_FILE).is_file():
+            model.value_heads[name].load_state_dict(load_file(directory / VALUE_HEAD_FILE, device=str(model.device)))
     state = torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu")
     return state["trainer"], state["summary"]
 

@@ -94,7 +94,7 @@ class RLTrainer:
         self.step_count = 0
         # Steps with non-finite values (their updates are skipped): in a row, and in all.
         self.bad_steps_in_a_row, self.bad_steps_total = 0, 0
-        updates = cfg.steps * self._updates_per_batch() * math.ceil(cfg.batch_size / cfg.optim.mini_batch_size)
+        updates = cfg.steps * self._updates_per_policy_step()
         self.policies = {name: self._policy_state(name, updates) for name in cfg.policies}
 
     def _policy_state(self, name: str, updates: int) -> PolicyState:
@@ -169,6 +169,7 @@ class RLTrainer:
     def _finish_step(self, rollouts: dict[str, Rollout], stats: dict, timings: dict) -> dict:
         self.last_rollouts = rollouts
         self.step_count += 1
+        self._schedules_to_step_clock()
         skipped = sum(v for k, v in stats.items() if k.endswith("ppo/skipped_nonfinite"))
         stats.update(self._count_bad_step(
             f"{int(skipped)} update(s) had non-finite losses or gradients" if skipped else None, stats))
@@ -257,10 +258,10 @@ class RLTrainer:
                     grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, cfg.optim.max_grad_norm)
                     if math.isfinite(float(grad_norm)):
                         policy.optimizer.step()
-                        policy.scheduler.step()
                         mb_stats[0]["ppo/grad_norm"] = float(grad_norm)
                     else:  # never apply a NaN/inf gradient (the grads are zeroed before the next one)
                         skipped = nonfinite = True
+                policy.scheduler.step()  # a skipped update still uses up its place in the schedule
                 nonfinite_updates += int(nonfinite)
                 epoch_stats.extend(mb_stats)
                 epoch_stats[-1]["ppo/skipped_batches"] = float(skipped)
@@ -270,14 +271,28 @@ class RLTrainer:
         policy.optimizer.zero_grad(set_to_none=True)
         return epoch_stats, stopped_early, nonfinite_updates
 
+    def _updates_per_policy_step(self) -> int:
+        """The optimizer updates a step plans for each policy: one per mini-batch, per epoch."""
+        return self._updates_per_batch() * math.ceil(self.cfg.batch_size / self.cfg.optim.mini_batch_size)
+
+    def _schedules_to_step_clock(self) -> None:
+        """Every LR schedule at the update the step count has reached. The schedule runs on the step clock,
+        as the run's length does: an update skipped, left out by an early stop, or lost with a skipped step
+        still counts, so the learning rate at each step is a run's without skips, and 0 after the last."""
+        planned = self.step_count * self._updates_per_policy_step()
+        for policy in self.policies.values():
+            while policy.scheduler.last_epoch < planned:
+                policy.scheduler.step()
+
     # ------------------------------------------------------------------------- non-finite values
     def _updates_per_step(self) -> int:
-        return self._updates_per_batch() * math.ceil(self.cfg.batch_size / self.cfg.optim.mini_batch_size) * len(self.policies)
+        return self._updates_per_policy_step() * len(self.policies)
 
     def _skip_step(self, problem: str, timings: dict) -> dict:
         """A step whose rollout had non-finite values: nothing is updated (weights, optimizer, KL
-        controller, score statistics); the step still counts, so the prompt stream moves on."""
+        controller, score statistics); the step still counts, so the prompt stream and the LR schedule move on."""
         self.step_count += 1
+        self._schedules_to_step_clock()
         timings["time/step"] = sum(timings.values())
         stats = {**timings, "ppo/skipped_nonfinite": float(self._updates_per_step()), **self._skip_stats()}
         stats.update(self._count_bad_step(problem, stats))
