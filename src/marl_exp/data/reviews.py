@@ -36,7 +36,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 SUBJECTS = (
     "the movie", "this film", "the story", "the acting", "the music", "the ending",
@@ -249,6 +249,17 @@ class ReviewGenerator:
             body += f" {self.rng.choice(CONNECTORS)} {self._phrase(positive)}"
         body += f" . {self._closing(units[-1])} ."
         return Review(opening, body, sentiment)
+
+    def review_texts(self, n: int, exclude: Collection[str] = ()) -> list[str]:
+        """The texts of the next ``n`` reviews not in ``exclude``. A held-out split passes the training
+        split's texts: the grammar is small enough that independent draws repeat (8 of 400 SFT eval reviews
+        were in the 4000 training ones)."""
+        texts = []
+        while len(texts) < n:
+            text = self.review().text
+            if text not in exclude:
+                texts.append(text)
+        return texts
 
     def truncated(self, review: Review) -> Review:
         """The review cut after a random number of body words (possibly none): an unfinished review."""

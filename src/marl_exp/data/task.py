@@ -64,12 +64,14 @@ class Task:
             self._prompt_splits[split], self.prompt_origins[split] = self._prompts(split)
         return self._prompt_splits[split]
 
-    def fit_prompts(self, tokenizer, max_prompt_tokens: int, on_bad_row: str) -> None:
-        """Check (or drop, with ``on_bad_row=skip``) prompts that leave no room for the response."""
+    def fit_prompts(self, tokenizer, max_prompt_tokens: int, on_bad_row: str, reward_tokens: int = 0) -> None:
+        """Check (or drop, with ``on_bad_row=skip``) prompts that leave no room for the response and the
+        ``reward_tokens`` the reward model reads after it (``checks.fit_prompts``)."""
         for split in ("train", "eval", *self.extra_eval_splits):
             prompts = self.prompts(split)
             self._prompt_splits[split] = fit_prompts(prompts, self.prompt_origins[split], tokenizer, max_prompt_tokens,
-                                                     on_bad_row, what=f"{self.name} {split} prompts")
+                                                     on_bad_row, what=f"{self.name} {split} prompts",
+                                                     reward_tokens=reward_tokens)
 
 
 def build_task(data_cfg) -> Task:
@@ -96,9 +98,14 @@ def _reviews_task(data_cfg) -> Task:
                      "unseen_subjects": reviews.openings(reviews.UNSEEN_SUBJECTS)}
 
     # Each split has its own generator seed, so held-out data never overlaps the training stream.
-    def texts(offset: int, n: int) -> Dataset:
+    def texts(offset: int, n: int, exclude=()) -> Dataset:
         generator = reviews.ReviewGenerator(data_cfg.seed + offset)
-        return Dataset.from_dict({"text": [generator.review().text for _ in range(n)]})
+        return Dataset.from_dict({"text": generator.review_texts(n, exclude)})
+
+    def sft_texts(split: str) -> Dataset:
+        # Held-out reviews skip the training ones, which independent draws of a small grammar repeat.
+        train = texts(0, sizes["train"][0])
+        return train if split == "train" else texts(1, sizes["eval"][0], exclude=set(train["text"]))
 
     def pairs(offset: int, n: int, augmented: bool) -> Dataset:
         # Training pairs are augmented (unfinished, spliced, more negation: see config.DataConfig) and
@@ -122,7 +129,7 @@ def _reviews_task(data_cfg) -> Task:
              "eval": (data_cfg.num_sft_eval, data_cfg.num_pairs_eval)}
     return Task(
         "reviews",
-        sft=lambda split: texts(0 if split == "train" else 1, sizes[split][0]),
+        sft=sft_texts,
         pairs=lambda split: pairs(2 if split == "train" else 3, sizes[split][1], augmented=split == "train"),
         prompts=reviews_prompts,
         oracle=reviews.oracle_score,

@@ -35,7 +35,7 @@ from marl_exp.stages.common import environment_record
 from marl_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # bump when a stage's output (format or data) changes so stale caches are not reused (2: strict gold)
+CACHE_VERSION = 3  # bump when a stage's output (format or data) changes, so stale cache entries are not reused
 COMPLETE_MARKER = "summary.json"  # written last by every stage
 OUTPUT_SUBDIR = {"sft": "model", "reward": "reward_adapter", **{name: "policies" for name in RL_STAGES}}
 
