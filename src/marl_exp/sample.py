@@ -156,7 +156,7 @@ def sample_side_by_side(model, tokenizer, prompts: list[str], policy: str, stage
 
     from marl_exp.ppo import core
     from marl_exp.ppo.roles import SharedRoles
-    from marl_exp.ppo.rollout import sample, score
+    from marl_exp.ppo.rollout import response_texts, sample, score
 
     rows = []
     model.activate_policy(policy)
@@ -168,7 +168,7 @@ def sample_side_by_side(model, tokenizer, prompts: list[str], policy: str, stage
             rollout = score(SharedRoles(model), rollout, policy, "value_head", stage, tokenizer)
             rewards = rollout.raw_scores.tolist()
             kls = core.masked_sum(rollout.logprobs - rollout.ref_logprobs, rollout.response_mask, dim=1).tolist()
-        responses = tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+        responses = response_texts(tokenizer, rollout)  # prompt + response: as the tokenizer writes them together
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             tokens = rollout.response_ids[i][rollout.response_mask[i].bool()].tolist()
             rows.append({"policy": policy, "role": role, "prompt": prompt, "response": response, "response_ids": tokens,

@@ -11,7 +11,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from marl_exp.config import ConfigError
-from marl_exp.data.chat import is_conversational, prompt_length
+from marl_exp.data.chat import is_conversational, prompt_length, reward_sequences
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +73,37 @@ def drop_empty_rows(dataset: Dataset, source: str, columns: list[str], on_bad_ro
     return dataset.select([i for i in range(len(dataset)) if i not in bad_rows])
 
 
+def reward_end_tokens(tokenizer, conversational: bool) -> int:
+    """How many tokens the reward model's input may hold beyond the policy's prompt + response: the EOS
+    ``rollout.reward_inputs`` appends to a plain text cut at ``max_new_tokens``; for a conversation, what the
+    chat template writes after the assistant's reply (``<|im_end|>\\n``), measured on a probe turn."""
+    if not conversational:
+        return 1
+    prompt, reply = [{"role": "user", "content": "hi"}], "ok"
+    head = prompt_length(tokenizer, prompt)
+    whole = reward_sequences(tokenizer, [prompt], [reply])[0]
+    return max(0, len(whole) - head - len(tokenizer(reply, add_special_tokens=False).input_ids))
+
+
 def fit_prompts(prompts: list[str], origins: list[str], tokenizer, max_prompt_tokens: int, on_bad_row: str,
-                what: str) -> list[str]:
-    """Prompts longer than ``max_prompt_tokens`` (context minus the response): an error, or skipped."""
+                what: str, reward_tokens: int = 0) -> list[str]:
+    """Prompts longer than ``max_prompt_tokens`` (context minus the response) less ``reward_tokens`` (what the
+    reward model reads after the response, ``reward_end_tokens``): an error, or skipped."""
+    budget = max_prompt_tokens - reward_tokens
     if prompts and is_conversational(prompts[0]):  # message lists: as the chat template renders them
         lengths = [prompt_length(tokenizer, p) for p in prompts]
     else:
         lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
-    too_long = [i for i, n in enumerate(lengths) if n > max_prompt_tokens]
+    too_long = [i for i, n in enumerate(lengths) if n > budget]
     if not too_long:
         return prompts
     first = too_long[0]
     if on_bad_row == "error" or len(too_long) == len(prompts):
-        raise DataError(f"{origins[first]}: prompt has {lengths[first]} tokens, more than the {max_prompt_tokens} "
-                        f"that fit in the context with the response ({len(too_long)} such prompts in {what}); "
+        after = (f" and the {reward_tokens} token{'s' if reward_tokens > 1 else ''} the reward model reads after it"
+                 if reward_tokens else "")
+        raise DataError(f"{origins[first]}: prompt has {lengths[first]} tokens, more than the {budget} "
+                        f"that fit in the context with the response{after} ({len(too_long)} such prompts in {what}); "
                         "shorten them, lower stage.sampling.max_new_tokens or set data.on_bad_row=skip")
-    log.warning("%s: skipped %d of %d prompts longer than %d tokens", what, len(too_long), len(prompts),
-                max_prompt_tokens)
+    log.warning("%s: skipped %d of %d prompts longer than %d tokens", what, len(too_long), len(prompts), budget)
     skip = set(too_long)
     return [p for i, p in enumerate(prompts) if i not in skip]

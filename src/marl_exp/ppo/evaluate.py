@@ -14,7 +14,7 @@ import torch
 from marl_exp.data import chat
 from marl_exp.ppo import core
 from marl_exp.ppo.response_metrics import judged_text, response_metrics
-from marl_exp.ppo.rollout import sample, score
+from marl_exp.ppo.rollout import response_texts, sample, score
 
 EVAL_SEED = 12345
 
@@ -42,7 +42,7 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
             for name, scores in (rollout.source_scores or {}).items():
                 per_source.setdefault(name, []).append(scores.cpu())
             lengths.append(mask.sum(1).float().cpu())
-            responses = tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+            responses = response_texts(tokenizer, rollout)  # prompt + response = their joint decode
             has_eos += (rollout.has_eos if rollout.has_eos is not None
                         else (rollout.response_ids == tokenizer.eos_token_id).any(1)).tolist()
             all_responses += responses

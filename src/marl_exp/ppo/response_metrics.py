@@ -11,7 +11,9 @@ from typing import Callable, Sequence
 
 def judged_text(prompt, response: str) -> str:
     """The text a task's judges read: a plain prompt and its continuation, or for a conversation (the
-    prompt a message list) the assistant turn alone."""
+    prompt a message list) the assistant turn alone. ``response`` must be the text the tokenizer writes
+    after the prompt (``rollout.response_texts``): a SentencePiece response decoded alone lacks its
+    leading space."""
     return f"{prompt}{response}" if isinstance(prompt, str) else response
 
 

@@ -305,11 +305,33 @@ def _reward_adapter_inputs(roles, tokenizer, ids, mask, responses, response_mask
     return chat_reward_inputs(tokenizer, conversations, responses, response_mask, stop_ids, min_width=ids.shape[1])
 
 
+def response_texts(tokenizer, rollout: Rollout) -> list[str]:
+    """The responses as text, so that a plain prompt + its response is exactly the tokenizer's decode of the
+    prompt and response tokens together: what the judges, oracles and reward functions must read.
+
+    Decoded alone, a SentencePiece (Metaspace) response loses its leading space ("the movie was" +
+    "great ."), so a plain prompt's response is the text its joint decode writes after the prompt's own
+    decode. A conversation's reply is decoded alone: it is the assistant message (as TRL reads completions).
+    """
+    if rollout.conversations is not None:
+        return tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+    rows = zip(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
+    return [_continuation(tokenizer, query[query_mask.bool()].tolist(), response[response_mask.bool()].tolist())
+            for query, query_mask, response, response_mask in rows]
+
+
+def _continuation(tokenizer, prompt_ids: list[int], response_ids: list[int]) -> str:
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    whole = tokenizer.decode(prompt_ids + response_ids, skip_special_tokens=True)
+    # A decoder that rewrites the prompt's end when text follows it leaves no suffix to take: decode alone.
+    return whole[len(prompt):] if whole.startswith(prompt) else tokenizer.decode(response_ids, skip_special_tokens=True)
+
+
 def _function_scores(sources: RewardSources, rollouts: dict[str, Rollout], responses: torch.Tensor,
                      tokenizer) -> dict[str, torch.Tensor]:
     """Each function source's scores of the stacked responses, on the prompts and the decoded completions."""
     prompts = [p for r in rollouts.values() for p in _prompts_of(r, tokenizer)]
-    completions = tokenizer.batch_decode(responses, skip_special_tokens=True)  # as the evaluation decodes them
+    completions = [text for r in rollouts.values() for text in response_texts(tokenizer, r)]
     return {name: sources.call(name, prompts, completions).to(responses.device) for name in sources.functions}
 
 

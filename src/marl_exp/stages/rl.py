@@ -17,13 +17,16 @@ import torch
 from tqdm.auto import tqdm
 
 from marl_exp import console, distributed
+from marl_exp.config import reward_adapter_names, reward_sources
 from marl_exp.data import build_task, chat
+from marl_exp.data.checks import reward_end_tokens
 from marl_exp.interrupt import TrainingDiverged, stop_on_signal
 from marl_exp.modeling.loading import context_length, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.modeling.multi_adapter import base_record
 from marl_exp.ppo.checkpoint import checkpoint_step, load_checkpoint, own_rank_state, resolve_resume, save_checkpoint_on_main
 from marl_exp.ppo.evaluate import evaluate
 from marl_exp.ppo.roles import critic_name
+from marl_exp.ppo.rollout import response_texts
 from marl_exp.stages.common import count_parameters
 from marl_exp.stages.rl_models import build_roles, critic_of, make_trainer
 from marl_exp.tracking import Tracker
@@ -65,10 +68,14 @@ class RLRecipe:
         self.task = build_task(cfg.data)
         conversational = chat.is_conversational(self.task.prompts_train[0])  # message lists: the template renders
         chat.apply_template(self.tokenizer, cfg.data, conversational)
-        # Prompts that leave no room for the response fail (or are skipped) now, before the models load.
+        # Prompts that leave no room for the response (and what a reward adapter reads after it) fail, or are
+        # skipped, now, before the models load.
         context = context_length(self.sft_model, cfg.model)
         if context:
-            self.task.fit_prompts(self.tokenizer, context - stage.sampling.max_new_tokens, cfg.data.on_bad_row)
+            reward_tokens = reward_end_tokens(self.tokenizer, conversational) if reward_adapter_names(
+                reward_sources(stage)) else 0
+            self.task.fit_prompts(self.tokenizer, context - stage.sampling.max_new_tokens, cfg.data.on_bad_row,
+                                  reward_tokens)
         self.roles = build_roles(cfg, self.sft_model, self.reward_adapter, device, self.tokenizer)
         self.model = model = self.roles.model
         if distributed.is_main():
@@ -200,7 +207,7 @@ def rollout_samples(rollout, tokenizer, task, limit: int = 8) -> list[dict]:
     oracle and judge, when it has them)."""
     oracle, judge = task.oracle, task.judge
     queries = tokenizer.batch_decode(rollout.query_ids[:limit], skip_special_tokens=True)
-    responses = tokenizer.batch_decode(rollout.response_ids[:limit], skip_special_tokens=True)
+    responses = response_texts(tokenizer, rollout)[:limit]
     rewards = rollout.raw_scores[:limit].tolist() if rollout.raw_scores is not None else [None] * len(queries)
     # The judges read what the evaluation reads: a plain prompt and its continuation, a conversation's reply.
     prompts = rollout.conversations[:limit] if rollout.conversations is not None else queries
