@@ -454,11 +454,7 @@ class MultiAdapterModel(nn.Module):
         return out.last_hidden_state
 
     def _lm_logits(self, hidden: torch.Tensor, positions: slice | None = None) -> torch.Tensor:
-        # Only the positions asked for: the LM head and everything after it scale with the vocabulary.
-        if positions is not None:
-            hidden = hidden[:, positions].contiguous()  # a strided slice would make the matmul batched and slower
-        causal_lm = self.peft_model.get_base_model()
-        return output_logits(causal_lm, causal_lm.get_output_embeddings()(hidden))
+        return causal_lm_logits(self.peft_model.get_base_model(), hidden, positions)
 
     @contextlib.contextmanager
     def _checkpointing_active(self):
@@ -662,9 +658,11 @@ class MultiAdapterModel(nn.Module):
         return sizes
 
     # --------------------------------------------------------------------------------------- saving
-    def save_policy(self, directory: str | Path, adapter: str | None = None, base_record: dict | None = None) -> Path:
+    def save_policy(self, directory: str | Path, adapter: str | None = None, base_record: dict | None = None,
+                    value_head: bool = True) -> Path:
         """Save policy ``adapter`` so that plain peft loads it: adapter files at the top of ``directory``
-        (not in a per-adapter subfolder), plus ``value_head.safetensors``."""
+        (not in a per-adapter subfolder), plus ``value_head.safetensors`` when ``value_head`` (a stage
+        without a critic trains none, and saves none)."""
         adapter = adapter or self._active_policy
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -673,8 +671,9 @@ class MultiAdapterModel(nn.Module):
         state = get_peft_model_state_dict(self.peft_model, adapter_name=adapter, save_embedding_layers=False)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, directory / "adapter_model.safetensors")
         self.peft_model.peft_config[adapter].save_pretrained(directory)
-        head_state = {k: v.detach().contiguous().cpu() for k, v in self.value_heads[adapter].state_dict().items()}
-        save_file(head_state, directory / VALUE_HEAD_FILE)
+        if value_head:
+            head_state = {k: v.detach().contiguous().cpu() for k, v in self.value_heads[adapter].state_dict().items()}
+            save_file(head_state, directory / VALUE_HEAD_FILE)
         if base_record is not None:
             atomic_write_json(directory / BASE_RECORD, base_record)
         return directory
@@ -781,6 +780,15 @@ def reward_adapter_pad_token_id(source: str) -> int | None:
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def causal_lm_logits(causal_lm: nn.Module, hidden: torch.Tensor, positions: slice | None = None) -> torch.Tensor:
+    """Last hidden states -> the logits ``causal_lm``'s own forward returns, at ``positions`` only (every
+    role's logits come from here, whichever model holds the role)."""
+    # Only the positions asked for: the LM head and everything after it scale with the vocabulary.
+    if positions is not None:
+        hidden = hidden[:, positions].contiguous()  # a strided slice would make the matmul batched and slower
+    return output_logits(causal_lm, causal_lm.get_output_embeddings()(hidden))
 
 
 def output_logits(causal_lm: nn.Module, logits: torch.Tensor) -> torch.Tensor:

@@ -30,12 +30,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def save_checkpoint(run_dir: Path, step: int, model, adapters: list[str], trainer_state: dict, summary: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, adapters: list[str], trainer_state: dict, summary: dict,
+                    value_heads: bool = True) -> Path:
     final = Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     for name in adapters:
-        model.save_policy(tmp / "policies" / name, adapter=name)
+        model.save_policy(tmp / "policies" / name, adapter=name, value_head=value_heads)
     torch.save({"trainer": trainer_state, "summary": summary}, tmp / STATE_FILE)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     atomic_write_json(tmp / MANIFEST, {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}})
@@ -108,7 +109,7 @@ def save_checkpoint_on_main(run_dir: Path, step: int, model, adapters: list[str]
     if distributed.is_main():
         if distributed.is_distributed():
             state["rank_states"] = rank_states
-        path = save_checkpoint(run_dir, step, model, adapters, state, summary)
+        path = save_checkpoint(run_dir, step, model, adapters, state, summary, value_heads=trainer.critic != "none")
     distributed.barrier()
     return distributed.broadcast(path)
 

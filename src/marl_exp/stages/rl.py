@@ -3,8 +3,8 @@ critic-free algorithm (``stage=grpo|rloo|reinforce_pp``); one recipe for all. Th
 sum of ``stage.rewards``: frozen reward adapters on the same base and Python functions.
 
 Output: ``<run_dir>/policies/<name>/`` — a PEFT adapter dir (loads with plain peft) plus
-``value_head.safetensors`` (untrained under the critic-free stages) and ``marl_exp_base.json``;
-checkpoints under ``checkpoints/``.
+``value_head.safetensors`` (PPO only: the critic-free stages train no value head) and
+``marl_exp_base.json``; checkpoints under ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -164,7 +164,8 @@ class RLRecipe:
         if distributed.is_main():
             record = base_record(self.sft_model, self.cfg.model.name, local_model_dir(self.sft_model, self.cfg.model))
             for name in self.saved_adapters:
-                self.model.save_policy(self.run_dir / POLICIES_SUBDIR / name, adapter=name, base_record=record)
+                self.model.save_policy(self.run_dir / POLICIES_SUBDIR / name, adapter=name, base_record=record,
+                                       value_head=critic_of(self.stage) != "none")
         self.tracker.update_summary(self.summary)
         return self.summary
 
