@@ -3,7 +3,7 @@
     python bench/run_all.py             # memory (tiny, small, base × fp32/8bit/4bit; large fp32; on a GPU Llama-2-7B
                                         # shapes' weights) + speed (tiny, small, ablations): ~14 min on 2 CPU cores
     python bench/run_all.py --quick     # a smoke run in about a minute
-    python bench/run_all.py --readme    # also put the table into README.md's "## Performance" section
+    python bench/run_all.py --readme    # also put the table into docs/performance.md (its perf-table block)
 
 Writes bench/results/perf-memory.json, perf-speed.json and perf.md (the report; ``--results DIR`` elsewhere). Each benchmark runs in its
 own process; memory runs one more process per configuration. Models are built once (random init, no
@@ -24,7 +24,7 @@ import common  # noqa: E402
 import memory  # noqa: E402
 import speed  # noqa: E402
 
-README = common.REPO / "README.md"
+README = common.REPO / "docs" / "performance.md"  # the page holding the perf-table block
 TABLE_START, TABLE_END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 MEMORY_TARGET_SIZES = ("base", "large")  # the >= 100M sizes the memory target is read at
 
@@ -96,7 +96,7 @@ def targets(mem: dict, spd: dict) -> list[dict]:
 
 
 def summary(mem: dict, spd: dict, results: Path = common.RESULTS) -> str:
-    """The machine and the four targets: what README.md shows."""
+    """The machine and the four targets: what docs/performance.md shows."""
     machine = common.machine_line(spd.get("machine") or mem["machine"])
     where = results.resolve().relative_to(common.REPO) if results.resolve().is_relative_to(common.REPO) else results
     how = mem.get("how") or "`python bench/run_all.py`"  # results assembled from several runs name theirs
@@ -122,7 +122,7 @@ def report(mem: dict, spd: dict, results: Path = common.RESULTS) -> str:
 def update_readme(table: str) -> None:
     text = README.read_text()
     if TABLE_START not in text or TABLE_END not in text:
-        raise SystemExit(f"README.md has no {TABLE_START} … {TABLE_END} block to replace")
+        raise SystemExit(f"docs/performance.md has no {TABLE_START} … {TABLE_END} block to replace")
     head, rest = text.split(TABLE_START, 1)
     _, tail = rest.split(TABLE_END, 1)
     README.write_text(f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}")
@@ -131,7 +131,7 @@ def update_readme(table: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model only, few steps")
-    parser.add_argument("--readme", action="store_true", help="write the report into README.md")
+    parser.add_argument("--readme", action="store_true", help="write the report into docs/performance.md")
     parser.add_argument("--skip-memory", action="store_true", help="reuse bench/results/perf-memory.json")
     parser.add_argument("--skip-speed", action="store_true", help="reuse bench/results/perf-speed.json")
     parser.add_argument("--results", type=Path, default=common.RESULTS,
@@ -151,7 +151,7 @@ def main() -> None:
     print("\n" + table)
     if args.readme:
         update_readme(summary(mem, spd, args.results))
-        print("\nupdated README.md")
+        print("\nupdated docs/performance.md")
     print(f"\nwrote {args.results / 'perf.md'} in {(time.perf_counter() - started) / 60:.1f} min")
 
 
