@@ -107,3 +107,41 @@ def fit_prompts(prompts: list[str], origins: list[str], tokenizer, max_prompt_to
     log.warning("%s: skipped %d of %d prompts longer than %d tokens", what, len(too_long), len(prompts), budget)
     skip = set(too_long)
     return [p for i, p in enumerate(prompts) if i not in skip]
+
+
+def pair_token_lengths(pairs: Dataset, tokenizer) -> tuple[list[int], list[int]]:
+    """Token counts of each pair's chosen and rejected side as TRL's RewardTrainer tokenizes them: the shared
+    ``prompt`` (when given) + the side; plain text with EOS appended, a conversation through the chat template."""
+    sides = []
+    for side in ("chosen", "rejected"):
+        texts = list(pairs[side])
+        if "prompt" in pairs.column_names:
+            texts = [prompt + text for prompt, text in zip(pairs["prompt"], texts)]
+        if texts and is_conversational(texts[0]):
+            sides.append([len(tokenizer.apply_chat_template(t, tokenize=True, return_dict=True)["input_ids"])
+                          for t in texts])
+        else:
+            eos = tokenizer.eos_token
+            sides.append([len(ids) for ids in tokenizer([t if t.endswith(eos) else t + eos for t in texts]).input_ids])
+    return sides[0], sides[1]
+
+
+def fit_pairs(pairs: Dataset, tokenizer, max_length: int, on_bad_row: str, what: str) -> Dataset:
+    """Pairs with a side longer than ``max_length`` tokens, which RewardTrainer would drop without a word:
+    an error naming how many and the longest, or (``on_bad_row=skip``, unless every pair is too long)
+    dropped and counted."""
+    chosen, rejected = pair_token_lengths(pairs, tokenizer)
+    longest = [max(c, r) for c, r in zip(chosen, rejected)]
+    too_long = [row for row, n in enumerate(longest) if n > max_length]
+    if not too_long:
+        return pairs
+    worst = max(too_long, key=lambda row: longest[row])
+    if on_bad_row == "error" or len(too_long) == len(pairs):
+        raise DataError(f"{what}: {len(too_long)} of {len(pairs)} pairs are longer than stage.max_length={max_length} "
+                        f"tokens as the reward trainer tokenizes them (the longest, row {worst}, has {longest[worst]}); "
+                        f"raise stage.max_length (upstream.reward.max_length when an RL run trains the reward "
+                        f"adapter) to at least {longest[worst]}, or set data.on_bad_row=skip to drop them")
+    log.warning("%s: skipped %d of %d pairs longer than stage.max_length=%d tokens (the longest has %d)",
+                what, len(too_long), len(pairs), max_length, longest[worst])
+    skip = set(too_long)
+    return pairs.select([row for row in range(len(pairs)) if row not in skip])

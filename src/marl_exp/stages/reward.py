@@ -18,6 +18,7 @@ from trl.data_utils import is_conversational
 from marl_exp import distributed
 from marl_exp.config import ConfigError
 from marl_exp.data import build_task, chat
+from marl_exp.data.checks import fit_pairs
 from marl_exp.interrupt import StopOnSignalCallback, stop_on_signal
 from marl_exp.modeling.loading import load_model, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.modeling.multi_adapter import write_base_record
@@ -45,6 +46,10 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, stop) -> dict:
     if conversational and chat.missing_template_tokens(tokenizer):
         raise ConfigError(f"the chat template writes {chat.missing_template_tokens(tokenizer)}, which {sft_model} "
                           "does not have; train the reward adapter on an SFT model trained with this template")
+    # Before the model loads: RewardTrainer would drop over-long pairs without a word.
+    pairs_train, pairs_eval = (fit_pairs(pairs, tokenizer, cfg.stage.max_length, cfg.data.on_bad_row,
+                                         f"{task.name} {split} preference pairs")
+                               for split, pairs in (("train", task.pairs_train), ("eval", task.pairs_eval)))
     # The score head (created by the load) and the LoRA (by RewardTrainer) draw from the global random state:
     # seed it, or the adapter depends on whatever the process drew before (a stage-cache build inside a PPO run).
     set_seed(cfg.seed)
@@ -55,7 +60,7 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, stop) -> dict:
 
     args = RewardConfig(**trainer_kwargs(cfg, run_dir / "trainer", device),
                         center_rewards_coefficient=cfg.stage.center_rewards_coefficient)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=task.pairs_train, eval_dataset=task.pairs_eval,
+    trainer = RewardTrainer(model=model, args=args, train_dataset=pairs_train, eval_dataset=pairs_eval,
                             processing_class=tokenizer, peft_config=lora_config(cfg.adapter, task_type="SEQ_CLS"),
                             callbacks=[TrackerCallback(tracker), StopOnSignalCallback(stop)])
     upcast_trainable_to_fp32(trainer.model)  # before train(): the optimizer is created there
@@ -63,7 +68,7 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, stop) -> dict:
     trainer.train()
     stop.raise_if_requested("reward", trainer.state.global_step)
     metrics = trainer.evaluate()
-    accuracy = pairwise_accuracy(trainer.model, tokenizer, task.pairs_eval, cfg.stage.eval_batch_size)
+    accuracy = pairwise_accuracy(trainer.model, tokenizer, pairs_eval, cfg.stage.eval_batch_size)
 
     out = run_dir / ADAPTER_SUBDIR
     trainer.save_model(str(out))  # rank 0 only, in a data-parallel run
