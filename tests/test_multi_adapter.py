@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from conftest import compose
 from marl_exp.data import reviews
-from marl_exp.modeling.loading import fingerprint, load_model
+from marl_exp.modeling.loading import fingerprint, load_model, quantization_config, weights_dtype
 from marl_exp.modeling.multi_adapter import (
     BASE_RECORD,
     VALUE_HEAD_FILE,
@@ -429,25 +429,65 @@ def test_4bit_base_repacked_before_build_is_unpacked(sft, reward_dir, left, capl
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
 
 
-# Max |score - fp32 HF reference| through load_model's quant configs (4-bit = nf4 + double quant, fp32
-# compute), measured on these 4 texts with the default reward adapter: 8-bit 0.033, 4-bit 0.58 (every
-# layer of a 0.76M model quantized: a worst case). Tolerances ~2x that.
-QUANT_SCORE_TOLERANCE = {"fp32": ATOL_REWARD, "8bit": 0.07, "4bit": 1.2}
+@pytest.fixture(scope="module")
+def hf_reward_quant(sft, reward_dir):
+    """HF's sequence classifier + plain peft on the same adapter, loaded at each quant mode's precision with
+    the bitsandbytes config load_model builds from that mode's config (cached per mode)."""
+    cache: dict[str, PeftModel] = {}
+
+    def get(mode: str) -> PeftModel:
+        if mode not in cache:
+            quant = compose(f"quant={mode}").quant
+            bnb = quantization_config(quant)
+            load = {} if bnb is None else {"quantization_config": bnb, "device_map": {"": "cpu"}}
+            seq_cls = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1, dtype=weights_dtype(quant),
+                                                                         **load)
+            assert type(seq_cls.score) is torch.nn.Linear  # HF keeps the head unquantized, as ours
+            # The 4-bit kernel ours uses: no repacking for bitsandbytes' CPU inference kernel, which rounds
+            # absmax to bf16 (scores move by 0.015).
+            for module in seq_cls.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
+            cache[mode] = PeftModel.from_pretrained(seq_cls, reward_dir).eval()
+        return cache[mode]
+
+    return get
+
+
+# Max |score - same-precision HF reference| allowed. Kernel noise floor, measured as that reference against
+# itself on these 4 texts (left- vs right-padded batch vs each text alone; tiny model, default reward
+# adapter, AMD EPYC): fp32 1.0e-6, 8-bit 0.0042 (LLM.int8 picks its outlier columns over the whole batch),
+# 4-bit 4.2e-7 (nf4 weights dequantized, then an fp32 matmul). Ours against it on the same batch: <= 5e-7
+# in every mode. Tolerance ~3x the floor; 1e-5 in fp32 and 4-bit, the floor of float32 rounding here.
+QUANT_SCORE_TOLERANCE = {"fp32": ATOL_REWARD, "8bit": 0.015, "4bit": ATOL_REWARD}
 
 
 @pytest.mark.parametrize("mode", QUANT_MODES)
-def test_quantized_reward_scores_close_to_fp32(quant_models, left, right, hf_scores, mode):
-    m = quant_models(mode)
-    for enc in (left, right):
+def test_quantized_reward_scores_match_hf_at_same_precision(quant_models, hf_reward_quant, tokenizer, texts, left,
+                                                            right, mode):
+    m, reference_model = quant_models(mode), hf_reward_quant(mode)
+    tolerance = QUANT_SCORE_TOLERANCE[mode]
+
+    def reference_scores(enc) -> torch.Tensor:
+        with torch.no_grad():
+            return reference_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                                   position_ids=position_ids_from_mask(enc.attention_mask)).logits[:, 0]
+
+    references = {"left": reference_scores(left), "right": reference_scores(right)}
+    alone = torch.cat([reference_scores(tokenizer([text], return_tensors="pt")) for text in texts])
+    floor = max((references["right"] - references["left"]).abs().max().item(),
+                (alone - references["left"]).abs().max().item())
+    assert floor <= tolerance  # the tolerance still stands above the reference's own noise
+    for enc, reference in ((left, references["left"]), (right, references["right"])):
         scores = m.compute_reward_score(enc.input_ids, enc.attention_mask)
-        diff = (scores - hf_scores).abs().max().item()
-        print(f"load_model {mode}: max |score - fp32 HF reference| = {diff:.3g}")
-        assert diff <= QUANT_SCORE_TOLERANCE[mode]
-        # Pairs further apart than twice this mode's tolerance keep their order (4-bit ranking over
-        # 48 texts is checked in test_compat; these 4 span less than twice its tolerance).
-        separated = (hf_scores[:, None] - hf_scores[None, :]) > 2 * QUANT_SCORE_TOLERANCE[mode]
-        assert mode == "4bit" or separated.any()
-        assert ((scores[:, None] - scores[None, :]) > 0)[separated].all()
+        diff = (scores - reference).abs().max().item()
+        print(f"load_model {mode}: HF noise floor {floor:.3g}, max |score - same-precision HF reference| = {diff:.3g}")
+        assert diff <= tolerance, f"{mode}: max |score - same-precision HF reference| = {diff}"
+        # Every two texts the reference sets more than twice the tolerance apart keep their order.
+        separated = (reference[:, None] - reference[None, :]) > 2 * tolerance
+        assert separated.any(), "no two texts are clearly apart: the order check would check nothing"
+        swapped = int(((scores[:, None] - scores[None, :]) <= 0)[separated].sum())
+        assert swapped == 0, f"{mode}: {swapped} of {int(separated.sum())} clearly ordered pairs swapped"
 
 
 # ------------------------------------------------------------------ 5. several policies, one base
