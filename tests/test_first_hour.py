@@ -134,7 +134,7 @@ BAD_INPUTS = [
     (["upstream.reward.quant=3bit"], "upstream.reward.quant='3bit' is not valid; use one of same, fp32", "new"),
     (["upstream.sft.quant=4bit", "upstream.sft.finetune=full"], "upstream.sft.finetune=full cannot train 4bit", "new"),
     (["upstream.reward.adapter.r=0"], "upstream.reward.adapter.r=0 must be > 0", "new"),
-    (["model.path=builtin:huge"], "model.path='builtin:huge' is not a built-in model; the only one is builtin:tiny",
+    (["model.path=builtin:huge"], "model.path='builtin:huge' is not a built-in model; they are builtin:tiny, builtin:smollm2",
      "new"),
     (["stage.reward_adapter={sft}"], "stage.reward_adapter='{sft}' is a model directory, not a reward adapter", "new"),
     (["stage.reward_adapter={policy}"], "stage.reward_adapter='{policy}' is a PPO policy adapter", "new"),

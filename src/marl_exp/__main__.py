@@ -2,7 +2,9 @@
 
 ``marl-exp compare PATH...`` compares finished runs (``marl_exp.compare``); ``marl-exp sample RUN_DIR``
 samples from a trained policy beside the reference (``marl_exp.sample``); ``marl-exp check-model DIR`` runs
-the PPO invariants on a model (``marl_exp.conformance.cli``); any other arguments go to the Hydra app.
+the PPO invariants on a model (``marl_exp.conformance.cli``); ``marl-exp import-gguf FILE OUT_DIR`` writes a
+GGUF checkpoint as a plain HF model directory (``marl_exp.modeling.gguf_import``); any other arguments go to
+the Hydra app.
 """
 
 import sys
@@ -23,6 +25,10 @@ def main() -> None:
         from marl_exp.sample import main as sample
 
         sys.exit(sample(sys.argv[2:]))
+    if command == "import-gguf":
+        from marl_exp.modeling.gguf_import import main as import_gguf
+
+        sys.exit(import_gguf(sys.argv[2:]))
 
     from marl_exp.cli import run_app
     from marl_exp.config import project_root

@@ -104,8 +104,9 @@ def check_inputs(cfg: DictConfig) -> None:
 
 def check_model_path(path: str, revision: str | None = None, local_only: bool = False) -> None:
     if path.startswith(BUILTIN_PREFIX):
-        if path != f"{BUILTIN_PREFIX}tiny":
-            raise ConfigError(f"model.path={path!r} is not a built-in model; the only one is builtin:tiny")
+        builtin = (f"{BUILTIN_PREFIX}tiny", f"{BUILTIN_PREFIX}smollm2")  # as modeling.loading.resolve_model_path
+        if path not in builtin:
+            raise ConfigError(f"model.path={path!r} is not a built-in model; they are {', '.join(builtin)}")
         return
     check_model_source("model.path", path, local_only, revision)
 

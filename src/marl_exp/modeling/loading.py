@@ -42,12 +42,17 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_model_path(model_cfg) -> str:
-    """A loadable path or hub id for ``model.path`` (building the tiny model if needed)."""
+    """A loadable path or hub id for ``model.path`` (building a built-in model if needed)."""
     path = model_cfg.path
     if path == f"{BUILTIN_PREFIX}tiny":
         return str(builtin_model_dir(model_cfg.tiny))
+    if path == f"{BUILTIN_PREFIX}smollm2":
+        from marl_exp.modeling import gguf_import  # imported from its GGUF wheel on first use
+
+        return str(gguf_import.smollm2_dir())
     if path.startswith(BUILTIN_PREFIX):
-        raise ModelLoadError(f"model.path={path!r} is not a built-in model; the only one is 'builtin:tiny'")
+        raise ModelLoadError(f"model.path={path!r} is not a built-in model; they are 'builtin:tiny' and "
+                             "'builtin:smollm2'")
     return path
 
 
