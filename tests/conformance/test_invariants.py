@@ -1,7 +1,8 @@
 """The PPO invariants on every model family x tokenizer convention (fp32), and in 8-bit / 4-bit for two
 families: reference = plain model, reward = HF classifier + peft on RewardTrainer's input, KL 0 and ratio 1
 for a fresh policy (with and without gradient checkpointing), sampling parity with the scored softmax,
-gradients where (and only where) they belong. See marl_exp.conformance.checks for each check.
+gradients where (and only where) they belong; those that read the reference or reward role in both sharing
+modes. See marl_exp.conformance.checks for each check.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from marl_exp.conformance import ROLE_CHECKS, SHARING_MODES
 from marl_exp.conformance.checks import ALPHA, CHECKS, check_model, chi_square, chi_square_critical, format_table
 from marl_exp.conformance.families import CONVENTIONS, FAMILIES, build_family_model
 
@@ -17,7 +19,8 @@ QUANTIZED = [(family, quant) for family in ("llama", "qwen2") for quant in ("8bi
 
 
 def assert_all_pass(results, title):
-    assert [r.name for r in results] == list(CHECKS)
+    assert [(r.name, r.sharing) for r in results] == [
+        (name, mode) for name in CHECKS for mode in (SHARING_MODES if name in ROLE_CHECKS else (None,))]
     failed = [r for r in results if not r.passed]
     assert not failed, format_table(results, title)
 
@@ -64,10 +67,12 @@ def test_check_model_command(tmp_path, capsys):
     model_dir = build_family_model("mistral", "pad_is_eos")
     assert main([str(model_dir), "--checks", "reference_logits,reward_position"]) == 0
     table = capsys.readouterr().out
-    assert "| reference_logits | pass |" in table and "| reward_position | pass |" in table
+    for check in ("reference_logits", "reward_position"):
+        assert all(f"| {check} | {mode} | pass |" in table for mode in SHARING_MODES), table
     # Bad arguments: one line, exit 2, before torch is imported (fast).
     for args, message in (([str(tmp_path)], "is not a model directory (no config.json)"),
-                          ([str(model_dir), "--checks", "nope"], "unknown check(s) nope")):
+                          ([str(model_dir), "--checks", "nope"], "unknown check(s) nope"),
+                          ([str(model_dir), "--sharing", "both"], "unknown sharing mode(s) both")):
         done = subprocess.run([sys.executable, "-m", "marl_exp", "check-model", *args], capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr, done.stderr

@@ -1,13 +1,14 @@
 """The invariants a PPO reviewer checks, run against any causal-LM directory (``marl-exp check-model <dir>``).
 
 Each check compares marl-exp's multi-adapter model with an independent reference on this model's own
-architecture and tokenizer conventions:
+architecture and tokenizer conventions. The checks that read the reference or the reward (``ROLE_CHECKS``)
+run in each sharing mode (``stage.sharing``: one shared base, or separate reference and reward models):
 
 - ``reference_logits``: the reference role (every adapter disabled, with a policy, a critic and a reward
   adapter loaded and active) equals the plain ``AutoModelForCausalLM``, row by row without padding;
 - ``reward_position``: the reward PPO reads (its scoring pass, left padding, responses with and without EOS)
   equals ``AutoModelForSequenceClassification`` + ``PeftModel`` on the input RewardTrainer would feed it
-  (the text, then EOS, right padding; TRL's pad rule), and so does ``compute_reward_score``;
+  (the text, then EOS, right padding; TRL's pad rule), and so does the reward role alone (``reward_scores``);
 - ``kl_zero_ratio_one``: a fresh policy adapter has KL 0 to the reference and ratio 1 in its first update,
   without and with gradient checkpointing (dropout, if the model has any, must stay off);
 - ``sampling_parity``: the frequencies of one sampled token at a fixed context match the softmax the
@@ -15,8 +16,8 @@ architecture and tokenizer conventions:
   responses end at the first of *every* EOS id of the model;
 - ``training``: in one step of two policies with critic adapters, every weight meant to train receives a
   non-zero gradient,
-  the base, the reward adapter and its score head are bit-identical, and each policy's KL coefficient and
-  score statistics moved with its own data only.
+  the base, the reward adapter and its score head (and, in separate mode, the reference and reward models)
+  are bit-identical, and each policy's KL coefficient and score statistics moved with its own data only.
 
 The reward adapter is a probe made here (peft LoRA for sequence classification with random weights,
 saved as RewardTrainer saves one): the checks are about *where* and *how* scores are read, which needs no
@@ -49,11 +50,11 @@ from marl_exp.config import (
 from marl_exp.data.reviews import ReviewGenerator
 from marl_exp.modeling.loading import load_model, load_tokenizer
 from marl_exp.modeling.multi_adapter import position_ids_from_mask
-from marl_exp.ppo.roles import critic_name
+from marl_exp.ppo.roles import SeparateRoles, critic_name
 from marl_exp.ppo.rollout import Rollout, sample, score, stop_token_ids, truncate_after_eos
 from marl_exp.ppo.trainer import PPOTrainer
 
-from marl_exp.conformance import CHECKS  # noqa: E402 - the names live where the CLI reads them without torch
+from marl_exp.conformance import CHECKS, ROLE_CHECKS, SHARING_MODES  # noqa: E402 - the CLI reads them without torch
 ALPHA = 1e-3  # false-alarm rate of the sampling test
 PARITY_SAMPLES = 4000
 # Tolerances against the plain model: the same matmuls in another batch layout (fp32), or 8-bit weights
@@ -67,20 +68,27 @@ class CheckResult:
     name: str
     passed: bool
     detail: str
+    sharing: str | None = None  # the sharing mode it ran in; None: the check reads no reference or reward role
 
     def row(self) -> str:
-        return f"| {self.name} | {'pass' if self.passed else '**FAIL**'} | {self.detail} |"
+        return f"| {self.name} | {self.sharing or '-'} | {'pass' if self.passed else '**FAIL**'} | {self.detail} |"
 
 
 def check_model(model_dir: str | Path, quant: str = "fp32", checks: tuple[str, ...] = CHECKS,
-                workdir: str | Path | None = None) -> list[CheckResult]:
-    """Run ``checks`` on the model in ``model_dir`` (a local causal-LM directory), quantized as ``quant``."""
+                workdir: str | Path | None = None, sharing: tuple[str, ...] = SHARING_MODES) -> list[CheckResult]:
+    """Run ``checks`` on the model in ``model_dir`` (a local causal-LM directory), quantized as ``quant``;
+    each of ``ROLE_CHECKS`` once per mode in ``sharing``."""
     unknown = sorted(set(checks) - set(CHECKS))
     if unknown:
         raise ValueError(f"unknown check(s) {', '.join(unknown)}; choose from {', '.join(CHECKS)}")
+    unknown = sorted(set(sharing) - set(SHARING_MODES))
+    if unknown or not sharing:
+        raise ValueError(f"unknown sharing mode(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(SHARING_MODES)}")
     with _workdir(workdir) as work:
         probe = Probe(str(model_dir), quant, work)
-        return [getattr(probe, name)() for name in checks]
+        return [getattr(probe, name)(mode) if mode else getattr(probe, name)()
+                for name in checks for mode in (sharing if name in ROLE_CHECKS else (None,))]
 
 
 @contextmanager
@@ -162,14 +170,14 @@ class Probe:
 
     # -------------------------------------------------------------------------------------- checks
     @torch.no_grad()
-    def reference_logits(self) -> CheckResult:
-        roles, _ = self.roles(critic="adapter")
+    def reference_logits(self, sharing: str) -> CheckResult:
+        roles, _ = self.roles(critic="adapter", sharing=sharing)
         model = roles.model
         for adapter in (model.active_policy, critic_name(model.active_policy)):
             perturb(model, adapter)  # adapters that really change the outputs
         texts = [p + r for p, r in probe_texts(3)]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
-        ours = model.reference_logits(enc.input_ids, enc.attention_mask)
+        ours = roles.reference_logits(enc.input_ids, enc.attention_mask)
         policy = model.policy_forward(enc.input_ids, enc.attention_mask).logits
         plain = load_model(self.model_dir, self.cfg.model, self.cfg.quant, self.device).eval()
         keep = enc.attention_mask.bool()
@@ -188,11 +196,11 @@ class Probe:
         rows = f", row by row unpadded {worst_rows:.2e}" if self.quant != "8bit" else ""
         return CheckResult("reference_logits", passed,
                            f"max |ref - plain model|: same batch {worst_batch:.2e}{rows} (tol {self.tolerance:.0e}); "
-                           f"the perturbed policy differs by {moved:.2e}")
+                           f"the perturbed policy differs by {moved:.2e}", sharing)
 
     @torch.no_grad()
-    def reward_position(self) -> CheckResult:
-        roles, cfg = self.roles()
+    def reward_position(self, sharing: str) -> CheckResult:
+        roles, cfg = self.roles(sharing=sharing)
         tok = self.tokenizer
         pairs = probe_texts(4)
         with_eos = [True, True, False, True]  # the third was cut at max_new_tokens
@@ -215,21 +223,21 @@ class Probe:
             for i in range(len(pairs)))
         expected = self.reference_classifier()(**enc).logits[:, 0].float()
         left = tok(texts, return_tensors="pt", padding=True, padding_side="left")
-        direct = roles.model.compute_reward_score(left.input_ids, left.attention_mask).float()
+        direct = roles.reward_scores(left.input_ids, left.attention_mask, roles.model.active_policy).float()
         ppo_gap = float((rollout.raw_scores - expected).abs().max())
         direct_gap = float((direct - expected).abs().max())
         # The logits' tolerance: other padding and batch layouts round differently (Gemma's larger scores to
         # ~1e-5 in fp32); reading at the wrong token is off by whole units.
         passed = same_ids and ppo_gap <= self.tolerance and direct_gap <= self.tolerance
         return CheckResult("reward_position", passed,
-                           f"PPO scoring vs HF classifier+peft on text+EOS: {ppo_gap:.2e}; compute_reward_score "
+                           f"PPO scoring vs HF classifier+peft on text+EOS: {ppo_gap:.2e}; reward_scores "
                            f"(left padding): {direct_gap:.2e}; pad {'==' if tok.pad_token_id == tok.eos_token_id else '!='} "
-                           f"EOS{'' if same_ids else '; TOKENIZATION DIFFERS'}")
+                           f"EOS{'' if same_ids else '; TOKENIZATION DIFFERS'}", sharing)
 
-    def kl_zero_ratio_one(self) -> CheckResult:
+    def kl_zero_ratio_one(self, sharing: str) -> CheckResult:
         details, passed = [], True
         for checkpointing in (False, True):
-            roles, cfg = self.roles(gradient_checkpointing=checkpointing)
+            roles, cfg = self.roles(gradient_checkpointing=checkpointing, sharing=sharing)
             trainer = PPOTrainer(roles, self.tokenizer, cfg.stage, [p for p, _ in probe_texts(4)], seed=0)
             torch.manual_seed(0)
             stats = trainer.step()  # one epoch of one mini-batch: the ratio is read before any update
@@ -238,7 +246,7 @@ class Probe:
             passed &= ok
             details.append(f"{'with' if checkpointing else 'without'} checkpointing: KL {kl:.1e}, max ratio "
                            f"{ratio:.7f}")
-        return CheckResult("kl_zero_ratio_one", passed, "; ".join(details))
+        return CheckResult("kl_zero_ratio_one", passed, "; ".join(details), sharing)
 
     @torch.no_grad()
     def sampling_parity(self) -> CheckResult:
@@ -279,20 +287,20 @@ class Probe:
         detail += f"; stop ids {stops}: responses ended by each {list(ended_by.values())} of 64"
         return CheckResult("sampling_parity", parity and stops_ok, detail)
 
-    def training(self) -> CheckResult:
+    def training(self, sharing: str) -> CheckResult:
         # Two epochs: a fresh LoRA's A gets no gradient while its B is 0 (the first update), only in the second.
         # No ratio guard and no clipping: a token whose ratio left the clip range passes no gradient (as PPO
         # means it to), and this check is about where gradients go, not about how far one step may move.
         roles, cfg = self.roles(policies=["calm", "wild"], critic="adapter", whiten_scores=True, ppo_epochs=2,
                                 ratio_threshold=1e9, cliprange=1e9, cliprange_value=1e9, target_kl=1.0,
-                                kl_horizon=100)
+                                kl_horizon=100, sharing=sharing)
         model = roles.model
         perturb(model, "wild", std=0.5)
         # With a critic adapter the policy's own value head is unused: the critic's LoRA and head are trained.
         trainable = {id(p) for name in ("calm", "wild") for n in (name, critic_name(name))
                      for p in model.trainable_parameters(n)} - {id(p) for name in ("calm", "wild")
                                                                  for p in model.value_heads[name].parameters()}
-        named = dict(model.named_parameters())
+        named = {**dict(model.named_parameters()), **separate_role_parameters(roles)}
         before = {n: p.detach().clone() for n, p in named.items()}
         names = {id(p): n for n, p in named.items()}
         largest_grad = {n: 0.0 for n, p in named.items() if id(p) in trainable}
@@ -322,7 +330,16 @@ class Probe:
         detail = (f"{len(trainable)} trained tensors, {len(unchanged)} without gradient{' e.g. ' + unchanged[0] if unchanged else ''}; "
                   f"{len(touched)} frozen tensors changed{' e.g. ' + touched[0] if touched else ''}; KL coef wild "
                   f"{coefs[0]:.5f} / calm {coefs[1]:.5f} (init {init}); score counts {counts}")
-        return CheckResult("training", passed, detail)
+        return CheckResult("training", passed, detail, sharing)
+
+
+def separate_role_parameters(roles) -> dict[str, torch.nn.Parameter]:
+    """The parameters of the reference and reward models that ``sharing=separate`` holds apart (none when shared)."""
+    if not isinstance(roles, SeparateRoles):
+        return {}
+    held = {"reference_model": roles.reference_model, "reward_model": roles.reward_model}
+    return {f"{role}.{name}": p for role, model in held.items() if model is not None
+            for name, p in model.named_parameters()}
 
 
 def perturb(model, adapter: str, std: float = 0.05, seed: int = 0) -> None:
@@ -379,5 +396,5 @@ def _reshapes_sampling(config) -> bool:
 
 
 def format_table(results: list[CheckResult], title: str = "") -> str:
-    lines = ([f"{title}", ""] if title else []) + ["| check | result | measured |", "|---|---|---|"]
+    lines = ([f"{title}", ""] if title else []) + ["| check | sharing | result | measured |", "|---|---|---|---|"]
     return "\n".join(lines + [r.row() for r in results])

@@ -1,8 +1,9 @@
-"""``marl-exp check-model <dir> [--quant 8bit] [--checks a,b]``: the PPO invariants on your own model.
+"""``marl-exp check-model <dir> [--quant 8bit] [--checks a,b] [--sharing shared]``: the PPO invariants on your model.
 
 Runs before a single GPU hour is spent: loads the model the way a run does, adds a probe reward
 adapter, and checks each invariant of ``marl_exp.conformance.checks`` against an independent
-reference. Prints a table; exit code 0 when every check passes, 1 when one fails, 2 on bad arguments.
+reference, those that read the reference or reward role in each sharing mode. Prints a table; exit code
+0 when every check passes, 1 when one fails, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from marl_exp.conformance import CHECKS
+from marl_exp.conformance import CHECKS, SHARING_MODES
 
 QUANT_MODES = ("fp32", "bf16", "8bit", "4bit")
 
@@ -21,24 +22,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", help="a local causal-LM directory (config.json, weights, tokenizer)")
     parser.add_argument("--quant", default="fp32", choices=QUANT_MODES, help="load the base like quant=<mode>")
     parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {', '.join(CHECKS)}")
+    parser.add_argument("--sharing", default=",".join(SHARING_MODES),
+                        help=f"comma-separated stage.sharing modes for the role checks: {', '.join(SHARING_MODES)}")
     args = parser.parse_args(argv)
-    checks = tuple(c for c in args.checks.split(",") if c)
-    unknown = sorted(set(checks) - set(CHECKS))
-    if unknown:
-        parser.exit(2, f"marl-exp check-model: error: unknown check(s) {', '.join(unknown)}; "
-                       f"choose from {', '.join(CHECKS)}\n")
+    checks = _names(parser, args.checks, CHECKS, "check")
+    sharing = _names(parser, args.sharing, SHARING_MODES, "sharing mode")
     if not (Path(args.model_dir) / "config.json").is_file():
         parser.exit(2, f"marl-exp check-model: error: {args.model_dir!r} is not a model directory (no config.json); "
                        "give the directory save_pretrained wrote\n")
     from marl_exp.conformance.checks import check_model, format_table  # heavy imports after the argument checks
 
-    results = check_model(args.model_dir, quant=args.quant, checks=checks)
+    results = check_model(args.model_dir, quant=args.quant, checks=checks, sharing=sharing)
     print(format_table(results, f"marl-exp check-model {args.model_dir} ({args.quant})"), flush=True)
-    failed = [r.name for r in results if not r.passed]
+    failed = [f"{r.name} ({r.sharing})" if r.sharing else r.name for r in results if not r.passed]
     if failed:
         print(f"marl-exp check-model: {len(failed)} check(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _names(parser, given: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """The comma-separated names in ``given``; exit 2 with one line on an unknown or missing one."""
+    names = tuple(n for n in given.split(",") if n)
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        parser.exit(2, f"marl-exp check-model: error: unknown {what}(s) {', '.join(unknown) or '(none given)'}; "
+                       f"choose from {', '.join(known)}\n")
+    return names
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from marl_exp.modeling.multi_adapter import (
     MultiAdapterModel,
     PolicyOutput,
     RoleScores,
+    causal_lm_logits,
     position_ids_from_mask,
 )
 from marl_exp.ppo.reward_sources import RewardSources
@@ -83,9 +84,7 @@ class SeparateRoles(SharedRoles):
         backbone = getattr(self.reference_model, self.reference_model.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-        if logits_positions is not None:
-            hidden = hidden[:, logits_positions].contiguous()  # as the shared model does (a strided slice is slower)
-        return self.reference_model.get_output_embeddings()(hidden)
+        return causal_lm_logits(self.reference_model, hidden, logits_positions)
 
     @torch.no_grad()
     def reward_scores(self, input_ids, attention_mask, policy: str, adapter: str | None = None) -> torch.Tensor:
