@@ -138,8 +138,6 @@ def _eval_mode_reference(model, rollout: Rollout, temperature: float) -> tuple[t
     return core.logprobs_from_logits(logits, rollout.response_ids), out.values[:, window].float()
 
 
-@pytest.mark.xfail(strict=True, reason="the one-pass-per-role scoring (ppo/roles.py score_role_by_role) runs the "
-                                       "policy in the model's train mode: the fix is in roles.py, not owned here")
 def test_fused_and_per_role_scoring_give_the_sampling_policys_log_probs_with_dropout_on(tmp_path):
     cfg = rl_cfg(tmp_path, "ppo", "stage.runtime.disable_dropout=false", "adapter.lora_dropout=0.3")
     roles, tokenizer = roles_for(cfg)

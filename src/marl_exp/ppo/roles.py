@@ -104,15 +104,18 @@ class SeparateRoles(SharedRoles):
 
 def score_role_by_role(roles: SharedRoles, input_ids, attention_mask, row_policies: list[str], critic: str,
                        logits_positions: slice, reward_input_ids, reward_attention_mask, reward: bool = True) -> RoleScores:
-    """One reference and one reward pass over all rows, then one policy pass per block of rows of a policy."""
+    """One reference and one reward pass over all rows, then one policy pass per block of rows of a policy. All in
+    eval mode, as the fused pass: the old log-probs and values are those of the policy that sampled the responses
+    (``generate`` runs in eval mode), whatever mode the update trains in."""
     reference = roles.reference_logits(input_ids, attention_mask, logits_positions)
     rewards = roles.reward_scores(reward_input_ids, reward_attention_mask, row_policies[0]) if reward else None
     positions = slice(None) if logits_positions is None else logits_positions
     logits, values = [], []
-    for policy, rows in _blocks(row_policies):
-        out = roles.policy_outputs(input_ids[rows], attention_mask[rows], policy, critic, logits_positions)
-        logits.append(out.logits)
-        values.append(out.values[:, positions].float())
+    with roles.model._eval_mode():
+        for policy, rows in _blocks(row_policies):
+            out = roles.policy_outputs(input_ids[rows], attention_mask[rows], policy, critic, logits_positions)
+            logits.append(out.logits)
+            values.append(out.values[:, positions].float())
     return RoleScores(torch.cat(logits), torch.cat(values), reference, rewards)
 
 
