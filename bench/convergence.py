@@ -37,20 +37,53 @@ REPORTED = ("oracle_strict", "well_formed", "oracle_score", "reward_score", "kl"
 
 def run_chain(quant: str, seed: int, out: Path, extra: list[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    run_dir = out / "ppo"
     cmd = [sys.executable, "train.py", "stage=ppo", f"quant={quant}", f"seed={seed}", "logger=none",
-           f"output_dir={out}", f"hydra.run.dir={run_dir}", *extra]
+           f"output_dir={out}", f"hydra.run.dir={out / 'ppo'}", *extra]
     started = time.perf_counter()
     with (out / "log.txt").open("w") as log:
         proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    minutes = (time.perf_counter() - started) / 60
-    if proc.returncode != 0:
+    row = chain_row(quant, seed, out, (time.perf_counter() - started) / 60, proc.returncode == 0)
+    common.write_json(out / "row.json", row)  # each chain's row as it ends: an interrupted benchmark keeps them
+    return row
+
+
+def collect(stamp_dir: Path) -> list[dict]:
+    """Rows of the chains under ``stamp_dir`` (``<quant>-seed<seed>/``) whose run ended, from their run dirs:
+    for a benchmark process that was stopped while its chains ran on. Wall time: the chain's log file, from
+    its creation (birth time) to its last write."""
+    rows = []
+    for out in sorted(p for p in stamp_dir.iterdir() if p.is_dir()):
+        quant, seed = out.name.rsplit("-seed", 1)
+        if (out / "row.json").exists():
+            rows.append(json.loads((out / "row.json").read_text()))
+            continue
+        if not (out / "ppo" / "summary.json").exists():
+            print(f"{out.name}: not finished, left out", flush=True)
+            continue
+        rows.append(chain_row(quant, int(seed), out, _birth_minutes(out / "log.txt"), ok=True))
+    return rows
+
+
+def _birth_minutes(log: Path) -> float:
+    """Minutes from the log's creation (``stat -c %W``: Python's os.stat has no birth time on Linux) to its
+    last write."""
+    born = float(subprocess.run(["stat", "-c", "%W", str(log)], capture_output=True, text=True).stdout.strip())
+    if born <= 0:
+        raise SystemExit(f"bench: error: {log}: the file system records no creation time; cannot time the chain")
+    return (log.stat().st_mtime - born) / 60
+
+
+def chain_row(quant: str, seed: int, out: Path, minutes: float, ok: bool) -> dict:
+    run_dir = out / "ppo"
+    if not ok:
         return {"quant": quant, "seed": seed, "failed": True, "minutes": minutes, "log": str(out / "log.txt")}
     summary = json.loads((run_dir / "summary.json").read_text())
     row = {"quant": quant, "seed": seed, "minutes": minutes, "failed": False,
            **{f"eval/{tag}/{k}": summary[f"eval/{tag}/{k}"] for tag in ("before", "after") for k in REPORTED}}
     row["passed"] = passed(row)
     row["curve"] = learning_curve(run_dir / "metrics.jsonl")
+    record = run_dir / "run_record.json"  # the commit (and dirty flag) the chain's code was at
+    row["git"] = json.loads(record.read_text()).get("git") if record.exists() else None
     return row
 
 
@@ -135,6 +168,9 @@ def main() -> None:
     parser.add_argument("--png", type=Path, default=REPO / "docs" / "convergence.png")
     parser.add_argument("--from-json", type=Path, nargs="+",
                         help="no runs: merge these results files into one table and plot")
+    parser.add_argument("--collect", type=Path, metavar="STAMP_DIR",
+                        help="no runs: the rows of the finished chains under an output dir of an earlier, stopped "
+                             "run of this script (--out/<stamp>), recorded with the commit its tree was at")
     common.add_allow_dirty(parser)
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides (after --)")
     args = parser.parse_args()
@@ -145,6 +181,16 @@ def main() -> None:
                                                     "seeds": source.get("seeds")}
                                                    for path, source in zip(args.from_json, sources)]})
         return
+
+    if args.collect:
+        rows = collect(args.collect)
+        seeds = sorted({r["seed"] for r in rows})
+        listed, listed_at = common.seeds("convergence")
+        origin = f"bench/seeds.json at {listed_at}" if set(seeds) <= set(listed) else "command line of the stopped run"
+        write_results(args, rows, {"machine": common.machine(), "collected_from": str(args.collect),
+                                   "seeds": {"list": seeds, "from": origin},
+                                   "overrides": args.overrides, "targets": TARGETS})
+        sys.exit(0 if rows and all(r.get("passed") for r in rows) else 1)
 
     common.require_clean_tree(args.allow_dirty)
     machine = common.machine()  # before the runs: the commit and tree state they ran on
