@@ -187,7 +187,8 @@ def main() -> None:
         seeds = sorted({r["seed"] for r in rows})
         listed, listed_at = common.seeds("convergence")
         origin = f"bench/seeds.json at {listed_at}" if set(seeds) <= set(listed) else "command line of the stopped run"
-        write_results(args, rows, {"machine": common.machine(), "collected_from": str(args.collect),
+        # The rows carry the commit each chain ran at; this machine record is the collecting process's.
+        write_results(args, rows, {"collected_by": common.machine(), "collected_from": str(args.collect),
                                    "seeds": {"list": seeds, "from": origin},
                                    "overrides": args.overrides, "targets": TARGETS})
         sys.exit(0 if rows and all(r.get("passed") for r in rows) else 1)
