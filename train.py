@@ -1,4 +1,4 @@
-"""Train one stage of multi-adapter RLHF: `python train.py stage=sft|reward|ppo [overrides]`.
+"""Train one stage of multi-adapter RLHF: `python train.py stage=sft|reward|ppo [overrides]` (= `marl-exp train`).
 
 Thin on purpose: the config is checked before torch and the rest of the heavy stack are imported
 (``marl_exp.cli``), so a mistake is reported in a second or two.

@@ -1,42 +1,88 @@
-"""``marl-exp`` console script: the same Hydra app as ``python train.py`` (run from the repo root).
+"""``marl-exp``: training and the tools around it, one subcommand each.
 
-``marl-exp compare PATH...`` compares finished runs (``marl_exp.compare``); ``marl-exp sample RUN_DIR``
-samples from a trained policy beside the reference (``marl_exp.sample``); ``marl-exp check-model DIR`` runs
-the PPO invariants on a model (``marl_exp.conformance.cli``); ``marl-exp import-gguf FILE OUT_DIR`` writes a
-GGUF checkpoint as a plain HF model directory (``marl_exp.modeling.gguf_import``); any other arguments go to
-the Hydra app.
+``marl-exp train [overrides]`` is ``python train.py [overrides]``: the same Hydra app (``marl_exp.cli``).
+The tools are ``main(argv) -> exit code`` functions with their own argparse help. Bare ``marl-exp`` and
+``--help`` list the commands and start nothing. Import-light: nothing heavy loads before a command is chosen.
 """
 
+import difflib
+import importlib
+import shlex
 import sys
-from pathlib import Path
+from typing import NoReturn
+
+PROG = "marl-exp"
+USAGE_ERROR = 2
+TRAIN = "train"
+TRAIN_SUMMARY = "train a stage: sft, reward, ppo, grpo, rloo or reinforce_pp (= python train.py [overrides])"
+# command -> (module whose ``main(argv)`` runs it, what it does)
+TOOLS = {
+    "compare": ("marl_exp.compare", "tables and learning curves of finished runs, from their run dirs"),
+    "sample": ("marl_exp.sample", "a trained policy's samples beside the reference's, with reward and KL"),
+    "check-model": ("marl_exp.conformance.cli", "the PPO invariants on your own model, before a GPU hour is spent"),
+    "import-gguf": ("marl_exp.modeling.gguf_import", "a GGUF checkpoint as a plain Hugging Face model dir"),
+}
+COMMANDS = (TRAIN, *TOOLS)
+
+
+def usage() -> str:
+    summaries = {TRAIN: TRAIN_SUMMARY, **{name: summary for name, (_, summary) in TOOLS.items()}}
+    width = max(map(len, COMMANDS)) + 2
+    return "\n".join([
+        f"usage: {PROG} <command> [arguments]",
+        "",
+        "Multi-adapter RLHF on one base model. Commands:",
+        *(f"  {name:<{width}}{summary}" for name, summary in summaries.items()),
+        "",
+        f"Help: {PROG} train --help (Hydra's: config groups and every key); {PROG} <command> --help.",
+        f"First run: {PROG} train debug=ppo (the whole chain on a tiny model in about a minute; "
+        "= python train.py debug=ppo).",
+    ])
 
 
 def main() -> None:
-    command = sys.argv[1] if len(sys.argv) > 1 else None
-    if command == "compare":
-        from marl_exp.compare import main as compare
+    args = sys.argv[1:]
+    if not args:  # training is never a default: it takes minutes to hours
+        print(usage(), file=sys.stderr)
+        usage_error(f"no command given; training starts with `{PROG} train [overrides]` or "
+                    "`python train.py [overrides]`")
+    command, rest = args[0], args[1:]
+    if command in ("-h", "--help"):
+        print(usage())
+        sys.exit(0)
+    if command == TRAIN:
+        train(rest)
+        return
+    if command in TOOLS:
+        tool = importlib.import_module(TOOLS[command][0])
+        sys.exit(tool.main(rest))
+    usage_error(unknown_command(args))
 
-        sys.exit(compare(sys.argv[2:]))
-    if command == "check-model":
-        from marl_exp.conformance.cli import main as check_model
 
-        sys.exit(check_model(sys.argv[2:]))
-    if command == "sample":
-        from marl_exp.sample import main as sample
-
-        sys.exit(sample(sys.argv[2:]))
-    if command == "import-gguf":
-        from marl_exp.modeling.gguf_import import main as import_gguf
-
-        sys.exit(import_gguf(sys.argv[2:]))
-
+def train(overrides: list[str]) -> None:
+    """``python train.py <overrides>``: Hydra reads ``sys.argv``, so it gets exactly those."""
     from marl_exp.cli import run_app
     from marl_exp.config import project_root
 
     conf = project_root() / "conf"
     if not conf.is_dir():
-        sys.exit(f"marl-exp: error: config dir {conf} not found; install with `pip install -e .` from a clone")
+        sys.exit(f"{PROG}: error: config dir {conf} not found; install with `pip install -e .` from a clone")
+    sys.argv = [f"{PROG} {TRAIN}", *overrides]  # argv[0] names the program in Hydra's own usage errors
     run_app(conf)
+
+
+def unknown_command(args: list[str]) -> str:
+    word = args[0]
+    if word.startswith("-") or "=" in word:  # the Hydra overrides `marl-exp` used to take directly
+        return f"{word!r} is not a command; Hydra overrides go after `{TRAIN}`: {PROG} {TRAIN} {shlex.join(args)}"
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = f"; did you mean `{PROG} {close[0]}`?" if close else ""
+    return f"unknown command {word!r}{hint} (commands: {', '.join(COMMANDS)}; see {PROG} --help)"
+
+
+def usage_error(message: str) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
 
 
 if __name__ == "__main__":

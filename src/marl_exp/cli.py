@@ -29,7 +29,7 @@ OBJECTIVE = {"sft": "eval/loss", "reward": "eval/pairwise_accuracy",
 
 
 def run_app(config_dir: Path | str) -> None:
-    """``python train.py`` / ``marl-exp``: the Hydra app over ``config_dir``, with Hydra's own command-line
+    """``python train.py`` / ``marl-exp train``: the Hydra app over ``config_dir``, with Hydra's own command-line
     errors reported as one line (exit 2) and Ctrl-C before a stage runs as one line (exit 130)."""
     import hydra
 
@@ -43,6 +43,7 @@ def run_app(config_dir: Path | str) -> None:
         os.environ.pop(SWEEP_LABEL_ENV, None)
     try:
         register_configs()
+        register_help_resolver()
         hydra_errors.install()
         hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name="config")(main)()
     except KeyboardInterrupt:
@@ -50,6 +51,44 @@ def run_app(config_dir: Path | str) -> None:
             raise
         print("marl-exp: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+HELP_GROUPS_RESOLVER = "marl_exp.config_groups_help"  # used by conf/hydra/help/marl_exp.yaml
+
+
+def register_help_resolver() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver(HELP_GROUPS_RESOLVER):
+        OmegaConf.register_new_resolver(HELP_GROUPS_RESOLVER, config_groups_help)
+
+
+def config_groups_help() -> str:
+    """Hydra's ``$APP_CONFIG_GROUPS`` for ``--help`` (``group: option, ...``) without the typed schemas."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    loader = GlobalHydra.instance().config_loader()
+    lines = []
+    for group in _app_groups(loader):
+        options = [o for o in sorted(loader.get_group_options(group, ObjectType.CONFIG)) if not _is_schema(o)]
+        if options:
+            lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+def _app_groups(loader, parent: str = ""):
+    """Every config group below ``parent``, nested ones included, except Hydra's own (``hydra/...``)."""
+    for name in sorted(loader.list_groups(parent)):
+        group = f"{parent}/{name}" if parent else name
+        if group != "hydra":
+            yield group
+            yield from _app_groups(loader, group)
+
+
+def _is_schema(option: str) -> bool:
+    """``<group>/schema`` and ``stage/<name>_schema`` (``config.register_configs``): extended, never chosen."""
+    return option == "schema" or option.endswith("_schema")
 
 
 def run_dir_from_hydra(cfg: DictConfig) -> Path:
