@@ -234,3 +234,20 @@ def test_a_policy_dir_without_a_value_head_loads_for_sampling_and_the_trl_entry_
         with torch.no_grad():  # and it runs: a forward with logits and values
             out = model.policy_forward(torch.tensor([[1, 2, 3]]))
         assert out.logits.shape[:2] == (1, 3) and out.values.shape == (1, 3)
+
+
+def test_running_moments_std_is_the_sample_std_of_every_score_so_far():
+    """As TRL's RunningMoments: the running std over batches equals torch.std (unbiased) of all scores seen."""
+    from marl_exp.ppo.trainer import RunningMoments
+
+    batches = [torch.tensor([1.0, 2.0, 4.0]), torch.tensor([-3.0, 0.5]), torch.tensor([7.0, 7.0, 8.0, -1.0])]
+    moments = RunningMoments()
+    for i, batch in enumerate(batches):
+        moments.update(batch)
+        seen = torch.cat(batches[:i + 1])
+        assert moments.mean == pytest.approx(seen.mean().item(), abs=1e-6)
+        assert moments.std == pytest.approx(seen.std(unbiased=True).item(), abs=1e-6)
+    # By hand for the first batch: mean 7/3, squared deviations 16/9 + 1/9 + 25/9 = 42/9, / (3 - 1) = 7/3.
+    first = RunningMoments()
+    first.update(batches[0])
+    assert first.std == pytest.approx((7 / 3) ** 0.5, abs=1e-6)

@@ -38,7 +38,8 @@ from marl_exp.ppo.rollout import (
 log = logging.getLogger(__name__)
 
 class RunningMoments:
-    """Running mean/std of scores over all steps so far (Chan et al. parallel update)."""
+    """Running mean and variance of scores over all steps so far (Chan et al. parallel update); ``var`` is
+    the population variance, ``std`` the sample one."""
 
     def __init__(self):
         self.mean, self.var, self.count = 0.0, 1.0, 0
@@ -53,7 +54,9 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
-        return math.sqrt(max(self.var, 1e-8))
+        """The sample standard deviation of every score so far (Bessel-corrected, as TRL's RunningMoments)."""
+        unbiased = self.var * self.count / (self.count - 1) if self.count > 1 else self.var
+        return math.sqrt(max(unbiased, 1e-8))
 
     def state_dict(self) -> dict:
         return {"mean": self.mean, "var": self.var, "count": self.count}
