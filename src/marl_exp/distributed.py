@@ -108,8 +108,14 @@ def mean(value: float) -> float:
     return sum(gather(value)) / world_size() if is_distributed() else value
 
 
+# Metrics that TRL reduces over processes with min or max (of the gathered values), not the mean.
+_MIN_METRICS = ("clip_ratio/low_min", "completions/min_length")
+_MAX_METRICS = ("clip_ratio/high_max", "completions/max_length")
+
+
 def mean_metrics(metrics: dict) -> dict:
-    """Each numeric metric averaged over the ranks that have it; other values as rank 0 has them."""
+    """Each numeric metric reduced over the ranks that have it: the mean, or the min / max for TRL's min /
+    max metrics (also under a policy's ``<name>/`` prefix); other values as rank 0 has them."""
     if not is_distributed():
         return metrics
     everyone = gather(metrics)
@@ -117,8 +123,20 @@ def mean_metrics(metrics: dict) -> dict:
     for key, value in merged.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values = [m[key] for m in everyone if isinstance(m.get(key), (int, float))]
-            merged[key] = sum(values) / len(values)
+            merged[key] = _reduction(key)(values)
     return merged
+
+
+def _reduction(key: str):
+    if key.endswith(_MIN_METRICS):
+        return min
+    if key.endswith(_MAX_METRICS):
+        return max
+    return _mean
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values)
 
 
 def cat_tensors(tensor: torch.Tensor) -> torch.Tensor:
@@ -126,3 +144,30 @@ def cat_tensors(tensor: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return tensor
     return torch.cat([t.to(tensor.device) for t in gather(tensor.detach().cpu())])
+
+
+def cat_rows(*tensors: torch.Tensor | None) -> tuple[list, slice]:
+    """Each tensor concatenated over ranks along dim 0 in rank order (one gather), and the rows that are this
+    rank's. 2-D tensors (per-token values and their response mask) are right-padded with zeros to the widest
+    rank's: the padding is masked. None stays None."""
+    if not is_distributed():
+        rows = next(t.shape[0] for t in tensors if t is not None)
+        return list(tensors), slice(0, rows)
+    everyone = gather([None if t is None else t.detach().cpu() for t in tensors])
+    rows = [next(t.shape[0] for t in parts if t is not None) for parts in everyone]
+    start = sum(rows[:rank()])
+    merged = [None if t is None else _cat_padded([parts[i] for parts in everyone]).to(t.device)
+              for i, t in enumerate(tensors)]
+    return merged, slice(start, start + rows[rank()])
+
+
+def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    if parts[0].dim() == 1:
+        return torch.cat(parts)
+    width = max(p.shape[1] for p in parts)
+    out = parts[0].new_zeros((sum(p.shape[0] for p in parts), width, *parts[0].shape[2:]))
+    start = 0
+    for part in parts:
+        out[start:start + part.shape[0], :part.shape[1]] = part
+        start += part.shape[0]
+    return out

@@ -514,7 +514,10 @@ def make_kl_controller(
 # ---------------------------------------------------------------------------
 
 SCALE_REWARDS = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+# Token-level surrogates, aggregated by aggregate_loss (TRL 1.x GRPOTrainer's loss_type values).
+TOKEN_LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+# "rloo": TRL 1.x RLOOTrainer's sequence-level loss (rloo_sequence_loss).
+LOSS_TYPES = TOKEN_LOSS_TYPES + ("rloo",)
 # TRL adds this to the std before dividing (advantages / (std + 1e-4)): a
 # group with a tiny spread gets a large but finite advantage.
 REWARD_STD_EPS = 1e-4
@@ -847,6 +850,59 @@ def clipped_surrogate(
     return per_token, {k: v.detach() for k, v in stats.items()}
 
 
+def rloo_sequence_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: Optional[float] = None,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """TRL 1.x ``RLOOTrainer``'s loss: one importance ratio and one clip per response (scalar).
+
+        ratio_i = exp(sum_t logprobs_{i,t} - sum_t old_logprobs_{i,t})     (sums over i's mask)
+        loss    = mean_i -min(ratio_i · A_i, clip(ratio_i, 1 - ε, 1 + ε_high) · A_i)
+
+    ``advantages`` ``[B]``, one per response; ``old_logprobs`` ``[B, T]``, the
+    sampling policy's. Unlike :func:`clipped_surrogate` + :func:`aggregate_loss`,
+    the ratio is the whole response's probability ratio (the product over its
+    tokens, not a token's), so a response is clipped as a whole, and the
+    gradient is -A_i ∇ sum_t log π at ratio 1: a response's tokens weigh by
+    their number, not divided by it. A response with an empty mask (dropped by
+    :func:`drop_truncated_completions`) has ratio 1: it adds -A_i to the mean
+    and nothing to the gradient, as in TRL. The mean is over this
+    micro-batch's responses (TRL returns it unscaled; the HF Trainer divides by
+    gradient accumulation).
+
+    Stats: TRL's clip metrics over responses (detached scalars):
+    ``clip_ratio/low_mean`` / ``clip_ratio/low_min`` (ratio < 1 - ε with A < 0),
+    ``clip_ratio/high_mean`` / ``clip_ratio/high_max`` (ratio > 1 + ε_high with
+    A > 0), ``clip_ratio/region_mean`` (either).
+    """
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    if advantages.shape != logprobs.shape[:1]:
+        raise ValueError(f"advantages shape {tuple(advantages.shape)} must be [B] = {tuple(logprobs.shape[:1])}: "
+                         "one advantage per response")
+    mask_b = _as_bool(mask)
+    log_ratio = masked_sum(logprobs, mask_b, dim=1) - masked_sum(old_logprobs.detach(), mask_b, dim=1)
+    advantages = advantages.detach().to(logprobs.dtype)
+    ratio = torch.exp(log_ratio)
+    clipped_ratio = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
+    loss = -torch.min(ratio * advantages, clipped_ratio * advantages).mean()
+
+    with torch.no_grad():
+        low = ((ratio < 1.0 - epsilon) & (advantages < 0)).float()
+        high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).float()
+        stats = {
+            "clip_ratio/low_mean": low.mean(),
+            "clip_ratio/low_min": low.min(),
+            "clip_ratio/high_mean": high.mean(),
+            "clip_ratio/high_max": high.max(),
+            "clip_ratio/region_mean": torch.maximum(low, high).mean(),
+        }
+    return loss, stats
+
+
 def _masked_min(x: Tensor, mask: Tensor) -> Tensor:
     # Min over mask == 1 entries; 0 for an empty mask (as _masked_max).
     if not bool(mask.any()):
@@ -905,8 +961,9 @@ def aggregate_loss(
     micro-batch only; with one micro-batch on one process bnpo = dapo.
     Empty denominators count as 1 (an empty batch gives 0, not NaN).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid choices: {', '.join(LOSS_TYPES)}")
+    if loss_type not in TOKEN_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid choices: {', '.join(TOKEN_LOSS_TYPES)} "
+                         "(loss_type 'rloo' is rloo_sequence_loss, not an aggregation)")
     mask_b = _as_bool(mask)
     if loss_type == "dapo":
         if num_items_in_batch is None:

@@ -6,9 +6,10 @@ Same five phases as PPO (``RLTrainer.step``); what differs:
   group by group (prompt 0's responses first), as ``core``'s estimators expect;
 - rewards: the reward adapter's scores as they are (the KL, when in the reward, enters in phase 4);
 - advantages: the estimator registered as ``stage.advantage_estimator`` (``core.get_advantage_estimator``);
-- the update: ``num_iterations`` passes of the clipped surrogate against the log-probs of the policy that
-  sampled the batch (TRL's ``old_per_token_logps``), plus ``beta`` · k3 KL to the reference when the KL is a
-  loss term, aggregated by ``loss_type``. Only the policy adapter's LoRA weights are trained.
+- the update: ``num_iterations`` passes of a clipped surrogate against the log-probs of the policy that
+  sampled the batch (TRL's ``old_per_token_logps``): per token, plus ``beta`` · k3 KL to the reference when
+  the KL is a loss term, aggregated by ``loss_type`` (GRPOTrainer's); or, with ``loss_type=rloo``, per
+  response (RLOOTrainer's sequence-level loss). Only the policy adapter's LoRA weights are trained.
 
 Metric names are TRL 1.x ``GRPOTrainer``'s (``reward``, ``reward_std``, ``frac_reward_zero_std``, ``kl``,
 ``entropy``, ``clip_ratio/*``, ``completions/*``); the guard counters (``ppo/nonfinite_*``,
@@ -54,8 +55,13 @@ class CriticFreeTrainer(RLTrainer):
         return rollout.raw_scores.clone()
 
     def _estimate_advantages(self, name: str, rollout: Rollout) -> tuple[torch.Tensor, None]:
+        """The estimator over every rank's responses, this rank's rows of the result: batch statistics
+        (whitening, ``scale_rewards=batch``, ``normalize_advantages``) are global, as in TRL. Group
+        statistics are unchanged by it: each rank samples whole groups (``_next_prompts``)."""
         kl = rollout.kl if self.cfg.kl.kl_in_reward else None
-        return self.estimator(rollout.scores, rollout.response_mask, kl, self.settings), None
+        (scores, mask, kl), rows = distributed.cat_rows(rollout.scores, rollout.response_mask, kl)
+        advantages = self.estimator(scores, mask, kl, self.settings)
+        return advantages[rows, :rollout.response_mask.shape[1]], None
 
     def _loss_mask(self, rollout: Rollout) -> torch.Tensor:
         """The tokens that enter the loss: TRL's ``mask_truncated_completions`` drops responses without EOS."""
@@ -96,7 +102,7 @@ class CriticFreeTrainer(RLTrainer):
 
     def _micro_batch_backward(self, name: str, rollout: Rollout, rows: torch.Tensor, mini_batch: torch.Tensor) -> dict:
         tokens = None
-        weight = len(rows) / len(mini_batch)  # grpo, bnpo, dr_grpo: the mean of the micro-batches' losses
+        weight = len(rows) / len(mini_batch)  # grpo, bnpo, dr_grpo, rloo: the mean of the micro-batches' losses
         if self.cfg.loss.loss_type == "dapo":
             # dapo divides by the response tokens of the whole update (every micro-batch, every rank).
             local = float(self._loss_mask(rollout.select(mini_batch)).sum())
@@ -113,13 +119,11 @@ class CriticFreeTrainer(RLTrainer):
         # mb.logprobs: the sampling policy's, fixed for all num_iterations passes over this batch.
         if core.is_ratio_extreme(logprobs.detach(), mb.logprobs, mb.response_mask, cfg.optim.ratio_threshold):
             return {"skipped": True}
-        per_token, clip_stats = core.clipped_surrogate(logprobs, mb.logprobs, mb.advantages, mask,
-                                                       cfg.loss.epsilon, cfg.loss.epsilon_high)
         kl = core.kl_loss_per_token(logprobs, mb.ref_logprobs, mask)
-        if cfg.kl.beta > 0 and not cfg.kl.kl_in_reward:
-            per_token = per_token + cfg.kl.beta * kl
-        loss = core.aggregate_loss(per_token, mask, cfg.loss.loss_type, max_completion_length=cfg.sampling.max_new_tokens,
-                                   num_items_in_batch=tokens, num_processes=distributed.world_size())
+        if cfg.loss.loss_type == "rloo":
+            loss, clip_stats = self._sequence_loss(logprobs, mb, mask)
+        else:
+            loss, clip_stats = self._token_loss(logprobs, kl, mb, mask, tokens)
         if not torch.isfinite(loss.detach()):
             return {"skipped": True, "nonfinite": True}
         entropy = core.masked_mean(_entropy_for_logging(logits.detach()), mb.response_mask)
@@ -132,3 +136,21 @@ class CriticFreeTrainer(RLTrainer):
             "entropy": entropy.item(),
             **{k: v.item() for k, v in clip_stats.items()},
         }
+
+    def _token_loss(self, logprobs, kl, mb: Rollout, mask, tokens: float | None):
+        """The clipped surrogate per token, plus β·k3 when the KL is a loss term, aggregated by ``loss_type``."""
+        cfg = self.cfg
+        per_token, clip_stats = core.clipped_surrogate(logprobs, mb.logprobs, mb.advantages, mask,
+                                                       cfg.loss.epsilon, cfg.loss.epsilon_high)
+        if cfg.kl.beta > 0 and not cfg.kl.kl_in_reward:
+            per_token = per_token + cfg.kl.beta * kl
+        loss = core.aggregate_loss(per_token, mask, cfg.loss.loss_type, max_completion_length=cfg.sampling.max_new_tokens,
+                                   num_items_in_batch=tokens, num_processes=distributed.world_size())
+        return loss, clip_stats
+
+    def _sequence_loss(self, logprobs, mb: Rollout, mask):
+        """TRL's RLOOTrainer loss (``loss_type=rloo``): one ratio and clip per response, mean over responses.
+        Its estimators give every token of a response the same advantage; the first token has it (a response
+        has at least one token: EOS counts)."""
+        return core.rloo_sequence_loss(logprobs, mb.logprobs, mb.advantages[:, 0], mask,
+                                       self.cfg.loss.epsilon, self.cfg.loss.epsilon_high)
