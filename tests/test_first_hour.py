@@ -99,7 +99,7 @@ BAD_INPUTS = [
      "issue"),
     (["learning_rate=1e-4"], "learning_rate=1e-4 is not a config key; did you mean stage.optim.learning_rate", "issue"),
     (["+learning_rate=1e-4"], "learning_rate=0.0001 is not a config key; did you mean stage.optim.learning_rate", "issue"),
-    (["model=gtp2"], "model=gtp2 is not a model option; did you mean model=gpt2? (options: gpt2, llama-7b, tiny)",
+    (["model=gtp2"], "model=gtp2 is not a model option; did you mean model=gpt2? (options: gpt2, llama-7b, smollm2, tiny)",
      "issue"),
     (["+adapter.lora_droput=0.1"], "adapter.lora_droput=0.1 is not a config key; did you mean adapter.lora_dropout?",
      "issue"),

@@ -495,7 +495,7 @@ class UpstreamConfig:
 
 
 # ---------------------------------------------------------------------------------------------- data
-DATA_NAMES = ("reviews", "reviews_chat", "imdb", "hh_rlhf", "local")
+DATA_NAMES = ("reviews", "reviews_chat", "movie_sentiment", "imdb", "hh_rlhf", "local")
 DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 

@@ -85,7 +85,9 @@ def check_inputs(cfg: DictConfig) -> None:
     stage = cfg.stage
     local_only = bool(cfg.model.local_files_only)
     sft_model = stage.get("sft_model") if stage.name in ("reward", *RL_STAGES) else None
-    if sft_model:
+    if sft_model and sft_model.startswith(BUILTIN_PREFIX):  # e.g. an instruct model as its own SFT model
+        check_model_path(sft_model, key="stage.sft_model")
+    elif sft_model:
         check_model_source("stage.sft_model", sft_model, local_only)
     else:  # model.path is read only by an SFT stage (this one, or the upstream one the cache builds)
         check_model_path(cfg.model.path, cfg.model.get("revision"), local_only)
@@ -102,13 +104,13 @@ def check_inputs(cfg: DictConfig) -> None:
         check_dataset("data.path", cfg.data.path)
 
 
-def check_model_path(path: str, revision: str | None = None, local_only: bool = False) -> None:
+def check_model_path(path: str, revision: str | None = None, local_only: bool = False, key: str = "model.path") -> None:
     if path.startswith(BUILTIN_PREFIX):
         builtin = (f"{BUILTIN_PREFIX}tiny", f"{BUILTIN_PREFIX}smollm2")  # as modeling.loading.resolve_model_path
         if path not in builtin:
-            raise ConfigError(f"model.path={path!r} is not a built-in model; they are {', '.join(builtin)}")
+            raise ConfigError(f"{key}={path!r} is not a built-in model; they are {', '.join(builtin)}")
         return
-    check_model_source("model.path", path, local_only, revision)
+    check_model_source(key, path, local_only, revision)
 
 
 def check_model_source(key: str, value: str, local_only: bool = False, revision: str | None = None) -> None:
@@ -154,6 +156,11 @@ def check_same_base(reward_adapter: str, sft_model: str, allow_mismatch: bool, k
     if allow_mismatch or not record_path.is_file():
         return  # adapters from elsewhere carry no record; nothing reliable to compare
     record = json.loads(record_path.read_text())
+    if sft_model.startswith(BUILTIN_PREFIX):
+        built = built_in_model_dir(sft_model)
+        if built is None or not (built / "config.json").is_file():
+            return  # not built yet, or tiny's dir (named by a hash torch computes): MultiAdapterModel's guard checks
+        sft_model = str(built)
     base_dir = local_model_dir(sft_model)
     ours = fingerprint(base_dir) if base_dir is not None and (base_dir / "config.json").is_file() else None
     theirs = record.get("fingerprint")
@@ -234,6 +241,17 @@ def _safetensors_keys(path: Path) -> list[str] | None:
 def _looks_local(path: str) -> bool:
     # Hub ids look like "org/name" (or "name"); anything else with a separator or a leading dot is a path.
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(os.path.expanduser(path))
+
+
+def built_in_model_dir(name: str) -> Path | None:
+    """Where a built-in model is built (as ``modeling.loading.resolve_model_path`` builds it; None for
+    ``builtin:tiny``, whose dir is named after its architecture's hash, computed where torch is loaded)."""
+    if name != f"{BUILTIN_PREFIX}smollm2":
+        return None
+    from marl_exp.modeling.gguf_import import SMOLLM2_DIR_NAME  # standard library and marl_exp.config only
+
+    cache = os.environ.get("MARL_EXP_CACHE", Path.home() / ".cache" / "marl-exp")  # as modeling.tiny.cache_root
+    return Path(cache).expanduser() / SMOLLM2_DIR_NAME
 
 
 # --------------------------------------------------------------------------------------------- hub

@@ -34,3 +34,13 @@ def oracle(prompts: Sequence, completions: Sequence[str]) -> list[float]:
     from marl_exp.data import reviews
 
     return [reviews.oracle_score(text) for text in _judged_texts(prompts, completions)]
+
+
+def vader_compound(prompts: Sequence, completions: Sequence[str]) -> list[float]:
+    """``data=movie_sentiment``'s lexicon-gold reward: VADER's compound score of each reply, in [-1, 1] (the
+    label its preference pairs were made with: the ceiling for a reward adapter trained on them)."""
+    from marl_exp.data.sentiment import vader_score
+
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions; give one prompt per completion")
+    return [vader_score(text) for text in completions]

@@ -74,17 +74,24 @@ class Task:
                                                      reward_tokens=reward_tokens)
 
 
-def build_task(data_cfg) -> Task:
+def build_task(data_cfg, model_dir: str | None = None) -> Task:
+    """The task ``data.name`` names. ``model_dir``: the base whose own replies make a task's preference pairs
+    (``movie_sentiment``; the reward stage passes its SFT model); other tasks ignore it."""
     if data_cfg.name == "reviews":
         return _reviews_task(data_cfg)
     if data_cfg.name == "reviews_chat":  # the same task as conversations (marl_exp.data.reviews_chat)
         from marl_exp.data.reviews_chat import as_chat_task
 
         return as_chat_task(_reviews_task(data_cfg), data_cfg)
+    if data_cfg.name == "movie_sentiment":  # instruct models, offline (marl_exp.data.sentiment)
+        from marl_exp.data.sentiment import sentiment_task
+
+        return sentiment_task(data_cfg, model_dir)
     if data_cfg.name in ("imdb", "hh_rlhf", "local"):
         return Task(data_cfg.name, partial(loaders.sft_texts, data_cfg), partial(loaders.preference_pairs, data_cfg),
                     partial(loaders.prompts, data_cfg))
-    raise ConfigError(f"data.name={data_cfg.name!r} is not a known task; use data=reviews, reviews_chat, imdb, hh_rlhf or local")
+    raise ConfigError(f"data.name={data_cfg.name!r} is not a known task; use data=reviews, reviews_chat, movie_sentiment, "
+                      "imdb, hh_rlhf or local")
 
 
 def _reviews_task(data_cfg) -> Task:

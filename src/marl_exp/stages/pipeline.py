@@ -35,6 +35,7 @@ from marl_exp.stages.common import environment_record
 from marl_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
+BUILTIN_PREFIX = "builtin:"  # as marl_exp.modeling.tiny (not imported here: it needs torch)
 CACHE_VERSION = 3  # bump when a stage's output (format or data) changes, so stale cache entries are not reused
 COMPLETE_MARKER = "summary.json"  # written last by every stage
 OUTPUT_SUBDIR = {"sft": "model", "reward": "reward_adapter", **{name: "policies" for name in RL_STAGES}}
@@ -75,16 +76,21 @@ def resolve_inputs(cfg: DictConfig) -> dict:
     stage = cfg.stage.name
     if stage == "sft":
         return {}
-    sft_model = _given(cfg.stage.sft_model) or str(cached_output(upstream_config(cfg, "sft")))
+    sft_model = _given(cfg.stage.sft_model, cfg.model) or str(cached_output(upstream_config(cfg, "sft")))
     if stage == "reward" or not needs_upstream_reward(cfg.stage):  # e.g. a gold-reward run: no reward stage
         return {"sft_model": sft_model}
-    reward_adapter = _given(cfg.stage.reward_adapter) or str(cached_output(upstream_config(cfg, "reward")))
+    reward_adapter = _given(cfg.stage.reward_adapter, cfg.model) or str(cached_output(upstream_config(cfg, "reward")))
     return {"sft_model": sft_model, "reward_adapter": reward_adapter}
 
 
-def _given(path: str | None) -> str | None:
-    """A user-given input: local directories made absolute (they are recorded, and read from other
-    working directories later), anything else (a hub id) as is."""
+def _given(path: str | None, model_cfg) -> str | None:
+    """A user-given input: a built-in model's name (``builtin:smollm2``, e.g. an instruct model as its own SFT
+    model) as its directory in the model cache, built on first use; local directories made absolute (they are
+    recorded, and read from other working directories later); anything else (a hub id) as is."""
+    if path and path.startswith(BUILTIN_PREFIX):
+        from marl_exp.modeling.loading import resolve_model_path  # imports torch: only for a built-in model
+
+        return str(Path(resolve_model_path(OmegaConf.merge(model_cfg, {"path": path}))).resolve())
     if path and Path(path).expanduser().is_dir():
         return str(Path(path).expanduser().resolve())
     return path or None

@@ -39,7 +39,7 @@ def run(cfg, run_dir: Path, tracker: Tracker, sft_model: str) -> dict:
 def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, stop) -> dict:
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(sft_model, cfg.model)
-    task = build_task(cfg.data)
+    task = build_task(cfg.data, model_dir=sft_model)  # a task may make its pairs from this base's own replies
     # Conversational pairs: RewardTrainer renders them with the chat template (the SFT model's, or data.chat_template).
     conversational = is_conversational(task.pairs_train[0])
     chat.apply_template(tokenizer, cfg.data, conversational)
