@@ -7,17 +7,21 @@ dir above run dirs, e.g. a multirun dir, which expands to its job dirs. Each run
 - The table has one row per run: its status (``ok``, ``FAILED``, ``interrupted``, ``incomplete``,
   ``running``) and last logged step, the config values that **differ** between the compared runs
   (so fp32 shows as ``quant.mode=fp32``, not as a missing override) and the chosen final metrics,
-  sorted by one of them (best first).
+  sorted by one of them (best first). By default an RL run's headline comes first (``headline``): the
+  task's strict gold where the task has a judge and the run trains on the task's own reward, else the
+  weighted reward, followed by each reward source's score. A metric no run has is named on stderr.
 - ``--group`` puts runs that differ only in ``seed`` in one row: mean ± std over the seeds, and ``n``.
-- ``--plot out.png`` draws learning curves labelled by the differing values; ``--smooth 0.6`` adds an
-  exponential moving average (raw curve faint, smoothed bold, as dashboards draw them); with ``--group``
-  each group is its mean with a ± std band. Evaluation metrics, a few points each, are drawn as markers.
+- ``--plot out.png`` draws learning curves labelled by the differing values, one panel per curve some run
+  logged (titled by the keys it draws), at most three to a row; ``--smooth 0.6`` adds an exponential moving
+  average (raw curve faint, smoothed bold, as dashboards draw them); with ``--group`` each group is its
+  mean with a ± std band. Evaluation metrics, a few points each, are drawn as markers.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import io
 import math
 import os
@@ -36,28 +40,38 @@ RESOLVED_CONFIG = "resolved_config.yaml"
 # Final metrics shown by default (those that exist in at least one run), in this order.
 DEFAULT_METRICS = ("eval/after/oracle_strict", "eval/after/well_formed", "eval/after/oracle_score",
                    "eval/after/reward_score", "eval/after/kl", "eval/pairwise_accuracy", "eval/loss", "time/total_s")
+# An RL run's headline: the task's judge (the strict gold), or the weighted reward trained on.
+JUDGE, WEIGHTED_REWARD = "eval/after/oracle_strict", "eval/after/reward_score"
+SOURCE_SCORE = re.compile(r"^eval/after/rewards/([^/]+)/mean$")  # each reward source's held-out mean score
 # Metrics where lower is better (the table sorts best first).
 LOWER_IS_BETTER = re.compile(r"(^|/)(loss|kl|perplexity)$|^time/|_s$")
 
 
 @dataclass(frozen=True)
 class Curve:
-    title: str
+    title: str  # what it shows; the panel's title adds the logged keys it draws (``panel_title``)
     pattern: re.Pattern
     evaluation: bool = False  # a few points (every eval_every steps): markers, no smoothing
 
 
-# Learning-curve panels: which keys of metrics.jsonl each one draws.
+def _evaluation(metric: str) -> re.Pattern:
+    return re.compile(rf"^eval/(before|during|after)/{metric}$")
+
+
+# Learning-curve panels: which keys of metrics.jsonl each one draws (each reward source's are added per run,
+# ``source_curves``).
 CURVES = (
     # PPO logs env/reward_mean, the critic-free stages TRL's name: reward.
-    Curve("reward (env/reward_mean)", re.compile(r"^(env/reward_mean|reward)$")),
-    Curve("strict gold (eval/*/oracle_strict)", re.compile(r"^eval/(before|during|after)/oracle_strict$"), True),
-    Curve("well formed (eval/*/well_formed)", re.compile(r"^eval/(before|during|after)/well_formed$"), True),
-    Curve("oracle score (eval/*/oracle_score)", re.compile(r"^eval/(before|during|after)/oracle_score$"), True),
-    Curve("KL (objective/kl)", re.compile(r"^objective/kl$")),
+    Curve("reward", re.compile(r"^(env/reward_mean|reward)$")),
+    Curve("held-out reward", _evaluation("reward_score"), True),
+    Curve("strict gold", _evaluation("oracle_strict"), True),
+    Curve("well formed", _evaluation("well_formed"), True),
+    Curve("oracle score", _evaluation("oracle_score"), True),
+    Curve("KL", re.compile(r"^objective/kl$")),
     Curve("train/loss", re.compile(r"^train/loss$")),
     Curve("eval/loss", re.compile(r"^eval/loss$"), True),
 )
+PANELS_PER_ROW = 3
 # Config keys that say where a run went, not what it computed: never a difference worth a column.
 BOOKKEEPING_KEYS = ("stage.resume", "run_name", "output_dir", "logger")
 BOOKKEEPING_PREFIXES = ("logger.",)
@@ -225,8 +239,57 @@ def _text(value: Any) -> str:
 
 
 def default_metrics(runs: Sequence[Run]) -> list[str]:
+    """The stage's main metrics that some run has: the runs' headline first (``headline``; the weighted
+    reward when any run's is), each reward source's score after the weighted reward."""
     present = set().union(*(run.summary for run in runs)) if runs else set()
-    return [key for key in DEFAULT_METRICS if key in present]
+    heads = {headline(run) for run in runs} - {None}
+    lead = WEIGHTED_REWARD if WEIGHTED_REWARD in heads else next(iter(heads), None)
+    metrics = [lead] * bool(lead) + [key for key in DEFAULT_METRICS if key in present and key != lead]
+    sources = sorted((key for key in present if SOURCE_SCORE.match(key)), key=_source_order(runs))
+    if sources and [SOURCE_SCORE.match(key).group(1) for key in sources] != ["reward"]:  # not only the default
+        at = metrics.index(WEIGHTED_REWARD) + 1
+        metrics[at:at] = sources
+    return metrics
+
+
+def headline(run: Run) -> str | None:
+    """An RL run's main metric: the task's judge (the strict gold) where the task has one and the reward is
+    the task's own (the upstream reward adapter, marl-exp's gold functions); the weighted reward where the
+    run brings a reward of its own (an adapter or function source of ``stage.rewards``), or the task has no
+    judge. None for other stages."""
+    if JUDGE in run.summary and not own_reward_sources(run):
+        return JUDGE
+    return WEIGHTED_REWARD if WEIGHTED_REWARD in run.summary else None
+
+
+def own_reward_sources(run: Run) -> list[str]:
+    """The ``stage.rewards`` sources a run brings itself: an adapter path, or a function outside marl-exp."""
+    own = []
+    for key, value in run.config.items():
+        match = re.fullmatch(r"stage\.rewards\.([^.]+)\.(adapter|function)", key)
+        if match and value and not (match.group(2) == "function" and str(value).startswith("marl_exp.")):
+            own.append(match.group(1))
+    return own
+
+
+def _source_order(runs: Sequence[Run]):
+    """Sort key: a source's place in the first run's ``stage.rewards`` that has it."""
+    order = list(dict.fromkeys(key.split(".")[2] for run in runs for key in run.config
+                               if key.startswith("stage.rewards.") and key.count(".") >= 3))
+    return lambda key: (order.index(name) if (name := SOURCE_SCORE.match(key).group(1)) in order else len(order), key)
+
+
+def unknown_metrics(runs: Sequence[Run], metrics: Sequence[str]) -> list[str]:
+    """A line for each of ``metrics`` that no run's summary has, with the summary keys it may mean."""
+    present = sorted(set().union(*(run.summary for run in runs)))
+    lines = []
+    for metric in dict.fromkeys(metrics):
+        if metric in present:
+            continue
+        close = [key for key in present if key.endswith("/" + metric)] or difflib.get_close_matches(metric, present)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see the keys of a run's summary.json"
+        lines.append(f"marl-exp compare: no run has the metric {metric!r}{hint}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- groups
@@ -406,14 +469,19 @@ def draw_curves(runs: Sequence[Run], smooth: float = 0.0, group: bool = False):
     lines = [(g.runs, _legend(g.setting, len(g.runs))) for g in group_runs(runs, keys)] if group else \
         [([run], _legend({k: run.value(k) for k in keys}, None) if keys else run.label) for run in runs]
     panels = []
-    for curve in CURVES:
+    for curve in (CURVES[0], *source_curves(runs), *CURVES[1:]):
         series = [(members, label, [_curve(run, curve.pattern) for run in members]) for members, label in lines]
-        if any(points for _, _, per_run in series for points in per_run):
+        if any(points for _, _, per_run in series for points in per_run):  # a panel with no data is left out
             panels.append((curve, series))
     n = max(len(panels), 1)
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.8), squeeze=False)
+    columns = min(n, PANELS_PER_ROW)
+    rows = math.ceil(n / columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    axes = list(grid.flat)
+    for spare in axes[n:]:
+        fig.delaxes(spare)
     colours = plt.get_cmap("tab10")
-    for ax, (curve, series) in zip(axes[0], panels):
+    for ax, (curve, series) in zip(axes, panels):
         for index, (members, label, per_run) in enumerate(series):
             if not any(per_run):
                 continue
@@ -437,18 +505,36 @@ def draw_curves(runs: Sequence[Run], smooth: float = 0.0, group: bool = False):
                 spread = ema(spread, smooth) if smooth else spread
                 ax.fill_between(steps, [m - s for m, s in zip(line, spread)], [m + s for m, s in zip(line, spread)],
                                 color=colour, alpha=0.2, linewidth=0)
-        ax.set_title(curve.title)
+        ax.set_title(panel_title(curve, runs), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if not panels:
-        axes[0][0].text(0.5, 0.5, "no learning curves in metrics.jsonl", ha="center", va="center")
-        axes[0][0].set_axis_off()
+        axes[0].text(0.5, 0.5, "no learning curves in metrics.jsonl", ha="center", va="center")
+        axes[0].set_axis_off()
     if smooth or group:
         notes = [f"EMA smoothing {smooth:g} (raw faint)"] * bool(smooth) + ["mean ± std over seeds"] * group
         fig.suptitle("; ".join(notes), fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def source_curves(runs: Sequence[Run]) -> list[Curve]:
+    """A panel per reward source (TRL's ``rewards/<name>/mean``, logged every step) when a run's reward has
+    several (one source is the reward panel itself)."""
+    names = list(dict.fromkeys(match.group(1) for run in runs for record in run.metrics for key in record
+                               if (match := re.fullmatch(r"rewards/([^/]+)/mean", key))))
+    if len(names) < 2:
+        return []
+    return [Curve(f"rewards/{name}/mean", re.compile(rf"^rewards/{re.escape(name)}/mean$")) for name in names]
+
+
+def panel_title(curve: Curve, runs: Sequence[Run]) -> str:
+    """The curve's name and the keys it draws as the runs logged them (``eval/*/`` for every evaluation),
+    e.g. ``reward (env/reward_mean)`` for PPO and ``reward`` for GRPO, whose key it is."""
+    keys = list(dict.fromkeys(re.sub(r"^eval/(before|during|after)/", "eval/*/", key) for run in runs
+                              for record in run.metrics for key in record if curve.pattern.match(key)))
+    return curve.title if keys == [curve.title] else f"{curve.title} ({', '.join(keys)})"
 
 
 def _curve(run: Run, pattern: re.Pattern) -> list[tuple[float, float]]:
@@ -511,6 +597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"under {' '.join(args.paths)}", file=sys.stderr)
         return 2
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    asked = (metrics or []) + ([args.sort] if args.sort not in (None, "none") else [])
+    for line in unknown_metrics(runs, asked):
+        print(line, file=sys.stderr)
     header, rows = build_table(runs, metrics, sort=args.sort, group=args.group)
     sys.stdout.write(format_table(header, rows, args.format))
     if args.format == "table":

@@ -252,13 +252,39 @@ def memory_line(parts: dict[str, int]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def eval_line(tag: str, step: int, steps: int, values: dict[str, Any], policy: str | None = None) -> str:
-    """One line per evaluation: ``eval during step 20/200 [policy]: reward 0.53 | strict gold 0.48 | ... | length 14``."""
+def source_weights(stage: DictConfig) -> dict[str, float] | None:
+    """``stage.rewards`` as {source: weight}, in order; None for the default reward (the upstream adapter alone),
+    which the plan, the evaluation lines and the final table show as one number."""
+    if not stage.get("rewards"):
+        return None
+    from marl_exp.config import reward_sources
+
+    return {source.name: source.weight for source in reward_sources(stage)}
+
+
+def eval_line(tag: str, step: int, steps: int, values: dict[str, Any], policy: str | None = None,
+              weights: dict[str, float] | None = None) -> str:
+    """One line per evaluation: ``eval during step 20/200 [policy]: reward 0.53 | strict gold 0.48 | ... | length 14``;
+    with ``weights`` (``source_weights``) the reward is followed by its sources: ``reward 2.658 = 1 × rm 2.658 +
+    0.5 × great 0.000`` (each source's mean score, unweighted)."""
     names = {"reward_score": "reward", "oracle_strict": "strict gold", "well_formed": "well formed",
              "oracle_score": "oracle", "kl": "KL", "response_length": "length"}
     shown = [f"{label} {_number(values[key])}" for key, label in names.items() if key in values]
+    if weights and shown and shown[0].startswith("reward "):
+        shown[0] += " = " + _weighted_sum({name: (weight, values.get(f"rewards/{name}/mean"))
+                                           for name, weight in weights.items()})
     who = f" [{policy}]" if policy else ""
     return f"eval {tag} step {step}/{steps}{who}: {' | '.join(shown)}"
+
+
+def _weighted_sum(terms: dict[str, tuple[float, Any]]) -> str:
+    """``1 × rm 2.658 + 0.5 × great 0.000``: weight × name, then the source's score (a negative weight as
+    ``- 0.3 × name``)."""
+    parts = []
+    for name, (weight, value) in terms.items():
+        sign = "-" if weight < 0 else "+" if parts else ""
+        parts.append(f"{sign} {abs(weight):g} × {name} {_number(value) if value is not None else '-'}".lstrip())
+    return " ".join(parts)
 
 
 def _number(value: Any) -> str:
@@ -310,4 +336,9 @@ def _ppo_table(cfg: DictConfig, summary: dict[str, Any]) -> list[str]:
             lines.append(f"  [{policy}]")
         for key, label in labels.items():
             lines.append(_row(label, summary.get(f"eval/before/{prefix}{key}"), summary.get(f"eval/after/{prefix}{key}")))
+            if key == "reward_score":  # the sources right under their weighted sum, each unweighted
+                for name, weight in (source_weights(cfg.stage) or {}).items():
+                    source = f"rewards/{name}/mean"
+                    lines.append(_row(f"  {weight:g} × {name}", summary.get(f"eval/before/{prefix}{source}"),
+                                      summary.get(f"eval/after/{prefix}{source}")))
     return lines

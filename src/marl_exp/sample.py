@@ -1,10 +1,12 @@
 """``marl-exp sample <run dir or policy adapter> [--prompts ...]``: what a trained policy writes, beside the reference.
 
-The base, the policy adapter(s) and, when the run had one, the reward adapter are loaded into one
-``MultiAdapterModel``, as the PPO stage builds it. For every prompt a response is sampled from the policy
-and one from the reference (the same base with every adapter off, through the same ``generate``), with
-the same random stream; each is scored by the reward adapter (``ppo.rollout.score``, as in training),
-with the KL of the policy's response to the reference and, on the built-in task, the oracle's score.
+The base, the policy adapter(s) and the run's reward adapters are loaded into one ``MultiAdapterModel``, as
+the RL stage builds it. For every prompt a response is sampled from the policy and one from the reference
+(the same base with every adapter off, through the same ``generate``), with the same random stream; each
+is scored as the run's evaluation scores it (``ppo.rollout.score``): the reward is the run's weighted sum of
+its reward sources (``stage.rewards``: adapters and functions; the upstream reward adapter by default), shown
+beside each source's score, with the KL of the policy's response to the reference (always: it needs no
+reward) and, on the built-in task, the oracle's score.
 
 Sampling settings (``max_new_tokens``, ``temperature``, ...) are the run's own PPO settings unless given.
 """
@@ -20,9 +22,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from marl_exp import console
-from marl_exp.config import RL_STAGES, PPOStageConfig, QuantConfig
+from marl_exp.config import RL_STAGES, PPOStageConfig, QuantConfig, RewardSource, reward_sources
 
 USAGE_ERROR = 2
+# Scores nothing, weighs nothing: what scoring runs with when there is no reward (KL and the oracle only).
+NO_REWARD = RewardSource("none", 0.0, function="marl_exp.sample:no_reward")
 
 
 class SampleError(ValueError):
@@ -80,7 +84,26 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if not base:
         raise SampleError(f"no base model recorded for {args.path!r}; give it with --base <model dir or hub id>")
     reward = args.reward_adapter or record.get("inputs", {}).get("reward_adapter")
-    return {"policies": policies, "base": base, "reward_adapter": reward, "cfg": cfg, "run_dir": run_dir}
+    return {"policies": policies, "base": base, "reward_adapter": reward, "cfg": cfg, "run_dir": run_dir,
+            "rewards": run_reward_sources(cfg, reward)}
+
+
+def run_reward_sources(cfg: DictConfig | None, reward_adapter: str | None) -> list[RewardSource] | None:
+    """The reward the run trained on (its ``stage.rewards``); without a run config, the reward adapter given
+    alone; None when there is no reward."""
+    if cfg is not None and cfg.get("stage", {}).get("name") in RL_STAGES:
+        sources = reward_sources(cfg.stage)
+        upstream = [s.name for s in sources if s.upstream]
+        if upstream and not reward_adapter:
+            raise SampleError(f"reward source(s) {', '.join(upstream)} of this run read the upstream reward adapter, "
+                              "which the run does not record; give it with --reward-adapter")
+        return sources
+    return [RewardSource("reward", 1.0)] if reward_adapter else None
+
+
+def no_reward(prompts, completions) -> list[float]:
+    """``NO_REWARD``'s function: 0 for every completion."""
+    return [0.0] * len(completions)
 
 
 def _read_json(path: Path) -> dict:
@@ -125,9 +148,9 @@ class AdaptersOff:
 
 
 def load(sources: dict[str, Any], device_name: str):
-    """(MultiAdapterModel, tokenizer, the run's model config) with every policy and the reward adapter."""
+    """(MultiAdapterModel, tokenizer) with every policy and every reward adapter of the run's reward."""
     from marl_exp.modeling.loading import load_model, load_tokenizer, resolve_device
-    from marl_exp.modeling.multi_adapter import MultiAdapterModel
+    from marl_exp.modeling.multi_adapter import MultiAdapterModel, reward_adapter_pad_token_id
 
     cfg = sources["cfg"]
     model_cfg = cfg.model if cfg is not None else None
@@ -137,42 +160,71 @@ def load(sources: dict[str, Any], device_name: str):
     base = load_model(sources["base"], model_cfg, quant_cfg, device)
     names = list(sources["policies"])
     stage = cfg.stage if cfg is not None and cfg.stage.get("name") in RL_STAGES else {}
+    allow_mismatch = bool(stage.get("allow_base_mismatch", False))
+    adapters = reward_adapters(sources)
+    primary = adapters.pop("reward", (None, None))
     model = MultiAdapterModel.build(
-        base, policy_name=names[0], policy_adapter=str(sources["policies"][names[0]]),
-        reward_adapter=sources["reward_adapter"], reward_label_index=stage.get("reward_label_index"),
-        base_path=sources["base"], allow_base_mismatch=bool(stage.get("allow_base_mismatch", False)))
+        base, policy_name=names[0], policy_adapter=str(sources["policies"][names[0]]), reward_adapter=primary[0],
+        reward_label_index=primary[1], base_path=sources["base"], allow_base_mismatch=allow_mismatch)
     for name in names[1:]:
         model.add_policy(name, adapter_dir=str(sources["policies"][name]))
+    for adapter_name, (path, label) in adapters.items():  # as the RL stage adds them (rl_models.build_roles)
+        pad = reward_adapter_pad_token_id(path)
+        model.add_reward_adapter(adapter_name, path, label, tokenizer.pad_token_id if pad is None else pad,
+                                 base_path=sources["base"], allow_base_mismatch=allow_mismatch)
     model.eval()
     return model, tokenizer
 
 
+def reward_adapters(sources: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
+    """The model's reward adapter name -> (path, label index) for each adapter source of the run's reward."""
+    from marl_exp.config import reward_adapter_names
+
+    rewards = sources.get("rewards") or []
+    names = reward_adapter_names(rewards)
+    return {names[s.name]: (s.adapter or sources["reward_adapter"], s.label_index) for s in rewards
+            if s.function is None}
+
+
+def scoring_roles(model, rewards: list[RewardSource] | None):
+    """The roles ``ppo.rollout.score`` reads: the model, and the run's reward sources (``NO_REWARD`` without)."""
+    from marl_exp.ppo.reward_sources import RewardSources
+    from marl_exp.ppo.roles import SharedRoles
+
+    return SharedRoles(model, RewardSources(rewards or [NO_REWARD]))
+
+
 # ---------------------------------------------------------------------------------------- sampling
 def sample_side_by_side(model, tokenizer, prompts: list[str], policy: str, stage: DictConfig, seed: int,
-                        oracle=None) -> list[dict]:
-    """One response per prompt from ``policy`` and from the reference, on the same random stream; each with
-    its reward (when the model has a reward adapter), the policy's KL to the reference and the oracle."""
+                        oracle=None, roles=None) -> list[dict]:
+    """One response per prompt from ``policy`` and from the reference, on the same random stream. With
+    ``roles`` (``scoring_roles``) each is scored as the run's evaluation scores it: its reward (the weighted
+    sum of the run's sources) and each source's score as ``rewards/<name>``, and the policy's KL to the
+    reference; and the oracle's score where there is one."""
     import torch
 
     from marl_exp.ppo import core
-    from marl_exp.ppo.roles import SharedRoles
+    from marl_exp.ppo.evaluate import source_columns
     from marl_exp.ppo.rollout import response_texts, sample, score
 
     rows = []
     model.activate_policy(policy)
+    rewarded = roles is not None and roles.reward_sources.sources != [NO_REWARD]
     for role, sampler in (("reference", AdaptersOff(model)), ("policy", model)):
         torch.manual_seed(seed)
         rollout = sample(sampler, tokenizer, prompts, policy, stage)
         rewards, kls = [None] * len(prompts), [None] * len(prompts)
-        if model.score_head is not None:
-            rollout = score(SharedRoles(model), rollout, policy, "value_head", stage, tokenizer)
-            rewards = rollout.raw_scores.tolist()
+        if roles is not None:
+            rollout = score(roles, rollout, policy, "none", stage, tokenizer)
+            rewards = rollout.raw_scores.tolist() if rewarded else rewards
+            # KL(π‖π_ref) of the whole response: the sampled log-ratio sum (nats), as the evaluation estimates it.
             kls = core.masked_sum(rollout.logprobs - rollout.ref_logprobs, rollout.response_mask, dim=1).tolist()
         responses = response_texts(tokenizer, rollout)  # prompt + response: as the tokenizer writes them together
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             tokens = rollout.response_ids[i][rollout.response_mask[i].bool()].tolist()
             rows.append({"policy": policy, "role": role, "prompt": prompt, "response": response, "response_ids": tokens,
-                         "reward": rewards[i], "kl": kls[i] if role == "policy" else None,
+                         "reward": rewards[i], **(source_columns(rollout, i) if rewarded else {}),
+                         "kl": kls[i] if role == "policy" else None,
                          "oracle": oracle(prompt + response) if oracle is not None else None})
     return rows
 
@@ -201,16 +253,36 @@ def table(rows: list[dict], header: str) -> str:
 
 def _mean(rows: list[dict]) -> dict:
     out = {}
-    for key in ("reward", "oracle", "kl"):
-        values = [r[key] for r in rows if r[key] is not None]
+    for key in ("reward", *_source_keys(rows), "oracle", "kl"):
+        values = [r[key] for r in rows if r.get(key) is not None]
         out[key] = sum(values) / len(values) if values else None
     return out
 
 
+def _source_keys(rows: list[dict]) -> list[str]:
+    return [key for key in dict.fromkeys(k for row in rows for k in row) if key.startswith("rewards/")]
+
+
 def _scores(row: dict) -> str:
-    parts = [f"{name} {row[key]:+.2f}" if key == "reward" else f"{name} {row[key]:.2f}"
-             for key, name in (("reward", "reward"), ("oracle", "oracle"), ("kl", "KL")) if row.get(key) is not None]
+    """``reward +1.23 [rm +0.23, great +2.00]  oracle 0.50  KL 0.12``: the weighted reward, each source's score."""
+    parts = []
+    if row.get("reward") is not None:
+        sources = [f"{key.removeprefix('rewards/')} {row[key]:+.2f}" for key in _source_keys([row])
+                   if row[key] is not None]
+        parts.append(f"reward {row['reward']:+.2f}" + (f" [{', '.join(sources)}]" if sources else ""))
+    parts += [f"{name} {row[key]:.2f}" for key, name in (("oracle", "oracle"), ("kl", "KL"))
+              if row.get(key) is not None]
     return "  ".join(parts)
+
+
+def reward_description(sources: dict[str, Any]) -> str:
+    """``reward = 1 × rm + 0.5 × great (rm: <adapter>, great: mod:fn)``, or that there is none."""
+    rewards = sources["rewards"]
+    if not rewards:
+        return "no reward (KL only)"
+    terms = " + ".join(f"{s.weight:g} × {s.name}" for s in rewards).replace("+ -", "- ")
+    what = ", ".join(f"{s.name}: {s.function or s.adapter or sources['reward_adapter']}" for s in rewards)
+    return f"reward = {terms} ({what})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,18 +320,19 @@ def _main(args: argparse.Namespace) -> int:
 
     try:
         model, tokenizer = load(sources, args.device)
-    except (ModelLoadError, ValueError) as err:  # a missing base, an adapter that does not fit it
+        roles = scoring_roles(model, sources["rewards"])
+    except (ModelLoadError, ValueError) as err:  # a missing base or reward function (ConfigError), a misfit adapter
         print(f"marl-exp: error: {' '.join(str(err).split())}", file=sys.stderr)
         return USAGE_ERROR
     rows = []
     for policy in sources["policies"]:
-        rows += sample_side_by_side(model, tokenizer, prompts, policy, stage, args.seed, oracle)
+        rows += sample_side_by_side(model, tokenizer, prompts, policy, stage, args.seed, oracle, roles)
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return 0
-    reward = f"reward adapter {sources['reward_adapter']}" if sources["reward_adapter"] else "no reward adapter"
-    header = (f"marl-exp sample: {args.path} | base {sources['base']} | {reward} | reference = adapters off | "
+    header = (f"marl-exp sample: {args.path} | base {sources['base']} | {reward_description(sources)} | "
+              "reference = adapters off | "
               f"seed {args.seed}, temperature {stage.sampling.temperature:g}, max {stage.sampling.max_new_tokens} new tokens")
     print(table(rows, header))
     return 0

@@ -449,6 +449,25 @@ def wandb_history_steps(path: Path) -> list[int]:
     return steps
 
 
+# ------------------------------------------------------------------------------------ samples table
+SAMPLE_COLUMNS = ("query", "response", "reward", "oracle", "well_formed")
+
+
+def samples_table_columns(samples: list[dict[str, Any]]) -> list[str]:
+    """The columns of a samples table: query, response, the weighted reward, then each reward source's score
+    (``rewards/<name>``, in the samples' order), oracle and judge."""
+    sources = [key for key in dict.fromkeys(k for sample in samples for k in sample) if key.startswith("rewards/")]
+    return [*SAMPLE_COLUMNS[:3], *sources, *SAMPLE_COLUMNS[3:]]
+
+
+def samples_table(samples: list[dict[str, Any]]):
+    """A few sampled responses as a ``wandb.Table`` (``samples_table_columns``)."""
+    import wandb
+
+    columns = samples_table_columns(samples)
+    return wandb.Table(columns=columns, data=[[sample.get(c) for c in columns] for sample in samples])
+
+
 # Hugging Face Trainer log keys → our path-like names.
 _HF_KEY_RENAMES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
                    "epoch": "train/epoch"}

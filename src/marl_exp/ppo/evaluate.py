@@ -46,12 +46,13 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
             has_eos += (rollout.has_eos if rollout.has_eos is not None
                         else (rollout.response_ids == tokenizer.eos_token_id).any(1)).tolist()
             all_responses += responses
-            for query, response, reward in zip(batch, responses, rollout.raw_scores.tolist()):
+            for row, (query, response) in enumerate(zip(batch, responses)):
                 text = judged_text(query, response)
                 texts.append(text)
                 if len(samples) < 8:
                     samples.append({"query": chat.prompt_text(tokenizer, query), "response": response,
-                                    "reward": reward, "oracle": oracle(text) if oracle is not None else None,
+                                    "reward": rollout.raw_scores[row].item(), **source_columns(rollout, row),
+                                    "oracle": oracle(text) if oracle is not None else None,
                                     "well_formed": judge(text) if judge is not None else None})
     metrics = {
         "reward_score": torch.cat(rewards).mean().item(),
@@ -62,3 +63,9 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
     }
     metrics.update(response_metrics(texts, all_responses, has_eos, oracle=oracle, judge=judge))
     return metrics, samples
+
+
+def source_columns(rollout, row: int) -> dict[str, float]:
+    """Each reward source's score of response ``row``, unweighted, as ``rewards/<name>`` (a sample's columns
+    beside its weighted ``reward``)."""
+    return {f"rewards/{name}": scores[row].item() for name, scores in (rollout.source_scores or {}).items()}

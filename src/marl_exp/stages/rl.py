@@ -24,12 +24,12 @@ from marl_exp.interrupt import TrainingDiverged, stop_on_signal
 from marl_exp.modeling.loading import context_length, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.modeling.multi_adapter import base_record
 from marl_exp.ppo.checkpoint import checkpoint_step, load_checkpoint, own_rank_state, resolve_resume, save_checkpoint_on_main
-from marl_exp.ppo.evaluate import evaluate
+from marl_exp.ppo.evaluate import evaluate, source_columns
 from marl_exp.ppo.roles import critic_name
 from marl_exp.ppo.rollout import response_texts
 from marl_exp.stages.common import count_parameters
 from marl_exp.stages.rl_models import build_roles, critic_of, make_trainer
-from marl_exp.tracking import Tracker
+from marl_exp.tracking import Tracker, samples_table
 
 log = logging.getLogger(__name__)
 POLICIES_SUBDIR = "policies"
@@ -182,7 +182,8 @@ class RLRecipe:
                 values, samples = evaluate(self.roles, self.tokenizer, task.prompts(split), name, stage,
                                            oracle=task.oracle, judge=task.judge, judged_text=task.judged_text)
                 if split == "eval":
-                    console.say(console.eval_line(tag, step, stage.steps, values, name if several else None))
+                    console.say(console.eval_line(tag, step, stage.steps, values, name if several else None,
+                                                  console.source_weights(stage)))
                 prefixes = ([f"eval/{tag}/"] if i == 0 else []) + ([f"eval/{tag}/{name}/"] if several else [])
                 infix = "" if split == "eval" else f"{split}/"
                 metrics.update({p + infix + k: v for p in prefixes for k, v in values.items()})
@@ -195,17 +196,13 @@ class RLRecipe:
             for sample in samples:
                 handle.write(json.dumps({"step": step, "eval": tag, "split": split, "policy": policy, **sample}) + "\n")
         if self.tracker.wandb_run is not None:
-            import wandb
-
-            columns = ["query", "response", "reward", "oracle", "well_formed"]
-            table = wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])
             key = f"samples/{policy}" if split == "eval" else f"samples/{policy}/{split}"
-            self.tracker.wandb_run.log({key: table}, step=step)
+            self.tracker.wandb_run.log({key: samples_table(samples)}, step=step)
 
 
 def rollout_samples(rollout, tokenizer, task, limit: int = 8) -> list[dict]:
-    """The first ``limit`` responses of a training rollout, decoded, with their raw reward (and the task's
-    oracle and judge, when it has them)."""
+    """The first ``limit`` responses of a training rollout, decoded, with their reward and each source's score
+    (and the task's oracle and judge, when it has them)."""
     oracle, judge = task.oracle, task.judge
     queries = tokenizer.batch_decode(rollout.query_ids[:limit], skip_special_tokens=True)
     responses = response_texts(tokenizer, rollout)[:limit]
@@ -213,9 +210,10 @@ def rollout_samples(rollout, tokenizer, task, limit: int = 8) -> list[dict]:
     # The judges read what the evaluation reads: a plain prompt and its continuation, a conversation's reply.
     prompts = rollout.conversations[:limit] if rollout.conversations is not None else queries
     judged = [task.judged_text(p, r) for p, r in zip(prompts, responses)]
-    return [{"query": q, "response": r, "reward": w, "oracle": oracle(t) if oracle is not None else None,
+    return [{"query": q, "response": r, "reward": w, **source_columns(rollout, i),
+             "oracle": oracle(t) if oracle is not None else None,
              "well_formed": judge(t) if judge is not None else None}
-            for q, r, w, t in zip(queries, responses, rewards, judged)]
+            for i, (q, r, w, t) in enumerate(zip(queries, responses, rewards, judged))]
 
 
 def _weight_divergence(model, adapters: list[str]) -> float:
