@@ -25,7 +25,7 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
     """Metrics over ``num_samples`` sampled responses to ``prompts`` (cycled), and a few samples."""
     num_samples = num_samples or cfg.eval.eval_samples
     queries = [prompts[i % len(prompts)] for i in range(num_samples)]
-    rewards, kls, lengths, samples = [], [], [], []
+    rewards, kls, nlls, lengths, samples = [], [], [], [], []
     per_source: dict[str, list[torch.Tensor]] = {}
     texts, all_responses, has_eos = [], [], []
     devices = [roles.model.device] if roles.model.device.type == "cuda" else []
@@ -38,6 +38,8 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
             mask = rollout.response_mask
             # KL(π‖π_ref) of a whole response, estimated by the sampled log-ratio sum (nats).
             kls.append(core.masked_sum(rollout.logprobs - rollout.ref_logprobs, mask, dim=1).cpu())
+            # Fluency: the reference model's negative log-likelihood of the response, per token (nats/token).
+            nlls.append((-core.masked_sum(rollout.ref_logprobs, mask, dim=1) / mask.sum(1).clamp(min=1)).cpu())
             rewards.append(rollout.raw_scores.cpu())
             for name, scores in (rollout.source_scores or {}).items():
                 per_source.setdefault(name, []).append(scores.cpu())
@@ -57,6 +59,7 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
     metrics = {
         "reward_score": torch.cat(rewards).mean().item(),
         "kl": torch.cat(kls).mean().item(),
+        "ref_nll": torch.cat(nlls).mean().item(),
         "response_length": torch.cat(lengths).mean().item(),
         # Each reward source's mean score, unweighted (TRL's name for a reward function's: rewards/<name>/mean).
         **{f"rewards/{name}/mean": torch.cat(scores).mean().item() for name, scores in per_source.items()},
