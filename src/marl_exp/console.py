@@ -71,6 +71,8 @@ def quiet_libraries() -> None:
     * transformers deprecates ``is_gradient_checkpointing``, which peft and TRL still read: nothing a user
       can change.
     * transformers' load report for the reward model (see ``_ExpectedClassifierReport``).
+    * datasets' "Failed to load JSON from file" (logged twice, through its handler and Hydra's): the loader
+      raises a one-line error with the same cause (``data.loaders._read_file``).
     Idempotent: each filter is added once.
     """
     global _quieted
@@ -82,6 +84,7 @@ def quiet_libraries() -> None:
     for name in ("transformers.modeling_utils", "transformers.utils.loading_report"):
         logging.getLogger(name).addFilter(_ExpectedClassifierReport())
     warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.getLogger("datasets.packaged_modules.json.json").addFilter(_DropMessages("Failed to load JSON from file"))
 
 
 class ProgressLines(io.TextIOBase):
