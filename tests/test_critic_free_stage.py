@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 import torch
 
 from conftest import compose
+from test_ppo_stage import assert_moved_from_the_reference, assert_policy_trained
 from marl_exp.config import ConfigError, validate
 from marl_exp.data import build_task
 from marl_exp.modeling.loading import load_tokenizer, resolve_device
@@ -145,7 +146,9 @@ def test_loss_matches_a_hand_computation_at_ratio_one(roles_and_tokenizer, fresh
                                          ("grpo", "4bit")])
 def test_each_stage_runs_through_run_stage(trained_chain, tmp_path, stage, quant):
     summary = run_stage(rl_cfg(trained_chain, tmp_path, stage, f"quant={quant}", "stage.steps=1"), tmp_path / "run")
-    for key in ("eval/before/oracle_score", "eval/after/oracle_score", "eval/after/reward_score", "eval/after/kl"):
+    assert_policy_trained(tmp_path / "run" / "policies" / "policy", value_head=False)
+    assert_moved_from_the_reference(summary)
+    for key in ("eval/before/oracle_score", "eval/after/oracle_score", "eval/after/reward_score"):
         assert key in summary and summary[key] == summary[key], key
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = set().union(*records)

@@ -242,13 +242,19 @@ def test_upstream_settings_reach_the_cached_stage(tmp_path):
 
 
 def test_sft_and_reward_stages_train_on_imdb_fixture(tmp_path):
-    from marl_exp.stages.pipeline import run_stage
+    from marl_exp.stages.pipeline import cache_dir, run_stage, upstream_config
+    from test_stages import assert_lora_b_trained, assert_sft_loss_fell, hf_pairwise_accuracy
 
     cfg = compose("stage=reward", *QUICK, f"output_dir={tmp_path}", "data=imdb", f"data.path={FIXTURES / 'imdb'}",
                   "upstream.sft.max_steps=3", "upstream.sft.batch_size=4", "stage.batch_size=4")
     summary = run_stage(cfg, tmp_path / "run")
-    assert (tmp_path / "run" / "reward_adapter" / "adapter_config.json").exists()
-    assert 0 <= summary["eval/pairwise_accuracy"] <= 1
+    sft_run, adapter = cache_dir(upstream_config(cfg, "sft")), tmp_path / "run" / "reward_adapter"
+    assert_sft_loss_fell(json.loads((sft_run / "summary.json").read_text()))
+    assert_lora_b_trained(adapter)
+    # The accuracy reported is that of the adapter saved, on the fixture's held-out pairs.
+    low, high = hf_pairwise_accuracy(sft_run / "model", adapter, build_task(cfg.data).pairs_eval, "fp32",
+                                     cfg.stage.eval_batch_size)
+    assert low <= summary["eval/pairwise_accuracy"] <= high, (summary["eval/pairwise_accuracy"], low, high)
 
 
 def test_ppo_on_hh_rlhf_fixture(trained_chain, tmp_path):

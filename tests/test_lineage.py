@@ -253,8 +253,11 @@ def test_wandb_offline_artifacts_carry_the_lineage(offline_chain):
         assert meta["base_model"] == str(sft_entry / "model")
         assert meta["fingerprint"] == sft_meta["model_fingerprint"]  # trained on that SFT model
         assert (meta["r"], meta["lora_alpha"], meta["quant"]) == (adapter.r, adapter.lora_alpha, "fp32")
-    assert 0 <= reward_meta["metrics"]["eval/pairwise_accuracy"] <= 1
-    assert 0 <= ppo_meta["metrics"]["eval/after/oracle_score"] <= 1 and ppo_meta["metrics"]["train/steps"] == 2
+    reward_summary, ppo_summary = (json.loads((run / "summary.json").read_text()) for run in (reward_run, ppo_run))
+    assert reward_meta["metrics"]["eval/pairwise_accuracy"] == pytest.approx(reward_summary["eval/pairwise_accuracy"])
+    for key in ("eval/before/oracle_score", "eval/after/oracle_score", "eval/after/kl"):
+        assert ppo_meta["metrics"][key] == pytest.approx(ppo_summary[key]), key
+    assert ppo_meta["metrics"]["train/steps"] == ppo_summary["train/steps"] == 2
 
     # Files: weights over 1 MB are file:// references to the final place (not the build dir), the
     # rest is uploaded (staged copies); the declared manifests are the logged ones.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -43,7 +42,7 @@ def quick(out, *overrides):
 def check_run_dir(run_dir: Path, cfg, objective: str) -> dict:
     """The files every run dir holds; returns summary.json."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert math.isfinite(summary[objective]) and summary["time/total_s"] > 0
+    assert objective in summary and summary["time/total_s"] > 0  # the callers check what it says
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert lines
     for line in lines:
@@ -64,6 +63,54 @@ def logits(model, tokenizer, texts):
         return model(**inputs).logits
 
 
+def assert_sft_loss_fell(summary: dict) -> None:
+    """Even 3 steps from the tiny random model lower the held-out loss."""
+    assert summary["eval/loss"] < summary["eval/loss_before"], (summary["eval/loss_before"], summary["eval/loss"])
+
+
+def assert_lora_b_trained(adapter_dir: Path) -> None:
+    """peft starts every lora_B at 0: a trained adapter has none left at 0."""
+    with safe_open(Path(adapter_dir) / "adapter_model.safetensors", "pt") as weights:
+        untrained = [k for k in weights.keys() if "lora_B" in k and not weights.get_tensor(k).any()]
+        assert any("lora_B" in k for k in weights.keys())
+    assert not untrained, untrained
+
+
+# A pair whose HF margin is within this of 0 may rank either way in the stage's own forward: ours against HF +
+# peft on the same batch differ by <= 5e-7 in every quant mode (test_multi_adapter); 1e-5 is float32 rounding here.
+TIE = 1e-5
+
+
+def hf_pairwise_accuracy(sft_model, adapter, pairs, quant_mode: str, batch_size: int) -> tuple[float, float]:
+    """Held-out pairwise accuracy of a saved reward adapter, recomputed with HF's sequence classifier + plain peft
+    at the run's precision, on the pairs as RewardTrainer joins them (prompt + side + EOS), in the stage's batches.
+    Returned as the (lowest, highest) accuracy that pairs tied within TIE allow."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from marl_exp.modeling.loading import quantization_config, weights_dtype
+
+    quant = compose(f"quant={quant_mode}").quant
+    bnb = quantization_config(quant)
+    load = {} if bnb is None else {"quantization_config": bnb, "device_map": {"": "cpu"}}
+    seq_cls = AutoModelForSequenceClassification.from_pretrained(sft_model, num_labels=1, dtype=weights_dtype(quant),
+                                                                 **load)
+    for module in seq_cls.modules():  # the 4-bit kernel the stage uses (no repacking for bnb's CPU inference)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    seq_cls.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token
+    model = PeftModel.from_pretrained(seq_cls, adapter).eval()
+
+    def scores(side: str) -> torch.Tensor:
+        prompts = pairs["prompt"] if "prompt" in pairs.column_names else [""] * len(pairs)
+        texts = [p + t + tokenizer.eos_token for p, t in zip(prompts, pairs[side])]
+        return torch.cat([logits(model, tokenizer, texts[i:i + batch_size])[:, 0] for i in range(0, len(texts), batch_size)])
+
+    margin = scores("chosen") - scores("rejected")
+    return (margin > TIE).float().mean().item(), (margin >= -TIE).float().mean().item()
+
+
 # --------------------------------------------------------------------------------------------- SFT
 SFT_CASES = {"fp32": ("quant=fp32", "stage.finetune=lora"), "8bit": ("quant=8bit",), "4bit": ("quant=4bit",)}
 
@@ -81,6 +128,8 @@ def test_sft_lora_end_to_end(quick_out, quant):
     summary = check_run_dir(run_dir, cfg, "eval/loss")
     assert summary["eval/loss"] == pytest.approx(result["eval/loss"])
     assert summary["train/steps"] == 3
+    assert_sft_loss_fell(summary)
+    assert_lora_b_trained(run_dir / "adapter")
     assert 0 < summary["params/trainable"] < summary["params/total"]
     assert (run_dir / "adapter" / "adapter_config.json").exists()
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
@@ -115,7 +164,13 @@ def test_reward_end_to_end(quick_out, quant):
     run_dir = quick_out / f"reward-{quant}"
     run_stage(cfg, run_dir)
     summary = check_run_dir(run_dir, cfg, "eval/pairwise_accuracy")
-    assert 0.0 <= summary["eval/pairwise_accuracy"] <= 1.0 and summary["train/steps"] == 3
+    assert summary["train/steps"] == 3
+    assert_lora_b_trained(run_dir / "reward_adapter")
+    # 3 steps rank no better than chance reliably; the accuracy reported is that of the adapter saved.
+    sft_model = cache_dir(upstream_config(cfg, "sft")) / "model"
+    low, high = hf_pairwise_accuracy(sft_model, run_dir / "reward_adapter", build_task(cfg.data).pairs_eval, quant,
+                                     cfg.stage.eval_batch_size)
+    assert low <= summary["eval/pairwise_accuracy"] <= high, (summary["eval/pairwise_accuracy"], low, high)
 
     # The SFT model came through the stage cache: one entry, shared by every quant mode, and it is
     # a full fp32 fine-tune whatever this run's quantization.
@@ -342,26 +397,13 @@ def test_trained_sft_model_writes_reviews(trained_chain):
 
 @pytest.mark.slow
 def test_reward_adapter_reloads_with_plain_peft(trained_chain):
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    sft_model, adapter = trained_chain["sft_model"], trained_chain["reward_adapter"]
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    model = AutoModelForSequenceClassification.from_pretrained(sft_model, num_labels=1)
-    model = PeftModel.from_pretrained(model, adapter).eval()
-    pairs = build_task(trained_chain["cfg"].data).pairs_eval
-
-    def scores(texts):
-        out = []
-        for start in range(0, len(texts), 100):
-            batch = [t + tokenizer.eos_token for t in texts[start:start + 100]]
-            out.append(logits(model, tokenizer, batch)[:, 0])
-        return torch.cat(out)
-
-    chosen, rejected = scores(list(pairs["chosen"])), scores(list(pairs["rejected"]))
-    accuracy = (chosen > rejected).float().mean().item()
-    assert accuracy >= 0.9
-    assert accuracy == pytest.approx(trained_chain["reward_summary"]["eval/pairwise_accuracy"], abs=0.01)
+    """HF + plain peft on the saved adapter ranks the held-out pairs well above chance, as the stage reported."""
+    cfg = trained_chain["cfg"]
+    low, high = hf_pairwise_accuracy(trained_chain["sft_model"], trained_chain["reward_adapter"],
+                                     build_task(cfg.data).pairs_eval, "fp32", cfg.stage.eval_batch_size)
+    assert low >= 0.9
+    reported = trained_chain["reward_summary"]["eval/pairwise_accuracy"]
+    assert low <= reported <= high, (reported, low, high)
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -381,6 +423,7 @@ def test_cli_single_run(tmp_path):
     assert hydra_cfg["stage"]["max_steps"] == 3 and hydra_cfg["output_dir"] == str(tmp_path)
     summary = check_run_dir(run_dir, compose("stage=sft", *QUICK, f"output_dir={tmp_path}"), "eval/loss")
     assert summary["params/trainable"] == summary["params/total"]  # fp32 default: full fine-tune
+    assert_sft_loss_fell(summary)
     assert (run_dir / "model" / "model.safetensors").exists() and not (run_dir / "adapter").exists()
     # Our log messages reach Hydra's per-run log file.
     assert "run finished" in (run_dir / "train.log").read_text()
@@ -395,7 +438,8 @@ def test_cli_multirun(tmp_path):
     ranks = []
     for job in jobs:
         summary = json.loads((job / "summary.json").read_text())
-        assert math.isfinite(summary["eval/loss"])
+        assert_sft_loss_fell(summary)
+        assert_lora_b_trained(job / "adapter")
         ranks.append(json.loads((job / "adapter" / "adapter_config.json").read_text())["r"])
         assert (job / ".hydra" / "config.yaml").exists()
     assert ranks == [4, 8]
