@@ -2,14 +2,20 @@
 
 Runs before a single GPU hour is spent: loads the model the way a run does, adds a probe reward
 adapter, and checks each invariant of ``marl_exp.conformance.checks`` against an independent
-reference, those that read the reference or reward role in each sharing mode. Prints a table; exit code
-0 when every check passes, 1 when one fails, 2 on bad arguments.
+reference, those that read the reference or reward role in each sharing mode. Prints a table, one line per
+failed check and the time taken, nothing from the libraries; exit code 0 when every check passes, 1 when one
+fails, 2 on bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
+import time
+import warnings
 from pathlib import Path
 
 from marl_exp.conformance import CHECKS, SHARING_MODES
@@ -30,15 +36,48 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.model_dir) / "config.json").is_file():
         parser.exit(2, f"marl-exp check-model: error: {args.model_dir!r} is not a model directory (no config.json); "
                        "give the directory save_pretrained wrote\n")
-    from marl_exp.conformance.checks import check_model, format_table  # heavy imports after the argument checks
+    start = time.monotonic()
+    with quiet_libraries():
+        from marl_exp.conformance.checks import check_model, format_table  # heavy imports after the argument checks
 
-    results = check_model(args.model_dir, quant=args.quant, checks=checks, sharing=sharing)
-    print(format_table(results, f"marl-exp check-model {args.model_dir} ({args.quant})"), flush=True)
-    failed = [f"{r.name} ({r.sharing})" if r.sharing else r.name for r in results if not r.passed]
-    if failed:
-        print(f"marl-exp check-model: {len(failed)} check(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+        results = check_model(args.model_dir, quant=args.quant, checks=checks, sharing=sharing)
+    print(format_table(results, f"marl-exp check-model {args.model_dir} ({args.quant})"))
+    failed = [r for r in results if not r.passed]
+    for r in failed:
+        print(f"FAIL {r.name}{f' ({r.sharing})' if r.sharing else ''}: {r.detail}")
+    print(f"{len(results)} checks, {len(failed)} failed, in {time.monotonic() - start:.0f} s", flush=True)
+    return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """While the checks run: no progress bars, load reports (the probe classifier's new score head is
+    expected), deprecation warnings or bitsandbytes kernel notices. Restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    saved_env = {key: os.environ.get(key) for key in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
+    saved_levels = {name: logging.getLogger(name).level for name in ("bitsandbytes", "peft")}
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in saved_levels:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _names(parser, given: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
