@@ -16,12 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from conformance.test_seeded_bugs import hidden_states_rounded_to_bf16, read_one_token_early
 from marl_exp.config import ConfigError
 from marl_exp.conformance.checks import check_model
-from marl_exp.modeling import multi_adapter
-from marl_exp.ppo import roles as roles_module
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = ("reference_logits", "reward_position")
@@ -52,24 +50,9 @@ def test_check_model_passes_on_smollm2_with_only_the_table_and_its_time(smollm2)
     assert not [noise for noise in LIBRARY_NOISE if noise in output], output
 
 
-def _read_one_token_early(monkeypatch):
-    index = multi_adapter.reward_token_index
-    monkeypatch.setattr(multi_adapter, "reward_token_index", lambda *args: (index(*args) - 1).clamp(min=0))
-
-
-def _hidden_states_rounded_to_bf16(monkeypatch):
-    logits = multi_adapter.causal_lm_logits
-
-    def rounded(model, hidden, positions=None):
-        return logits(model, hidden.to(torch.bfloat16).float(), positions)
-
-    for module in (multi_adapter, roles_module):
-        monkeypatch.setattr(module, "causal_lm_logits", rounded)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("bug,check", [(_read_one_token_early, "reward_position"),
-                                       (_hidden_states_rounded_to_bf16, "reference_logits")])
+@pytest.mark.parametrize("bug,check", [(read_one_token_early, "reward_position"),
+                                       (hidden_states_rounded_to_bf16, "reference_logits")])
 def test_its_tolerances_still_catch_a_seeded_bug(smollm2, bug, check, monkeypatch, tmp_path):
     bug(monkeypatch)
     result, = check_model(smollm2, checks=(check,), sharing=("shared",), workdir=tmp_path)

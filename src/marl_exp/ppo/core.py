@@ -831,14 +831,10 @@ def clipped_surrogate(
     # Zero log-ratio and advantage at padding: garbage there must not overflow exp() or reach the gradient.
     log_ratio = torch.where(mask_b, logprobs - old_logprobs, zeros)
     advantages = torch.where(mask_b, advantages.detach().to(logprobs.dtype), zeros)
-    ratio = torch.exp(log_ratio)
-    clipped_ratio = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
-    per_token = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    per_token, low, high = _clipped_objective(torch.exp(log_ratio), advantages, epsilon, epsilon_high)
     per_token = torch.where(mask_b, per_token, zeros)
 
     with torch.no_grad():
-        low = ((ratio < 1.0 - epsilon) & (advantages < 0)).float()
-        high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).float()
         has_tokens = mask_b.any(dim=1)
         stats = {
             "clip_ratio/low_mean": masked_mean(low, mask_b),
@@ -886,13 +882,10 @@ def rloo_sequence_loss(
     mask_b = _as_bool(mask)
     log_ratio = masked_sum(logprobs, mask_b, dim=1) - masked_sum(old_logprobs.detach(), mask_b, dim=1)
     advantages = advantages.detach().to(logprobs.dtype)
-    ratio = torch.exp(log_ratio)
-    clipped_ratio = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
-    loss = -torch.min(ratio * advantages, clipped_ratio * advantages).mean()
+    per_response, low, high = _clipped_objective(torch.exp(log_ratio), advantages, epsilon, epsilon_high)
+    loss = per_response.mean()
 
     with torch.no_grad():
-        low = ((ratio < 1.0 - epsilon) & (advantages < 0)).float()
-        high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).float()
         stats = {
             "clip_ratio/low_mean": low.mean(),
             "clip_ratio/low_min": low.min(),
@@ -901,6 +894,18 @@ def rloo_sequence_loss(
             "clip_ratio/region_mean": torch.maximum(low, high).mean(),
         }
     return loss, stats
+
+
+def _clipped_objective(ratio: Tensor, advantages: Tensor, epsilon: float,
+                       epsilon_high: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """PPO's clipped objective per item (token or response), negated as a loss, and where each clip bites:
+    ``low`` (ratio < 1 - ε with A < 0) and ``high`` (ratio > 1 + ε_high with A > 0), as float masks."""
+    clipped_ratio = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
+    loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    with torch.no_grad():
+        low = ((ratio < 1.0 - epsilon) & (advantages < 0)).float()
+        high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).float()
+    return loss, low, high
 
 
 def _masked_min(x: Tensor, mask: Tensor) -> Tensor:
