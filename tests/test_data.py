@@ -207,7 +207,8 @@ def test_bad_data_configs_fail_before_loading(override, message):
 def test_every_experiment_preset_composes_and_validates(preset):
     cfg = compose(f"experiment={preset}")
     validate(cfg)
-    expected = {"smollm2_sentiment": ("grpo", "movie_sentiment")}.get(preset, ("ppo", None))
+    expected = {"smollm2_sentiment": ("grpo", "movie_sentiment"), "smollm2_sentiment_ppo": ("ppo", "movie_sentiment"),
+                "smollm2_sentiment_rloo": ("rloo", "movie_sentiment")}.get(preset, ("ppo", None))
     assert cfg.stage.name == expected[0]
     assert cfg.data.name == expected[1] if expected[1] else cfg.data.name in ("imdb", "hh_rlhf")
 

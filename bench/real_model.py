@@ -1,0 +1,239 @@
+"""Real-model benchmark: SmolLM2-135M-Instruct on the movie_sentiment task, per algorithm, quant mode and seed.
+
+Each (quant, seed) gets one output dir, so its algorithms share the seed's reward adapter through the stage
+cache (the reward stage runs once, inside the first algorithm's run); the pairs' replies are cached under
+the model cache (they depend on the task, not the run's seed). Each run evaluates every 10 steps for the
+curves. Prints a markdown table, writes bench/results/real_model.{json,md} and docs/real_model.png (curves)
+and docs/real_model_overoptimization.png (the reward trained on against the judge, over sqrt(KL)).
+
+Judged by AFINN on held-out requests (titles and phrasings no training request uses): the share of replies
+AFINN scores > 0 (``eval/*/well_formed``). Beside it: fluency (the reference model's NLL of the reply,
+nats/token), diversity (distinct-2), KL to the reference (nats per reply) and the reward trained on. The
+targets were committed with this file, before any run on the seed list ``real_model`` (bench/seeds.json).
+
+    python bench/real_model.py                                  # seeds 4301-4303 x grpo ppo ppo_critic_adapter rloo, fp32
+    python bench/real_model.py --algorithms grpo --quants 4bit --seeds 4301
+    python bench/real_model.py --collect outputs/bench/real_model/<stamp>   # rows of a stopped benchmark
+    python bench/real_model.py --from-json a.json b.json        # merge results files (each keeps its machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common  # noqa: E402  (bench/ is not a package)
+
+REPO = Path(__file__).resolve().parents[1]
+ALGORITHMS = {
+    "grpo": ["experiment=smollm2_sentiment"],
+    "ppo": ["experiment=smollm2_sentiment_ppo"],
+    "ppo_critic_adapter": ["experiment=smollm2_sentiment_ppo", "stage.critic=adapter"],
+    "rloo": ["experiment=smollm2_sentiment_rloo"],
+}
+EVAL_EVERY = 10
+# Set before any run on the real_model seeds (issue 25's proposal, kept as written).
+TARGETS = {
+    "judge_after_min": 0.85,  # AFINN-positive share of held-out replies after RL
+    "judge_rise_min": 0.20,  # ... up at least this much from the instruct model
+    "ref_nll_rise_max": 0.5,  # fluency: reference NLL up at most this (nats/token)
+    "distinct_2_ratio_min": 0.75,  # diversity: distinct-2 after >= 0.75 x before
+    "kl_max": 10.0,  # nats per reply, held-out
+    "default_chain_minutes_max": 45.0,  # experiment=smollm2_sentiment from a fresh cache, 2 quiet cores, fp32
+}
+REPORTED = ("well_formed", "ref_nll", "distinct_2", "kl", "reward_score", "response_length")
+CURVE = ("well_formed", "reward_score", "kl", "ref_nll", "distinct_2")
+
+
+def run(algorithm: str, quant: str, seed: int, out: Path, extra: list[str]) -> dict:
+    run_dir = out / algorithm
+    cmd = [sys.executable, "train.py", *ALGORITHMS[algorithm], f"quant={quant}", f"seed={seed}", "logger=none",
+           f"stage.eval.eval_every={EVAL_EVERY}", f"output_dir={out}", f"hydra.run.dir={run_dir}", *extra]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with (run_dir.parent / f"{algorithm}.log").open("w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    row = run_row(algorithm, quant, seed, run_dir, (time.perf_counter() - started) / 60, proc.returncode == 0)
+    row["command"] = " ".join(["python train.py", *cmd[2:]])
+    common.write_json(run_dir / "row.json", row)  # as each run ends: a stopped benchmark keeps its rows
+    return row
+
+
+def run_row(algorithm: str, quant: str, seed: int, run_dir: Path, minutes: float, ok: bool) -> dict:
+    row = {"algorithm": algorithm, "quant": quant, "seed": seed, "minutes": round(minutes, 2)}
+    if not ok or not (run_dir / "summary.json").exists():
+        return {**row, "failed": True, "log": str(run_dir.parent / f"{algorithm}.log")}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    row.update({f"{when}/{k}": summary.get(f"eval/{when}/{k}") for when in ("before", "after") for k in REPORTED})
+    row["reward_stage_ran"] = _reward_stage_ran(run_dir)
+    row["curve"] = curve(run_dir / "metrics.jsonl")
+    row["samples"] = held_out_samples(run_dir / "samples.jsonl")
+    row["passed"] = passed(row)
+    row["git"] = json.loads((run_dir / "run_record.json").read_text()).get("git") \
+        if (run_dir / "run_record.json").exists() else None
+    return row
+
+
+def _reward_stage_ran(run_dir: Path) -> bool:
+    log = run_dir.parent / f"{run_dir.name}.log"
+    return log.exists() and "running the reward stage" in log.read_text()
+
+
+def curve(metrics: Path) -> dict:
+    points = {"step": [], **{k: [] for k in CURVE}}
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        tag = next((t for t in ("before", "during", "after") if f"eval/{t}/well_formed" in row), None)
+        if tag is None:
+            continue
+        points["step"].append(row.get("step", 0))
+        for k in CURVE:
+            points[k].append(row.get(f"eval/{tag}/{k}"))
+    return points
+
+
+def held_out_samples(path: Path, per_tag: int = 4) -> dict:
+    """The first few held-out replies before and after (the same requests: evaluation samples with a fixed seed)."""
+    out = {"before": [], "after": []}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        sample = json.loads(line)
+        if sample.get("eval") in out and sample.get("split") == "eval" and len(out[sample["eval"]]) < per_tag:
+            out[sample["eval"]].append({k: sample.get(k) for k in ("query", "response", "reward", "well_formed")})
+    return out
+
+
+def passed(row: dict) -> dict:
+    b, a = (lambda k: row[f"before/{k}"]), (lambda k: row[f"after/{k}"])
+    return {
+        "judge_after": a("well_formed") >= TARGETS["judge_after_min"],
+        "judge_rise": a("well_formed") - b("well_formed") >= TARGETS["judge_rise_min"],
+        "fluency": a("ref_nll") - b("ref_nll") <= TARGETS["ref_nll_rise_max"],
+        "diversity": a("distinct_2") >= TARGETS["distinct_2_ratio_min"] * b("distinct_2"),
+        "kl": a("kl") <= TARGETS["kl_max"],
+    }
+
+
+def collect(stamp_dir: Path) -> list[dict]:
+    """Rows of the runs under ``stamp_dir`` (``<quant>-seed<seed>/<algorithm>/``) that wrote their row.json."""
+    return [json.loads(p.read_text()) for p in sorted(stamp_dir.glob("*-seed*/*/row.json"))]
+
+
+# ------------------------------------------------------------------------------------------------ report
+def fmt(x, digits=2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| algorithm | quant | seed | judge (AFINN+) | NLL nat/tok | distinct-2 | KL | reward | min | targets |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["quant"], list(ALGORITHMS).index(r["algorithm"]), r["seed"])):
+        if r.get("failed"):
+            lines.append(f"| {r['algorithm']} | {r['quant']} | {r['seed']} | failed: {r['log']} |||||||")
+            continue
+        cell = lambda k, d=2: f"{fmt(r[f'before/{k}'], d)} → {fmt(r[f'after/{k}'], d)}"  # noqa: E731
+        missed = [k for k, ok in r["passed"].items() if not ok]
+        lines.append(f"| {r['algorithm']} | {r['quant']} | {r['seed']} | {cell('well_formed')} | {cell('ref_nll')} | "
+                     f"{cell('distinct_2')} | {cell('kl', 1)} | {cell('reward_score')} | {r['minutes']:.1f}"
+                     f"{'*' if r.get('reward_stage_ran') else ''} | {'met' if not missed else 'missed: ' + ', '.join(missed)} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], curves_png: Path, overopt_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if not r.get("failed")]
+    colors = {a: c for a, c in zip(ALGORITHMS, ("tab:blue", "tab:orange", "tab:red", "tab:green"))}
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, key, title in zip(axes, ("well_formed", "reward_score", "kl", "ref_nll"),
+                              ("judge: AFINN-positive share", "reward trained on", "KL (nats/reply)", "reference NLL")):
+        for r in ok:
+            style = "--" if r["quant"] != "fp32" else "-"
+            ax.plot(r["curve"]["step"], r["curve"][key], style, color=colors[r["algorithm"]], alpha=0.8,
+                    label=f"{r['algorithm']} {r['quant']}" if r["seed"] == min(x["seed"] for x in ok) else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    curves_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(curves_png, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in ok:
+        root_kl = [max(k, 0.0) ** 0.5 for k in r["curve"]["kl"]]
+        ax.plot(root_kl, r["curve"]["reward_score"], "-", color=colors[r["algorithm"]], alpha=0.5)
+        ax.plot(root_kl, r["curve"]["well_formed"], ":", color=colors[r["algorithm"]], alpha=0.9)
+    ax.set_xlabel("sqrt(KL to the reference)")
+    ax.set_ylabel("reward trained on (solid) / judge share (dotted)")
+    ax.set_title("Real model: proxy vs judge over sqrt(KL)")
+    fig.tight_layout()
+    fig.savefig(overopt_png, dpi=110)
+    plt.close(fig)
+
+
+def write_results(rows: list[dict], seeds_info: dict, args, machines: list[dict]) -> None:
+    results = {"machines": machines, "seeds": seeds_info, "targets": TARGETS, "eval_every": EVAL_EVERY,
+               "algorithms": ALGORITHMS, "rows": rows}
+    common.write_json(args.results, results)
+    md = [f"Real model (SmolLM2-135M-Instruct, movie_sentiment), {len(rows)} runs. Machine: "
+          + "; ".join(common.machine_line(m) for m in machines) + ".",
+          f"Seeds: {seeds_info}. Targets: {TARGETS}. `*`: the run's minutes include the reward stage.", "",
+          table(rows)]
+    args.results.with_suffix(".md").write_text("\n".join(md) + "\n")
+    plot(rows, args.plot, args.plot.with_name(args.plot.stem + "_overoptimization.png"))
+    print("\n".join(md))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    parser.add_argument("--quants", nargs="+", default=["fp32"], choices=["fp32", "bf16", "8bit", "4bit"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: bench/seeds.json's real_model")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "real_model")
+    parser.add_argument("--results", type=Path, default=common.RESULTS / "real_model.json")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "real_model.png")
+    parser.add_argument("--collect", type=Path, help="rebuild the rows of a stopped benchmark's finished runs")
+    parser.add_argument("--from-json", nargs="+", type=Path, help="merge results files written by this script")
+    common.add_allow_dirty(parser)
+    parser.add_argument("extra", nargs="*", help="overrides for every run, after --")
+    args = parser.parse_args()
+
+    if args.from_json:
+        parts = [json.loads(p.read_text()) for p in args.from_json]
+        rows = [r for p in parts for r in p["rows"]]
+        write_results(rows, parts[0]["seeds"], args, [m for p in parts for m in p["machines"]])
+        return
+    common.require_clean_tree(args.allow_dirty)
+    if args.seeds is None:
+        seeds, commit = common.seeds("real_model")
+        seeds_info = {"list": "real_model", "seeds": seeds, "seeds_commit": commit}
+    else:
+        seeds, seeds_info = args.seeds, {"seeds": args.seeds, "seeds_commit": "given on the command line"}
+    machine = common.machine()
+    if args.collect:
+        write_results(collect(args.collect), seeds_info, args, [{**machine, "role": "collected by"}])
+        return
+    stamp = args.out / time.strftime("%Y%m%d-%H%M%S")
+    print(f"{common.machine_line(machine)}\nruns under {stamp}", flush=True)
+    rows = []
+    for quant in args.quants:
+        for seed in seeds:
+            for algorithm in args.algorithms:
+                row = run(algorithm, quant, seed, stamp / f"{quant}-seed{seed}", args.extra)
+                print(json.dumps({k: row.get(k) for k in ("algorithm", "quant", "seed", "minutes", "after/well_formed",
+                                                          "after/kl", "passed", "failed")}), flush=True)
+                rows.append(row)
+    write_results(rows, seeds_info, args, [machine])
+
+
+if __name__ == "__main__":
+    main()
