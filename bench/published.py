@@ -11,6 +11,10 @@ decimal number in the block (code spans and fenced code left out: they hold comm
 some number of those files rounded to the decimals quoted: `0.995` matches 0.99479, `7.8` matches 7.83.
 
     python bench/published.py            # lists each block and any number missing from its files
+    python bench/published.py --unmarked # lists the decimal numbers outside any block, line by line
+
+A decimal outside every block is not checked: settings and definitions may stand there (`lr 1e-3` is best
+written as a code span), measured results may not.
 """
 
 from __future__ import annotations
@@ -71,6 +75,16 @@ def matches(quoted: str, values: list[float]) -> bool:
     return any(abs(v - number) <= half_unit for v in values)
 
 
+def unmarked_numbers(path: Path) -> list[tuple[int, list[str]]]:
+    """(line, decimals) for each line of a page with decimal numbers outside every results block."""
+    def blank(found: re.Match) -> str:  # keeps the newlines, so line numbers stay those of the page
+        return re.sub(r"[^\n]", " ", found.group(0))
+
+    text = FENCE.sub(blank, BLOCK.sub(blank, path.read_text()))
+    lines = enumerate(text.split("\n"), start=1)
+    return [(number, found) for number, line in lines if (found := quoted_numbers(line))]
+
+
 def check_page(path: Path) -> list[Block]:
     text = path.read_text()
     blocks = []
@@ -96,7 +110,19 @@ def check_all() -> list[Block]:
     return [block for page in published_pages() for block in check_page(page)]
 
 
+def list_unmarked() -> None:
+    count = 0
+    for page in published_pages():
+        for line, numbers in unmarked_numbers(page):
+            print(f"{page.relative_to(REPO)}:{line}  {' '.join(numbers)}")
+            count += 1
+    print(f"{count} lines with decimal numbers outside any results block")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--unmarked"]:
+        list_unmarked()
+        return
     blocks = check_all()
     bad = 0
     for b in blocks:

@@ -1,5 +1,10 @@
 """PPO step time with marl-exp's thread choice against torch's default, quiet, beside a busy process, and as two
-parallel jobs: ``python bench/threads.py`` (about 2-4 minutes on 2 cores; ``--quick`` about 1).
+parallel jobs: ``python bench/threads.py`` (about 2-4 minutes on a quiet 2-core machine, 16 at load average 7.5;
+``--quick`` about 1 on a quiet one).
+
+    python bench/threads.py --out bench/results/threads-tiny.json
+    python bench/threads.py --size small --quick --out bench/results/threads-small.json
+    python bench/threads.py --from-json bench/results/threads-tiny.json --out bench/results/threads-tiny.json
 
 Each measurement runs in a fresh process (OpenMP reads its settings when torch loads): one warm-up step,
 then ``--steps`` timed PPO steps (median) of the benchmark's ``--size`` model (default: the built-in tiny
@@ -84,8 +89,8 @@ def run(size: str, steps: int) -> dict:
     # "all cores, passive wait" separates the two parts of the rule: the thread count and the wait policy.
     settings = {"marl-exp auto": (auto_one, True), "torch default": (cores, False),
                 "all cores, passive wait": (cores, True)}
-    results = {"machine": {"cpus": cpus, "physical_cores": cores, "load_avg_at_start": os.getloadavg()[0],
-                           "size": size, "steps": steps, "git": common._git_commit()}, "runs": {}}
+    results = {"machine": common.machine(), "cpus": cpus, "physical_cores": cores, "size": size, "steps": steps,
+               "runs": {}}
     for name, (threads, passive) in settings.items():
         quiet = measure(size, steps, threads, passive)
         spinner = busy_process()
@@ -103,13 +108,27 @@ def run(size: str, steps: int) -> dict:
     return results
 
 
+def summarize(results: dict) -> dict:
+    """The ratios the docs quote, computed from the raw runs, so that they are in the results file."""
+    runs = results["runs"]
+    best_quiet = min(r["quiet"]["median_s"] for r in runs.values())
+    results["goal_busy_over_quiet_max"] = TARGET_BUSY_OVER_QUIET
+    results["summary"] = {
+        name: {"busy_over_quiet": r["busy"]["median_s"] / r["quiet"]["median_s"],
+               "quiet_over_best_quiet": r["quiet"]["median_s"] / best_quiet,
+               "busy_over_best_quiet": r["busy"]["median_s"] / best_quiet,
+               "parallel_job_over_quiet": [job["median_s"] / r["quiet"]["median_s"] for job in r["parallel"]["jobs"]]}
+        for name, r in runs.items()}
+    return results
+
+
 def report(results: dict) -> str:
     m = results["machine"]
     runs = results["runs"]
     best_quiet = min(r["quiet"]["median_s"] for r in runs.values())
-    lines = [f"threads benchmark: {m['size']} PPO step (batch 8, 16 new tokens, median of {m['steps']}), "
-             f"{m['cpus']} CPUs / {m['physical_cores']} physical cores, load average at start "
-             f"{m['load_avg_at_start']:.2f}, commit {m['git']}",
+    lines = [f"threads benchmark: {results['size']} PPO step (batch 8, 16 new tokens, median of {results['steps']}), "
+             f"{results['cpus']} CPUs / {results['physical_cores']} physical cores, load average at start "
+             f"{m['load_avg_at_start']:.2f}; {common.machine_line(m)} ({m['tree']} tree)",
              "",
              "| setting | threads | quiet s/step | busy s/step | busy ÷ quiet | busy ÷ best quiet | 2 parallel jobs "
              "(threads each): s/step each |",
@@ -133,14 +152,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="3 steps per measurement")
     parser.add_argument("--out", type=Path, help="also write the raw numbers as JSON here")
+    parser.add_argument("--from-json", type=Path, help="no runs: summarize and report the raw numbers of a results "
+                                                          "file of this script (write them with --out)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    common.add_allow_dirty(parser)
     args = parser.parse_args()
     steps = 3 if args.quick else args.steps
     if args.child:
         child(args.size, steps)
         return
-    common.model_dirs(args.size)  # build (and cache) the benchmark model once, outside the measurements
-    results = run(args.size, steps)
+    if args.from_json:
+        results = summarize(json.loads(args.from_json.read_text()))
+    else:
+        common.require_clean_tree(args.allow_dirty)
+        common.model_dirs(args.size)  # build (and cache) the benchmark model once, outside the measurements
+        results = summarize(run(args.size, steps))
     print(report(results))
     if args.out:
         common.write_json(args.out, results)

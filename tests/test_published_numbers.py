@@ -39,3 +39,17 @@ def test_a_number_missing_from_its_file_is_named(tmp_path, monkeypatch):
     (block,) = published.check_page(page)
     assert block.checked == 5 and block.missing == ["3.54"]  # the code span and the unmarked 1.5 are not checked
     assert block.files == ["bench/results/r.json"] and block.command == "python bench/x.py"
+
+
+def test_unmarked_lists_decimals_outside_blocks_by_page_line(tmp_path, monkeypatch):
+    results = tmp_path / "bench" / "results" / "r.json"
+    results.parent.mkdir(parents=True)
+    results.write_text(json.dumps({"kl": 3.5347}))
+    page = tmp_path / "README.md"
+    page.write_text("intro 1.5 and `lr 0.3`\n"
+                    "<!-- results: bench/results/r.json | python bench/x.py -->\n3.53\n<!-- /results -->\n"
+                    "```bash\npython x.py --beta 0.04\n```\n"
+                    "after 2.25 and 7.8 min\n")
+    monkeypatch.setattr(published, "REPO", tmp_path)
+    # the block's 3.53, the code span's 0.3 and the fenced 0.04 are not listed; line numbers are the page's
+    assert published.unmarked_numbers(page) == [(1, ["1.5"]), (8, ["2.25", "7.8"])]
