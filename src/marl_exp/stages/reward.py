@@ -21,7 +21,7 @@ from marl_exp.data import build_task, chat
 from marl_exp.data.checks import fit_pairs
 from marl_exp.interrupt import StopOnSignalCallback, stop_on_signal
 from marl_exp.modeling.loading import load_model, load_tokenizer, local_model_dir, resolve_device
-from marl_exp.modeling.multi_adapter import write_base_record
+from marl_exp.modeling.multi_adapter import disable_dropout, write_base_record
 from marl_exp.stages.common import count_parameters, lora_config, trainer_kwargs, upcast_trainable_to_fp32
 from marl_exp.tracking import Tracker, TrackerCallback
 
@@ -60,6 +60,8 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, stop) -> dict:
 
     args = RewardConfig(**trainer_kwargs(cfg, run_dir / "trainer", device),
                         center_rewards_coefficient=cfg.stage.center_rewards_coefficient)
+    if args.disable_dropout:  # TRL zeroes nn.Dropout modules only; OPT's layers drop from a float attribute
+        disable_dropout(model)
     trainer = RewardTrainer(model=model, args=args, train_dataset=pairs_train, eval_dataset=pairs_eval,
                             processing_class=tokenizer, peft_config=lora_config(cfg.adapter, task_type="SEQ_CLS"),
                             callbacks=[TrackerCallback(tracker), StopOnSignalCallback(stop)])
