@@ -114,13 +114,13 @@ def test_missing_column_names_the_file_the_column_and_the_fix(tmp_path):
 def test_empty_string_names_the_row_and_column(tmp_path):
     rows = [{"prompt": "fine"}] * 30 + [{"prompt": "   "}] + [{"prompt": "fine"}] * 9
     path = write_jsonl(tmp_path / "prompts.jsonl", rows)
-    with pytest.raises(DataError, match=r"prompts.jsonl row 30, column 'prompt' is empty \(1 empty or missing cells in all\)"):
+    with pytest.raises(DataError, match=r"prompts.jsonl line 31, column 'prompt' is empty \(1 bad cell in all\)"):
         build_task(local_cfg(path, eval_file=str(path))).prompts_train
 
 
 def test_null_cell_is_reported_as_missing(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": "a", "rejected": "b"}, {"chosen": None, "rejected": "b"}])
-    with pytest.raises(DataError, match=r"row 1, column 'chosen' is missing"):
+    with pytest.raises(DataError, match=r"pairs.jsonl line 2, column 'chosen' is missing"):
         build_task(local_cfg(path, eval_file=str(path))).pairs_train
 
 
@@ -281,7 +281,7 @@ def test_ppo_refuses_prompts_longer_than_the_context_before_loading_models(train
                   f"stage.reward_adapter={trained_chain['reward_adapter']}", "data=local", f"data.train_file={path}",
                   f"data.eval_file={path}")
     # Context 128 - 24 response tokens - the EOS the reward model reads after the response = 103.
-    with pytest.raises(DataError, match=r"prompts.jsonl row 1: prompt has \d+ tokens, more than the 103 that fit in "
+    with pytest.raises(DataError, match=r"prompts.jsonl line 2: prompt has \d+ tokens, more than the 103 that fit in "
                                         r"the context with the response and the 1 token the reward model reads"):
         run_stage(cfg, tmp_path / "run")
 

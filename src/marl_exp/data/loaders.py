@@ -14,6 +14,8 @@ Each loader gives the three stages their data the way the classic TRL examples d
 
 ``data.path`` is a hub id or a local directory of the same schema (``train.jsonl``, ``test.jsonl``, ...),
 loaded by the same ``load_dataset`` call, which is how the tests run these loaders offline.
+
+Errors name a row as its user counts it, before the seeded split and shuffle (``Source.row_name``).
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from datasets import Dataset, load_dataset
 
 from marl_exp.config import DATA_FILE_FORMATS
 from marl_exp.data.chat import is_conversational
-from marl_exp.data.checks import DataError, check_utf8, drop_empty_rows, require_columns, require_rows
+from marl_exp.data.checks import DataError, check_utf8, drop_bad_cells, require_columns, require_rows
 
 HH_ASSISTANT = "\n\nAssistant:"
 SPLITS = ("train", "eval")
+TASKS = ("imdb", "hh_rlhf", "local")
+# Each row's 0-based position in its file or hub split, carried through the seeded split, shuffle and skips.
+POSITION = "__marl_exp_position__"
 
 
 class Source:
@@ -39,6 +44,7 @@ class Source:
         self.cfg = data_cfg
         self.split = split
         self._dataset: Dataset | None = None
+        self._json_lines: list[int] | None = None
 
     @property
     def name(self) -> str:
@@ -53,14 +59,33 @@ class Source:
             require_rows(self._dataset, self.name)
         return self._dataset
 
+    @property
+    def column_names(self) -> list[str]:
+        return [c for c in self.dataset.column_names if c != POSITION]
+
     def columns(self, **keys: str) -> Dataset:
-        """The dataset with the columns ``keys`` (config key suffix → column) checked and blank rows handled."""
+        """The dataset with the columns ``keys`` (config key suffix → column) checked and bad cells handled."""
         dataset = self.dataset
-        require_columns(dataset, self.name, {f"data.columns.{k}": c for k, c in keys.items()})
+        require_columns(self.column_names, self.name, {f"data.columns.{k}": c for k, c in keys.items()})
         text_columns = [c for k, c in keys.items() if k != "label"]
-        dataset = drop_empty_rows(dataset, self.name, text_columns, self.cfg.on_bad_row)
+        dataset = drop_bad_cells(dataset, self.name, text_columns, self.cfg.on_bad_row, dataset[POSITION],
+                                 self.row_name)
         require_rows(dataset, self.name)
         return self._cap(dataset)
+
+    def row_name(self, position: int) -> str:
+        """Where the row at ``position`` (0-based, in file or split order) is, as its user counts: a hub split's
+        0-based index (as in ``dataset[row]``); a local file's 1-based line in JSON Lines, else its 1-based data
+        row (a CSV's header not counted)."""
+        if self.cfg.name != "local":
+            return f"{self.name} row {position}"
+        path = self._file() or self.cfg.train_file
+        if self._json_lines is not None:
+            return f"{path} line {self._json_lines[position]}"
+        return f"{path} data row {position + 1}"
+
+    def row_names(self, rows: Dataset) -> list[str]:
+        return [self.row_name(position) for position in rows[POSITION]]
 
     def _split_name(self) -> str:
         return self.cfg.train_split if self.split == "train" else self.cfg.eval_split
@@ -79,7 +104,7 @@ class Source:
         if self.cfg.name == "local":
             return self._load_local()
         try:
-            return load_dataset(self.cfg.path, split=self._split_name())
+            return _with_positions(load_dataset(self.cfg.path, split=self._split_name()))
         except (FileNotFoundError, ConnectionError, ValueError, OSError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise DataError(f"data.path={self.cfg.path!r} split {self._split_name()!r} could not be loaded "
@@ -87,15 +112,29 @@ class Source:
                             "copy") from None
 
     def _load_local(self) -> Dataset:
-        path = self._file()
-        if path is None:  # no eval file: hold out a seeded share of the training file
-            split = _read_file(self.cfg.train_file).train_test_split(test_size=self.cfg.eval_fraction,
-                                                                      seed=self.cfg.seed)
-            return split["test"]
-        dataset = _read_file(path)
-        if self.split == "train" and self.cfg.eval_file is None:
-            dataset = dataset.train_test_split(test_size=self.cfg.eval_fraction, seed=self.cfg.seed)["train"]
+        path = self._file() or self.cfg.train_file
+        dataset = _with_positions(_read_file(path))
+        self._json_lines = _json_lines(path, len(dataset))
+        if self.cfg.eval_file is None:  # no eval file: hold out a seeded share of the training file
+            split = dataset.train_test_split(test_size=self.cfg.eval_fraction, seed=self.cfg.seed)
+            dataset = split["test" if self.split == "eval" else "train"]
         return dataset
+
+
+def _with_positions(dataset: Dataset) -> Dataset:
+    return dataset.add_column(POSITION, list(range(len(dataset))))
+
+
+def _json_lines(path: str, n_rows: int) -> list[int] | None:
+    """The 1-based line of each record of a JSON Lines file (its reader skips blank lines); None for other
+    formats and for a JSON array."""
+    if DATA_FILE_FORMATS[Path(path).suffix.lower()] != "json":
+        return None
+    with open(path, encoding="utf-8") as handle:
+        lines = [(number, line.lstrip()) for number, line in enumerate(handle, start=1) if line.strip()]
+    if not lines or lines[0][1].startswith("[") or len(lines) != n_rows:
+        return None
+    return [number for number, _ in lines]
 
 
 def _read_file(path: str) -> Dataset:
@@ -111,12 +150,25 @@ def _read_file(path: str) -> Dataset:
                         "format") from None
 
 
-def origins(source: Source, n: int) -> list[str]:
-    return [f"{source.name} row {i}" for i in range(n)]
-
-
 # ------------------------------------------------------------------------------------------ per dataset
 def sft_texts(data_cfg, split: str) -> Dataset:
+    return sft_rows(data_cfg, split)[0]
+
+
+def preference_pairs(data_cfg, split: str) -> Dataset:
+    return pair_rows(data_cfg, split)[0]
+
+
+def row_names(data_cfg, part: str, split: str) -> list[str] | None:
+    """Where each row of ``part`` ("sft" or "pairs") of a split came from, in the order the task gives them;
+    None for tasks these loaders do not make."""
+    if data_cfg.name not in TASKS:
+        return None
+    return {"sft": sft_rows, "pairs": pair_rows}[part](data_cfg, split)[1]
+
+
+def sft_rows(data_cfg, split: str) -> tuple[Dataset, list[str]]:
+    """SFT texts of a split and where each came from."""
     source = Source(data_cfg, split)
     conversational = _sft_conversations(data_cfg, source)
     if conversational is not None:
@@ -124,10 +176,11 @@ def sft_texts(data_cfg, split: str) -> Dataset:
     column = data_cfg.columns.chosen if data_cfg.name == "hh_rlhf" else data_cfg.columns.text
     key = "chosen" if data_cfg.name == "hh_rlhf" else "text"
     dataset = source.columns(**{key: column})
-    return Dataset.from_dict({"text": [_clean(data_cfg, t) for t in dataset[column]]})
+    return Dataset.from_dict({"text": [_clean(data_cfg, t) for t in dataset[column]]}), source.row_names(dataset)
 
 
-def preference_pairs(data_cfg, split: str) -> Dataset:
+def pair_rows(data_cfg, split: str) -> tuple[Dataset, list[str]]:
+    """Preference pairs of a split and where each came from."""
     source = Source(data_cfg, split)
     if data_cfg.name == "imdb":
         return _imdb_pairs(data_cfg, source)
@@ -139,9 +192,11 @@ def preference_pairs(data_cfg, split: str) -> Dataset:
         keys = {"prompt": columns.prompt, **keys}  # TRL's explicit prompt: prompt + chosen vs prompt + rejected
     dataset = source.columns(**keys)
     if data_cfg.name == "hh_rlhf" and data_cfg.conversational:  # whole dialogues: TRL's implicit prompt
-        return Dataset.from_dict({side: [hh_messages(d, data_cfg.system_prompt) for d in dataset[column]]
-                                  for side, column in keys.items()})
-    return Dataset.from_dict({side: list(dataset[column]) for side, column in keys.items()})
+        pairs = Dataset.from_dict({side: [hh_messages(d, data_cfg.system_prompt) for d in dataset[column]]
+                                   for side, column in keys.items()})
+    else:
+        pairs = Dataset.from_dict({side: list(dataset[column]) for side, column in keys.items()})
+    return pairs, source.row_names(dataset)
 
 
 def prompts(data_cfg, split: str) -> tuple[list[str], list[str]]:
@@ -149,34 +204,36 @@ def prompts(data_cfg, split: str) -> tuple[list[str], list[str]]:
     source = Source(data_cfg, split)
     columns = data_cfg.columns
     if data_cfg.name == "imdb":
-        texts = source.columns(text=columns.text)[columns.text]
-        found = [" ".join(_clean(data_cfg, t).split()[:data_cfg.prompt_words]) for t in texts]
+        dataset = source.columns(text=columns.text)
+        found = [" ".join(_clean(data_cfg, t).split()[:data_cfg.prompt_words]) for t in dataset[columns.text]]
     elif data_cfg.name == "hh_rlhf":
-        dialogues = source.columns(chosen=columns.chosen)[columns.chosen]
-        found = [_hh_prompt(d, source.name, row) for row, d in enumerate(dialogues)]
+        dataset = source.columns(chosen=columns.chosen)
+        dialogues = dataset[columns.chosen]
+        found = [_hh_prompt(d, where) for d, where in zip(dialogues, source.row_names(dataset))]
         if data_cfg.conversational:  # the turns before the last assistant reply, as messages
             found = [hh_messages(d, data_cfg.system_prompt)[:-1] for d in dialogues]
     else:
-        found = source.columns(prompt=columns.prompt)[columns.prompt]
-    return list(found), origins(source, len(found))
+        dataset = source.columns(prompt=columns.prompt)
+        found = dataset[columns.prompt]
+    return list(found), source.row_names(dataset)
 
 
-def _imdb_pairs(data_cfg, source: Source) -> Dataset:
+def _imdb_pairs(data_cfg, source: Source) -> tuple[Dataset, list[str]]:
     """Each positive review against a negative one, paired in a seeded random order."""
     columns = data_cfg.columns
     dataset = source.columns(text=columns.text, label=columns.label)
-    positive = [_clean(data_cfg, t) for t, y in zip(dataset[columns.text], dataset[columns.label])
-                if y == data_cfg.positive_label]
-    negative = [_clean(data_cfg, t) for t, y in zip(dataset[columns.text], dataset[columns.label])
-                if y != data_cfg.positive_label]
+    reviews = list(zip((_clean(data_cfg, t) for t in dataset[columns.text]), dataset[POSITION]))
+    positive = [review for review, y in zip(reviews, dataset[columns.label]) if y == data_cfg.positive_label]
+    negative = [review for review, y in zip(reviews, dataset[columns.label]) if y != data_cfg.positive_label]
     if not positive or not negative:
         raise DataError(f"{source.name}: pairs need both positive (label {data_cfg.positive_label}) and other "
                         "reviews; check data.positive_label and data.columns.label")
     rng = random.Random(data_cfg.seed)
     rng.shuffle(positive)
     rng.shuffle(negative)
-    n = min(len(positive), len(negative))
-    return Dataset.from_dict({"chosen": positive[:n], "rejected": negative[:n]})
+    pairs = list(zip(positive, negative))
+    return (Dataset.from_dict({"chosen": [c for (c, _), _ in pairs], "rejected": [r for _, (r, _) in pairs]}),
+            [f"{source.row_name(chosen)} and row {rejected}" for (_, chosen), (_, rejected) in pairs])
 
 
 # ------------------------------------------------------------------------------------ conversations
@@ -192,28 +249,33 @@ def hh_messages(dialogue: str, system_prompt: str | None = None) -> list[dict]:
                        for role, text in zip(parts[1::2], parts[2::2])]
 
 
-def _sft_conversations(data_cfg, source: Source) -> Dataset | None:
-    """SFT rows in a conversational format, or None for plain text: hh-rlhf dialogues as ``messages``
-    (``data.conversational``); a local file with a ``messages`` column, or ``prompt`` + ``completion``."""
+def _sft_conversations(data_cfg, source: Source) -> tuple[Dataset, list[str]] | None:
+    """SFT rows in a conversational format and where each came from, or None for plain text: hh-rlhf dialogues
+    as ``messages`` (``data.conversational``); a local file with a ``messages`` column, or ``prompt`` +
+    ``completion``."""
     columns = data_cfg.columns
     if data_cfg.name == "hh_rlhf" and data_cfg.conversational:
-        dialogues = source.columns(chosen=columns.chosen)[columns.chosen]
-        return Dataset.from_dict({"messages": [hh_messages(d, data_cfg.system_prompt) for d in dialogues]})
+        rows = source.columns(chosen=columns.chosen)
+        dialogues = Dataset.from_dict({"messages": [hh_messages(d, data_cfg.system_prompt)
+                                                    for d in rows[columns.chosen]]})
+        return dialogues, source.row_names(rows)
     if data_cfg.name != "local":
         return None
-    names = source.dataset.column_names
+    names = source.column_names
     if columns.messages in names:
-        return Dataset.from_dict({"messages": list(source.columns(messages=columns.messages)[columns.messages])})
+        rows = source.columns(messages=columns.messages)
+        return Dataset.from_dict({"messages": list(rows[columns.messages])}), source.row_names(rows)
     if columns.text not in names and columns.prompt in names and columns.completion in names:
         rows = source.columns(prompt=columns.prompt, completion=columns.completion)
-        return Dataset.from_dict({"prompt": list(rows[columns.prompt]), "completion": list(rows[columns.completion])})
+        return (Dataset.from_dict({"prompt": list(rows[columns.prompt]), "completion": list(rows[columns.completion])}),
+                source.row_names(rows))
     return None
 
 
-def _hh_prompt(dialogue: str, source: str, row: int) -> str:
+def _hh_prompt(dialogue: str, where: str) -> str:
     cut = dialogue.rfind(HH_ASSISTANT)
     if cut < 0:
-        raise DataError(f"{source} row {row}: no {HH_ASSISTANT.strip()!r} turn to cut a prompt at; "
+        raise DataError(f"{where}: no {HH_ASSISTANT.strip()!r} turn to cut a prompt at; "
                         "is this the hh-rlhf schema?")
     return dialogue[:cut + len(HH_ASSISTANT)]
 

@@ -7,6 +7,7 @@ it (peft's ``modules_to_save``), plus ``marl_exp_base.json`` recording the base 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,8 +18,8 @@ from trl.data_utils import is_conversational
 
 from marl_exp import distributed
 from marl_exp.config import ConfigError
-from marl_exp.data import build_task, chat
-from marl_exp.data.checks import fit_pairs
+from marl_exp.data import build_task, chat, loaders
+from marl_exp.data.checks import fit_pairs, warn_if_few_held_out
 from marl_exp.interrupt import StopOnSignalCallback, stop_on_signal
 from marl_exp.modeling.loading import load_model, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.modeling.multi_adapter import disable_dropout, write_base_record
@@ -48,8 +49,10 @@ def _run(cfg, run_dir: Path, tracker: Tracker, sft_model: str, stop) -> dict:
                           "does not have; train the reward adapter on an SFT model trained with this template")
     # Before the model loads: RewardTrainer would drop over-long pairs without a word.
     pairs_train, pairs_eval = (fit_pairs(pairs, tokenizer, cfg.stage.max_length, cfg.data.on_bad_row,
-                                         f"{task.name} {split} preference pairs")
+                                         f"{task.name} {split} preference pairs",
+                                         partial(loaders.row_names, cfg.data, "pairs", split))
                                for split, pairs in (("train", task.pairs_train), ("eval", task.pairs_eval)))
+    warn_if_few_held_out(len(pairs_eval), "pair", "pairwise accuracy", f"{task.name} eval preference pairs")
     # The score head (created by the load) and the LoRA (by RewardTrainer) draw from the global random state:
     # seed it, or the adapter depends on whatever the process drew before (a stage-cache build inside a PPO run).
     set_seed(cfg.seed)

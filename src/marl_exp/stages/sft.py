@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,7 +18,8 @@ from trl.data_utils import is_conversational
 
 from marl_exp import distributed
 from marl_exp.config import sft_finetune_mode
-from marl_exp.data import build_task, chat
+from marl_exp.data import build_task, chat, loaders
+from marl_exp.data.checks import fit_sft_texts
 from marl_exp.interrupt import StopOnSignalCallback, stop_on_signal
 from marl_exp.modeling.loading import load_model, load_tokenizer, resolve_device, resolve_model_path
 from marl_exp.stages.common import count_parameters, lora_config, trainer_kwargs, upcast_trainable_to_fp32
@@ -44,6 +46,12 @@ def _run(cfg, run_dir: Path, tracker: Tracker, stop) -> dict:
     chat.apply_template(tokenizer, cfg.data, conversational)
     model = load_model(base_path, cfg.model, cfg.quant, device)
     added = chat.add_template_tokens(model, tokenizer) if conversational else []
+    # Counted with the template's tokens added (each one token) and before training: SFTTrainer cuts long
+    # examples to max_length in silence, and drops those left with nothing to train.
+    sft_train, sft_eval = (fit_sft_texts(texts, tokenizer, cfg.stage.max_length, cfg.data.on_bad_row,
+                                         f"{task.name} {split} SFT examples",
+                                         partial(loaders.row_names, cfg.data, "sft", split))
+                           for split, texts in (("train", task.sft_train), ("eval", task.sft_eval)))
 
     peft_config = None
     if sft_finetune_mode(cfg) == "lora":
@@ -55,7 +63,7 @@ def _run(cfg, run_dir: Path, tracker: Tracker, stop) -> dict:
                 model, use_gradient_checkpointing=cfg.stage.gradient_checkpointing)
 
     args = SFTConfig(**trainer_kwargs(cfg, run_dir / "trainer", device), packing=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=task.sft_train, eval_dataset=task.sft_eval,
+    trainer = SFTTrainer(model=model, args=args, train_dataset=sft_train, eval_dataset=sft_eval,
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[TrackerCallback(tracker), StopOnSignalCallback(stop)])
     upcast_trainable_to_fp32(trainer.model)  # before train(): the optimizer is created there
