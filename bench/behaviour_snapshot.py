@@ -91,7 +91,18 @@ def _renamed(rows: list[dict], renames: dict[str, str]) -> list[dict]:
     return [{renames.get(k, k): v for k, v in row.items()} for row in rows]
 
 
-def compare(before: dict, after: dict, renames: dict[str, str]) -> list[str]:
+def parse_renames(specs: list[str]) -> dict[str | None, dict[str, str]]:
+    """``OLD=NEW`` renames a key in every case; ``CASE,CASE:OLD=NEW`` in those cases only."""
+    renames: dict[str | None, dict[str, str]] = {}
+    for spec in specs:
+        cases, _, pair = spec.rpartition(":") if ":" in spec.split("=", 1)[0] else ("", "", spec)
+        old, new = pair.split("=", 1)
+        for case in cases.split(",") if cases else [None]:
+            renames.setdefault(case, {})[old] = new
+    return renames
+
+
+def compare(before: dict, after: dict, renames: dict[str | None, dict[str, str]]) -> list[str]:
     problems = []
     for case in sorted(set(before["cases"]) | set(after["cases"])):
         b, a = before["cases"].get(case), after["cases"].get(case)
@@ -102,7 +113,7 @@ def compare(before: dict, after: dict, renames: dict[str, str]) -> list[str]:
             for file in sorted(set(b[kind]) | set(a[kind])):
                 old, new = b[kind].get(file), a[kind].get(file)
                 if kind == "metrics" and old is not None:
-                    old = _renamed(old, renames)
+                    old = _renamed(old, {**renames.get(None, {}), **renames.get(case, {})})
                 if old != new:
                     problems.append(f"{case}: {file} differs" + _first_difference(old, new))
     return problems
@@ -127,11 +138,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write a snapshot of the cases to this file")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
-    parser.add_argument("--rename", nargs="*", default=[], metavar="OLD=NEW", help="metric keys renamed on purpose")
+    parser.add_argument("--rename", nargs="*", default=[], metavar="OLD=NEW", help="metric keys renamed on purpose; CASE,CASE:OLD=NEW for some cases only")
     args = parser.parse_args()
     if args.compare:
         before, after = (json.loads(p.read_text()) for p in args.compare)
-        renames = dict(r.split("=", 1) for r in args.rename)
+        renames = parse_renames(args.rename)
         problems = compare(before, after, renames)
         print(f"{before['commit']} -> {after['commit']}: {len(before['cases'])} cases")
         for line in problems:

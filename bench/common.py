@@ -165,7 +165,7 @@ def build_trainer(cfg, perf=None):
     import torch
 
     from marl_exp.modeling.loading import load_tokenizer, resolve_device
-    from marl_exp.ppo.trainer import PPOTrainer
+    from marl_exp.rl.trainer import RLTrainer as PPOTrainer
     from marl_exp.stages.rl_models import build_roles
 
     quiet()

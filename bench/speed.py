@@ -66,7 +66,7 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def installed(self, trainer):
-        from marl_exp.ppo import trainer as trainer_module
+        from marl_exp.rl import trainer as trainer_module
 
         roles, saved_module = trainer.roles, {n: getattr(trainer_module, n) for n in ("sample", "score_many")}
         try:
@@ -77,13 +77,13 @@ class PhaseTimer:
             roles.policy_outputs = self._timed("policy", type(roles).policy_outputs.__get__(roles))
             if hasattr(trainer.model, "score_roles"):  # absent before the fused pass existed (timing old commits)
                 trainer.model.score_roles = self._timed("policy", type(trainer.model).score_roles.__get__(trainer.model))
-            trainer._optimize = self._timed("optimize", type(trainer)._optimize.__get__(trainer))
+            trainer._update = self._timed("optimize", type(trainer)._update.__get__(trainer))
             yield self
         finally:
             for name, fn in saved_module.items():
                 setattr(trainer_module, name, fn)
             for obj, name in ((roles, "reference_logits"), (roles, "reward_scores"), (roles, "policy_outputs"),
-                              (trainer.model, "score_roles"), (trainer, "_optimize")):
+                              (trainer.model, "score_roles"), (trainer, "_update")):
                 obj.__dict__.pop(name, None)
 
     def step(self, trainer) -> dict:
@@ -178,7 +178,7 @@ def rollout_section(size: str, batch: int, new_tokens: int, repeats: int, device
     """Our rollout against plain ``generate`` of the same peft model and batch (and of the bare base)."""
     import torch
 
-    from marl_exp.ppo.rollout import sample
+    from marl_exp.rl.rollout import sample
 
     cfg = common.ppo_config(size, batch=batch, new_tokens=new_tokens, device=device)
     roles, tokenizer, trainer = common.build_trainer(cfg)
@@ -240,7 +240,7 @@ def scaling_section(size: str, batches: list[int], lengths: list[int], base_batc
 
 def ablation_section(size: str, batch: int, new_tokens: int, steps: int, device: str) -> dict:
     """Each speed-up off (and all off) against the default, interleaved; step time and peak memory per phase."""
-    from marl_exp.ppo.rollout import PerfOptions
+    from marl_exp.rl.rollout import PerfOptions
 
     default = PerfOptions()
     variants = {"default": default, "all off": PerfOptions(**{f.name: False for f in dataclasses.fields(PerfOptions)})}

@@ -149,7 +149,7 @@ def import_runtime() -> None:
     from trl import GRPOConfig, GRPOTrainer  # noqa: F401
 
     import speed  # noqa: F401
-    from marl_exp.ppo import critic_free  # noqa: F401
+    from marl_exp.rl.algorithms import critic_free  # noqa: F401
     from marl_exp.stages import rl  # noqa: F401
 
 
@@ -187,7 +187,7 @@ def marl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
 
     import speed
     from marl_exp.modeling.loading import load_tokenizer
-    from marl_exp.ppo import trainer as trainer_module
+    from marl_exp.rl import trainer as trainer_module
     from marl_exp.stages.rl_models import build_roles, make_trainer
 
     cfg = marl_config(base, reward, work)
@@ -205,7 +205,7 @@ def marl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
     peaks = PhasePeaks(baseline)
     # Phase boundaries for the memory peaks: after sampling; before and after the update's epochs.
     trainer_module.sample = peaks.after("sample", trainer_module.sample)
-    trainer._run_epochs = peaks.after("update", peaks.before("score", trainer._run_epochs))
+    trainer._update = peaks.after("update", peaks.before("score", trainer._update))
     timer = speed.PhaseTimer()
     optimizer = trainer.policies[cfg.stage.policies[0]].optimizer
     for _ in range(steps):
@@ -220,7 +220,7 @@ def marl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
               "score_policy_reference": t.get("policy", 0.0) + t.get("reference", 0.0),
               "score_reward": t.get("reward", 0.0), "update": t.get("optimize", 0.0),
               "tokens": stats["completions/mean_length"] * work.batch,
-              "skipped_updates": stats.get("ppo/skipped_batches", 0.0) * work.num_iterations,
+              "skipped_updates": stats.get("skipped_batches", 0.0) * work.num_iterations,
               "optimizer_steps": work.num_iterations * (cfg.stage.batch_size // cfg.stage.optim.mini_batch_size),
               "kl": stats.get("kl"), "scoring_logprob_passes": 2})  # policy and reference (score_many)
     await_go("finish")
@@ -546,7 +546,7 @@ def reward_probe(size: str, work: Work, repeats: int = 11) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     from marl_exp.modeling.loading import load_tokenizer
-    from marl_exp.ppo.rollout import reward_inputs
+    from marl_exp.rl.rollout import reward_inputs
     from marl_exp.stages.rl_models import build_roles
 
     base, reward = peer_model_dirs(size)

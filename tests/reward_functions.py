@@ -54,3 +54,7 @@ def nothing(prompts, completions):
 
 def one_argument(completions):
     return [0.0] * len(completions)
+
+
+def returns_strings(prompts, completions):
+    return ["1.0" for _ in completions]  # numbers as text: refused, never parsed

@@ -28,7 +28,7 @@ from marl_exp.data.reviews import oracle_score
 from marl_exp.data.reviews_chat import as_chat_task
 from marl_exp.data.task import _reviews_task
 from marl_exp.modeling.tiny import builtin_model_dir
-from marl_exp.ppo.rollout import PerfOptions, Rollout, reward_inputs, sample, score
+from marl_exp.rl.rollout import PerfOptions, Rollout, reward_inputs, sample, score
 from marl_exp.stages.pipeline import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_a_blank_turn_is_a_bad_row(tmp_path):
     rows = [{"messages": user("hi") + [{"role": "assistant", "content": "hello"}]},
             {"messages": user("hi") + [{"role": "assistant", "content": "  "}]}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ConfigError, match=r"row 1, column 'messages' is empty"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl line 2, column 'messages' is empty"):
         build_task(data_cfg(name="local", train_file=str(path), eval_file=str(path))).sft_train
 
 

@@ -20,8 +20,8 @@ from conftest import compose
 from marl_exp.conformance.families import build_family_model
 from marl_exp.data import build_task, chat
 from marl_exp.data.checks import DataError, reward_end_tokens
-from marl_exp.ppo import rollout as rollout_module
-from marl_exp.ppo.rollout import Rollout, score
+from marl_exp.rl import rollout as rollout_module
+from marl_exp.rl.rollout import Rollout, score
 from marl_exp.stages.pipeline import run_stage
 from marl_exp.stages.rl import RLRecipe
 

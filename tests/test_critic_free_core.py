@@ -1,4 +1,4 @@
-"""Hand-computed checks for the critic-free math in marl_exp.ppo.core (GRPO, RLOO, REINFORCE++).
+"""Hand-computed checks for the critic-free math in marl_exp.rl.algorithms (GRPO, RLOO, REINFORCE++).
 
 Every expected number is worked out in a comment next to it; the tests do not re-run the
 implementation's formulas. Conventions checked are TRL 1.x's (Bessel std, + 1e-4 after the std,
@@ -10,23 +10,21 @@ import math
 import pytest
 import torch
 
-from marl_exp.ppo.core import (
+from marl_exp import config
+from marl_exp.rl.algorithms.critic_free import drop_truncated_completions
+from marl_exp.rl.algorithms.groups import (
     AdvantageSettings,
     _ADVANTAGE_ESTIMATORS,
     advantage_estimators,
-    aggregate_loss,
     broadcast_to_tokens,
-    clipped_surrogate,
-    drop_truncated_completions,
     get_advantage_estimator,
-    group_relative_advantages,
-    kl_loss_per_token,
-    leave_one_out_advantages,
     register_advantage_estimator,
-    reinforce_pp_advantages,
     sequence_rewards,
     zero_std_groups,
 )
+from marl_exp.rl.algorithms.grpo import aggregate_loss, clipped_surrogate, group_relative_advantages, kl_loss_per_token
+from marl_exp.rl.algorithms.reinforce_pp import reinforce_pp_advantages
+from marl_exp.rl.algorithms.rloo import leave_one_out_advantages
 
 
 def close(actual, expected, atol=1e-6):
@@ -218,6 +216,24 @@ def test_registry_names_and_estimators():
     rpp = AdvantageSettings(num_generations=1, beta=0.5, gamma=1.0)
     close(get_advantage_estimator("reinforce_pp")(RPP_SCORES, RPP_MASK, RPP_KL, rpp),
           [[-0.9359368, -0.7688052, -0.4345421], [0.9025105, 1.2367736, 0.0]])
+
+
+def test_the_registry_and_the_losses_offer_what_config_validates():
+    # config.py owns the choices (validation reads them without importing the rl package); the rl package
+    # must implement exactly those: every estimator registered, every token-level loss_type aggregated.
+    assert advantage_estimators() == config.ADVANTAGE_ESTIMATORS
+    assert config.LOSS_TYPES == config.TOKEN_LOSS_TYPES + ("rloo",)
+    per_token, mask = torch.tensor([[1.0, 2.0], [3.0, 0.0]]), torch.tensor([[1, 1], [1, 0]])
+    # grpo: (1.5 + 3) / 2; bnpo: 6 / 3 tokens; dapo: 6 / 3 tokens of the step; dr_grpo: 6 / (2 rows x 2)
+    expected = {"grpo": 2.25, "bnpo": 2.0, "dapo": 2.0, "dr_grpo": 1.5}
+    assert set(expected) == set(config.TOKEN_LOSS_TYPES)
+    for loss_type in config.TOKEN_LOSS_TYPES:
+        loss = aggregate_loss(per_token, mask, loss_type, max_completion_length=2, num_items_in_batch=3)
+        close(loss, expected[loss_type])
+    for scale in config.SCALE_REWARDS:
+        AdvantageSettings(scale_rewards=scale)  # accepted
+    with pytest.raises(ValueError, match="unknown loss_type 'rloo'"):
+        aggregate_loss(per_token, mask, "rloo")
 
 
 def test_registry_register_and_errors():

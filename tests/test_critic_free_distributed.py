@@ -10,9 +10,8 @@ import torch.multiprocessing as mp
 
 from conftest import compose
 from marl_exp import distributed
-from marl_exp.ppo import core
-from marl_exp.ppo.critic_free import CriticFreeTrainer
-from marl_exp.ppo.rollout import Rollout
+from marl_exp.rl.algorithms.critic_free import CriticFree
+from marl_exp.rl.rollout import Rollout
 
 WORLD = 2
 CASES = {  # name -> the stage and overrides whose batch statistic is under test
@@ -34,16 +33,9 @@ def _stage(case: str):
                    "stage.kl.beta=0.1", *overrides).stage
 
 
-def _advantage_trainer(stage) -> CriticFreeTrainer:
-    """A trainer with what advantage estimation reads (no model: phase 4 needs none)."""
-    trainer = CriticFreeTrainer.__new__(CriticFreeTrainer)
-    trainer.cfg = stage
-    trainer.estimator = core.get_advantage_estimator(stage.advantage_estimator)
-    trainer.settings = core.AdvantageSettings(
-        num_generations=stage.sampling.num_generations, beta=stage.kl.beta,
-        scale_rewards=stage.advantages.scale_rewards, normalize_advantages=stage.advantages.normalize_advantages,
-        gamma=stage.advantages.gamma)
-    return trainer
+def _algorithm(stage) -> CriticFree:
+    """The stage's algorithm, which is what advantage estimation reads (no model: phase 4 needs none)."""
+    return CriticFree(stage)
 
 
 def _rank_rollout(rank: int) -> Rollout:
@@ -78,7 +70,7 @@ def _worker(rank: int, init_file: str, stages: dict, results: dict) -> None:
     try:
         advantages = {}
         for case, stage in stages.items():
-            advantages[case], _ = _advantage_trainer(stage)._estimate_advantages("policy", _rank_rollout(rank))
+            advantages[case], _ = _algorithm(stage).advantages("policy", _rank_rollout(rank))
         results[rank] = {"advantages": advantages, "metrics": distributed.mean_metrics(RANK_METRICS[rank])}
     finally:
         torch.distributed.destroy_process_group()
@@ -95,7 +87,7 @@ def two_ranks(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_advantages_on_two_ranks_equal_one_process_over_the_global_batch(two_ranks, case):
     whole = _global_rollout()
-    expected, _ = _advantage_trainer(_stage(case))._estimate_advantages("policy", whole)
+    expected, _ = _algorithm(_stage(case)).advantages("policy", whole)
     start = 0
     for rank in range(WORLD):
         local = _rank_rollout(rank)

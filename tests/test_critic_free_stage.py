@@ -17,9 +17,9 @@ from test_ppo_stage import assert_moved_from_the_reference, assert_policy_traine
 from marl_exp.config import ConfigError, validate
 from marl_exp.data import build_task
 from marl_exp.modeling.loading import load_tokenizer, resolve_device
-from marl_exp.ppo import core
-from marl_exp.ppo.critic_free import CriticFreeTrainer
-from marl_exp.ppo.rollout import sample, score
+from marl_exp.rl.algorithms import critic_free
+from marl_exp.rl.trainer import RLTrainer
+from marl_exp.rl.rollout import sample, score
 from marl_exp.stages.pipeline import run_stage
 from marl_exp.stages.rl_models import build_roles
 
@@ -58,7 +58,7 @@ def _stage(trained_chain, tmp_path, stage, *overrides):
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
 def test_a_step_changes_only_the_policy_lora_weights(roles_and_tokenizer, fresh_policy, trained_chain, tmp_path, stage):
     roles, tokenizer, prompts = roles_and_tokenizer
-    trainer = CriticFreeTrainer(roles, tokenizer, _stage(trained_chain, tmp_path, stage), prompts, seed=0)
+    trainer = RLTrainer(roles, tokenizer, _stage(trained_chain, tmp_path, stage), prompts, seed=0)
     before = {n: p.detach().clone() for n, p in roles.model.named_parameters()}
     torch.manual_seed(0)
     stats = trainer.step()
@@ -67,7 +67,7 @@ def test_a_step_changes_only_the_policy_lora_weights(roles_and_tokenizer, fresh_
     # The policy's LoRA matrices and nothing else: no value head, no reward adapter or head, no base weight.
     assert all("lora_" in n and ".policy." in n for n in changed), sorted(changed)[:5]
     assert not any(n.startswith("value_heads.") for n in changed)
-    assert stats["ppo/skipped_nonfinite"] == 0 and stats["grad_norm"] > 0
+    assert stats["skipped_nonfinite"] == 0 and stats["grad_norm"] > 0
     for key in ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio/region_mean",
                 "completions/mean_length", "loss", "learning_rate"):
         assert key in stats and stats[key] == stats[key], key
@@ -76,17 +76,17 @@ def test_a_step_changes_only_the_policy_lora_weights(roles_and_tokenizer, fresh_
 def test_groups_with_equal_rewards_are_counted_and_get_no_advantage(roles_and_tokenizer, fresh_policy,
                                                                      trained_chain, tmp_path):
     roles, tokenizer, prompts = roles_and_tokenizer
-    trainer = CriticFreeTrainer(roles, tokenizer, _stage(trained_chain, tmp_path, "grpo"), prompts, seed=0)
+    trainer = RLTrainer(roles, tokenizer, _stage(trained_chain, tmp_path, "grpo"), prompts, seed=0)
     torch.manual_seed(0)
     rollout = score(roles, sample(roles.model, tokenizer, trainer._next_prompts(), "policy", trainer.cfg),
                     "policy", "none", trainer.cfg, tokenizer)
     # Two groups of four: the first all equal (no signal), the second spread.
     rollout.raw_scores = torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, -1.0, 2.0, 0.0])
-    rollout.scores = trainer._shape_scores("policy", rollout)
-    rollout.advantages, _ = trainer._estimate_advantages("policy", rollout)
+    rollout.scores = trainer.algorithm.shape_scores("policy", rollout)
+    rollout.advantages, _ = trainer.algorithm.advantages("policy", rollout)
     assert torch.all(rollout.advantages[:4] == 0)
     assert torch.all(rollout.advantages[4:][rollout.response_mask[4:].bool()] != 0)
-    stats = trainer._optimize(trainer.policies["policy"], rollout)
+    stats = trainer._update(trainer.policies["policy"], rollout)
     assert stats["frac_reward_zero_std"] == 0.5
 
 
@@ -96,15 +96,15 @@ def test_every_iteration_uses_the_sampling_policys_logprobs(roles_and_tokenizer,
     # One mini-batch per iteration (mini_batch_size = batch_size): iteration 2 runs on moved weights.
     stage = _stage(trained_chain, tmp_path, "grpo", "stage.optim.num_iterations=3", "stage.optim.mini_batch_size=8",
                    "stage.optim.learning_rate=0.01")
-    trainer = CriticFreeTrainer(roles, tokenizer, stage, prompts, seed=0)
+    trainer = RLTrainer(roles, tokenizer, stage, prompts, seed=0)
     calls = []
-    original = core.clipped_surrogate
+    original = critic_free.clipped_surrogate
 
     def recording(logprobs, old_logprobs, advantages, mask, *args, **kwargs):
         calls.append((logprobs.detach().clone(), old_logprobs.clone(), mask.bool().clone()))
         return original(logprobs, old_logprobs, advantages, mask, *args, **kwargs)
 
-    monkeypatch.setattr(core, "clipped_surrogate", recording)
+    monkeypatch.setattr(critic_free, "clipped_surrogate", recording)
     torch.manual_seed(0)
     stats = trainer.step()
     rollout = trainer.last_rollouts["policy"]
@@ -124,7 +124,7 @@ def test_loss_matches_a_hand_computation_at_ratio_one(roles_and_tokenizer, fresh
     # as a loss term each token adds beta * k3(pi, ref). dapo divides the sum by the batch's token count.
     stage = _stage(trained_chain, tmp_path, "grpo", "stage.optim.num_iterations=1", "stage.optim.mini_batch_size=8",
                    "stage.kl.beta=0.1", "stage.loss.loss_type=dapo")
-    trainer = CriticFreeTrainer(roles, tokenizer, stage, prompts, seed=0)
+    trainer = RLTrainer(roles, tokenizer, stage, prompts, seed=0)
     with torch.no_grad():  # a policy that differs from the reference, so the KL term is not 0
         for n, p in roles.model.named_parameters():
             if "lora_B" in n and ".policy." in n:

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import compose
 from marl_exp.modeling.loading import load_tokenizer, resolve_device, resolve_model_path
-from marl_exp.ppo import evaluate as evaluate_module
+from marl_exp.rl import evaluate as evaluate_module
 from marl_exp.stages.rl_models import build_roles
 
 PROMPTS = ["the movie was", "this show is", "the plot felt", "the cast seemed"]

@@ -22,10 +22,10 @@ from marl_exp.config import RewardSource, TinyArchConfig
 from marl_exp.data import reviews
 from marl_exp.data.task import Task
 from marl_exp.modeling.tiny import train_tokenizer
-from marl_exp.ppo import rollout as rollout_module
-from marl_exp.ppo.response_metrics import response_metrics
-from marl_exp.ppo.reward_sources import RewardSources
-from marl_exp.ppo.rollout import Rollout
+from marl_exp.rl import rollout as rollout_module
+from marl_exp.data.response_metrics import response_metrics
+from marl_exp.rl.reward_sources import RewardSources
+from marl_exp.rl.rollout import Rollout
 from marl_exp.sample import sample_side_by_side
 from marl_exp.stages.rl import rollout_samples
 

@@ -13,9 +13,9 @@ import torch
 
 from conftest import REPO, compose
 from marl_exp.modeling.loading import load_tokenizer, resolve_device
-from marl_exp.ppo.roles import critic_name
-from marl_exp.ppo.rollout import PerfOptions, Rollout, sample, score, score_many
-from marl_exp.ppo.trainer import PPOTrainer
+from marl_exp.rl.roles import critic_name
+from marl_exp.rl.rollout import PerfOptions, Rollout, sample, score, score_many
+from marl_exp.rl.trainer import RLTrainer
 from marl_exp.stages.rl_models import build_roles
 
 SMALL = ("stage.steps=2", "stage.batch_size=8", "stage.optim.mini_batch_size=4", "stage.sampling.max_new_tokens=8",
@@ -79,7 +79,7 @@ def one_step(roles, tokenizer, cfg, perf: PerfOptions) -> tuple[dict, list[torch
     """A whole PPO step (rollout, scoring, optimisation) from the current weights and a fixed seed; the
     weights are put back afterwards. Returns the step's stats and the weights it produced."""
     before = trainable_state(roles.model)
-    trainer = PPOTrainer(roles, tokenizer, cfg.stage, PROMPTS, seed=0, perf=perf)
+    trainer = RLTrainer(roles, tokenizer, cfg.stage, PROMPTS, seed=0, perf=perf)
     torch.manual_seed(0)
     try:
         stats = trainer.step()
@@ -263,7 +263,7 @@ def test_bench_report_reads_every_target_size_and_a_measured_7b(monkeypatch):
 
 
 def test_stage_fused_scoring_option_reaches_the_scoring_pass(trained_chain, tmp_path, monkeypatch):
-    from marl_exp.ppo import trainer as trainer_module
+    from marl_exp.rl import trainer as trainer_module
     from marl_exp.stages.pipeline import run_stage
 
     seen = []

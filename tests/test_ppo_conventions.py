@@ -21,10 +21,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, OPTC
 
 from conftest import compose
 from marl_exp.modeling.loading import load_tokenizer, resolve_device
-from marl_exp.ppo import rollout as rollout_module
-from marl_exp.ppo.rollout import Rollout, sample, score
-from marl_exp.ppo.roles import critic_name
-from marl_exp.ppo.trainer import PPOTrainer
+from marl_exp.rl import rollout as rollout_module
+from marl_exp.rl.rollout import Rollout, sample, score
+from marl_exp.rl.roles import critic_name
+from marl_exp.rl.trainer import RLTrainer
 from marl_exp.stages.pipeline import run_stage
 from marl_exp.stages.rl_models import build_roles
 
@@ -59,7 +59,7 @@ def test_critic_adapter_receives_gradients_and_changes(trained_chain, tmp_path):
     model = roles.model
     policy, critic = model.trainable_parameters("policy"), model.trainable_parameters(critic_name("policy"))
     before_policy, before_critic = snapshot(policy), snapshot(critic)
-    trainer = PPOTrainer(roles, load_tokenizer(cfg.stage.sft_model), cfg.stage, PROMPTS, seed=0)
+    trainer = RLTrainer(roles, load_tokenizer(cfg.stage.sft_model), cfg.stage, PROMPTS, seed=0)
     trainer.step()
     # Before the fix the critic's LoRA and value head changed by exactly 0.0 (its gradients were dropped).
     assert max_change(before_critic, critic) > 0
@@ -182,7 +182,7 @@ def test_filters_that_change_the_sampled_distribution_warn_once(shared, caplog):
     stage = cfg.stage.copy()
     stage.sampling.top_k, stage.sampling.min_new_tokens = 5, 2
     rollout_module._WARNED.clear()
-    with caplog.at_level(logging.WARNING, logger="marl_exp.ppo.rollout"):
+    with caplog.at_level(logging.WARNING, logger="marl_exp.rl.rollout"):
         for _ in range(2):
             sample(roles.model, tokenizer, PROMPTS, "policy", stage)
     warnings = [r for r in caplog.records if "sampling differs from the softmax" in r.getMessage()]
@@ -226,7 +226,7 @@ def test_first_epoch_ratio_is_one_with_gradient_checkpointing_on_a_model_with_in
     roles = build_roles(cfg, str(model_dir), str(reward_dir), resolve_device("cpu"))
     model = roles.model
     model.train(False)
-    trainer = PPOTrainer(roles, load_tokenizer(str(model_dir)), cfg.stage, PROMPTS, seed=0)
+    trainer = RLTrainer(roles, load_tokenizer(str(model_dir)), cfg.stage, PROMPTS, seed=0)
     torch.manual_seed(0)
     stats = trainer.step()  # one epoch, one mini-batch: the ratio is measured before any update
     assert stats["ppo/policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)
@@ -238,19 +238,19 @@ def test_early_stop_reads_the_approx_kl_of_the_epoch_just_run(shared, monkeypatc
     roles, tokenizer, cfg = shared
     stage = cfg.stage.copy()
     stage.optim.ppo_epochs, stage.optim.early_stop_kl = 4, 0.6
-    trainer = PPOTrainer(roles, tokenizer, stage, PROMPTS, seed=0)
+    trainer = RLTrainer(roles, tokenizer, stage, PROMPTS, seed=0)
     calls = []
 
-    def fake_loss_backward(name, mb, advantages, returns, weight):
-        calls.append(name)  # one mini-batch per epoch: epoch 1 has approx-KL 0, every later one 1.0
-        return {"skipped": False, "ppo/policy/approxkl": 0.0 if len(calls) == 1 else 1.0}
+    def fake_loss(forward, mb, tokens=None):
+        calls.append(len(mb.response_ids))  # one mini-batch per epoch: epoch 1 has approx-KL 0, every later one 1.0
+        return forward.logprobs.sum() * 0.0, {"ppo/policy/approxkl": 0.0 if len(calls) == 1 else 1.0}
 
-    monkeypatch.setattr(trainer, "_loss_backward", fake_loss_backward)
+    monkeypatch.setattr(trainer.algorithm, "loss", fake_loss)
     torch.manual_seed(0)
     rollout = score(roles, sample(roles.model, tokenizer, PROMPTS * 2, "policy", stage), "policy", "value_head",
                     stage, tokenizer)
     rollout.scores = rollout.raw_scores
-    stats = trainer._optimize(trainer.policies["policy"], rollout)
+    stats = trainer._update(trainer.policies["policy"], rollout)
     # Epoch 2 alone is over the limit (1.0 > 0.6): stop after it. Averaged with epoch 1 it would be 0.5.
     assert len(calls) == 2 and stats["ppo/early_stop"] == 1.0
 
@@ -264,21 +264,21 @@ def test_each_policy_has_its_own_kl_coefficient_and_score_statistics(trained_cha
         for name, param in roles.model.peft_model.named_parameters():
             if ".lora_B.wild." in name:
                 param.normal_(0, 0.5)
-    trainer = PPOTrainer(roles, load_tokenizer(cfg.stage.sft_model), cfg.stage, PROMPTS, seed=0)
+    trainer = RLTrainer(roles, load_tokenizer(cfg.stage.sft_model), cfg.stage, PROMPTS, seed=0)
     init = cfg.stage.kl.init_kl_coef
     stats = trainer.step()
     assert stats["wild/objective/kl"] > 1.0 and abs(stats["calm/objective/kl"]) < 1e-4
     # Adaptive control: KL above the target raises β, below lowers it; each by its own policy's KL.
     assert stats["wild/objective/kl_coef"] > init > stats["calm/objective/kl_coef"]
-    assert trainer.kl_ctls["wild"].value == stats["wild/objective/kl_coef"]
+    assert trainer.algorithm.kl_ctls["wild"].value == stats["wild/objective/kl_coef"]
     # Running score statistics: each saw its own policy's batch only.
-    assert trainer.score_moments["calm"].count == trainer.score_moments["wild"].count == cfg.stage.batch_size
+    assert trainer.algorithm.score_moments["calm"].count == trainer.algorithm.score_moments["wild"].count == cfg.stage.batch_size
     calm = trainer.last_rollouts["calm"].raw_scores
-    assert trainer.score_moments["calm"].mean == pytest.approx(calm.mean().item(), abs=1e-5)
+    assert trainer.algorithm.score_moments["calm"].mean == pytest.approx(calm.mean().item(), abs=1e-5)
     # And both survive a checkpoint round trip, policy by policy.
-    fresh = PPOTrainer(roles, load_tokenizer(cfg.stage.sft_model), cfg.stage, PROMPTS, seed=1)
+    fresh = RLTrainer(roles, load_tokenizer(cfg.stage.sft_model), cfg.stage, PROMPTS, seed=1)
     fresh.load_state_dict(trainer.state_dict())
-    assert {n: c.value for n, c in fresh.kl_ctls.items()} == {n: c.value for n, c in trainer.kl_ctls.items()}
+    assert {n: c.value for n, c in fresh.algorithm.kl_ctls.items()} == {n: c.value for n, c in trainer.algorithm.kl_ctls.items()}
 
 
 # ------------------------------------------------- 7. separate baseline, padding side, samples_every

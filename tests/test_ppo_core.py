@@ -1,4 +1,4 @@
-"""Hand-computed checks for marl_exp.ppo.core.
+"""Hand-computed checks for the shared RL math (marl_exp.rl.functional) and PPO's (marl_exp.rl.algorithms.ppo).
 
 Every expected number is worked out in a comment next to it; the tests do not
 re-run the implementation's formulas.
@@ -9,22 +9,24 @@ import math
 import pytest
 import torch
 
-from marl_exp.ppo.core import (
+from marl_exp.rl.algorithms.ppo import (
     AdaptiveKLController,
     FixedKLController,
     compute_gae,
     compute_rewards,
+    make_kl_controller,
+    policy_loss,
+    value_loss,
+)
+from marl_exp.rl.functional import (
     entropy_from_logits,
     is_ratio_extreme,
     kl_per_token,
     logprobs_from_logits,
-    make_kl_controller,
     masked_mean,
     masked_sum,
     masked_var,
     masked_whiten,
-    policy_loss,
-    value_loss,
 )
 
 
@@ -146,7 +148,7 @@ def test_logprobs_from_logits_gradient_is_log_softmax_gather(dtype, grad_in_plac
 
 
 def test_logprobs_from_logits_backward_is_exact_and_guarded():
-    from marl_exp.ppo.core import _TokenLogProbs
+    from marl_exp.rl.functional import _TokenLogProbs
 
     x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 7, (2, 3))

@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM
 from conftest import compose
 from test_stages import assert_lora_b_trained
 from marl_exp.modeling.loading import load_tokenizer, resolve_device
-from marl_exp.ppo.checkpoint import latest_checkpoint
-from marl_exp.ppo.rollout import Rollout, response_slice, sample, score, truncate_after_eos
-from marl_exp.ppo.roles import SharedRoles
-from marl_exp.ppo.trainer import PPOTrainer
+from marl_exp.rl.checkpoint import latest_checkpoint
+from marl_exp.rl.rollout import Rollout, response_slice, sample, score, truncate_after_eos
+from marl_exp.rl.roles import SharedRoles
+from marl_exp.rl.trainer import RLTrainer
 from marl_exp.stages.pipeline import run_stage
 from marl_exp.stages.rl_models import build_roles
 
@@ -86,10 +86,10 @@ def test_one_ppo_step_gives_identical_losses_in_shared_and_separate_modes(shared
         rollout = Rollout(fixed.query_ids, fixed.query_mask, fixed.response_ids, fixed.response_mask,
                           has_eos=fixed.has_eos)
         score(roles, rollout, "policy", "value_head", cfg.stage, tokenizer)
-        trainer = PPOTrainer(roles, tokenizer, cfg.stage, ["the plot was"], seed=0)
-        rollout.scores = trainer._shape_scores("policy", rollout)
+        trainer = RLTrainer(roles, tokenizer, cfg.stage, ["the plot was"], seed=0)
+        rollout.scores = trainer.algorithm.shape_scores("policy", rollout)
         before = [p.detach().clone() for p in roles.model.trainable_parameters("policy")]
-        stats = trainer._optimize(trainer.policies["policy"], rollout)
+        stats = trainer._update(trainer.policies["policy"], rollout)
         after = [p.detach().clone() for p in roles.model.trainable_parameters("policy")]
         results.append((rollout, stats, after))
         for p, b in zip(roles.model.trainable_parameters("policy"), before):  # undo: next test starts fresh
@@ -204,7 +204,7 @@ def test_trainer_keeps_the_active_policy_and_grads_confined(shared_and_separate)
     shared, _, tokenizer, cfg = shared_and_separate
     model = shared.model
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    trainer = PPOTrainer(SharedRoles(model), tokenizer, cfg.stage, ["the movie was", "the story felt"], seed=0)
+    trainer = RLTrainer(SharedRoles(model), tokenizer, cfg.stage, ["the movie was", "the story felt"], seed=0)
     snapshot = [p.detach().clone() for p in model.trainable_parameters("policy")]
     trainer.step()
     assert model.active_policy == "policy"

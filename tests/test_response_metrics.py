@@ -7,7 +7,7 @@ import json
 import pytest
 
 from marl_exp.data.reviews import oracle_score, oracle_strict, well_formed
-from marl_exp.ppo.response_metrics import distinct_n, response_metrics
+from marl_exp.data.response_metrics import distinct_n, response_metrics
 
 
 def test_distinct_n_by_hand():

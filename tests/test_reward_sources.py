@@ -24,8 +24,8 @@ from marl_exp import preflight
 from marl_exp.config import ConfigError, RewardSource, check_reward_overrides, validate
 from marl_exp.data import reviews
 from marl_exp.modeling.loading import load_tokenizer, resolve_device
-from marl_exp.ppo.reward_sources import RewardFunctionError, RewardSources
-from marl_exp.ppo.rollout import PerfOptions, Rollout, score
+from marl_exp.rl.reward_sources import RewardFunctionError, RewardSources
+from marl_exp.rl.rollout import PerfOptions, Rollout, score
 from marl_exp.stages.pipeline import run_stage
 from marl_exp.stages.rl_models import build_roles
 from test_first_hour import BATCH_DRIVER, fake_model, fake_reward_adapter
@@ -272,9 +272,10 @@ def test_cli_reward_mistakes_are_one_line_before_anything_heavy_loads(tmp_path):
                     r"\(1 of 3 values are not finite\)"),
     ("returns_inf", r"returned -inf for completion 0"),
     ("too_few", r"reward source 'bad' \(reward_functions:too_few\) returned 2 values for 3 completions"),
-    ("not_numbers", r"returned list \(could not convert string to float: 'good'\)"),
+    ("not_numbers", r"returned list \(str 'good' for completion 0\)"),
     ("matrix", r"returned Tensor \(a tensor of shape \(3, 2\)\)"),
     ("nothing", r"returned NoneType"),
+    ("returns_strings", r"returned list \(str '1\.0' for completion 0\)"),
 ])
 def test_a_failing_reward_function_names_its_source(function, message):
     sources = RewardSources([RewardSource("bad", 1.0, function=f"reward_functions:{function}")])

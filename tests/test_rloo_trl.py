@@ -17,9 +17,10 @@ from conftest import compose
 from marl_exp.config import ConfigError, validate
 from marl_exp.data import build_task
 from marl_exp.modeling.loading import load_tokenizer, resolve_device
-from marl_exp.ppo import core
-from marl_exp.ppo.critic_free import CriticFreeTrainer
-from marl_exp.ppo.rollout import sample, score
+from marl_exp.rl.algorithms.rloo import rloo_sequence_loss
+from marl_exp.rl.functional import logprobs_from_logits
+from marl_exp.rl.trainer import RLTrainer
+from marl_exp.rl.rollout import sample, score
 from marl_exp.stages.rl_models import build_roles
 
 
@@ -79,8 +80,8 @@ def test_sequence_loss_and_its_gradient_equal_trl_rloo_trainers(epsilon, epsilon
     want, want_stats = _trl_loss(logits, ids, mask, old, advantages, epsilon, epsilon_high)
     (want_grad,) = torch.autograd.grad(want, logits)
 
-    logprobs = core.logprobs_from_logits(logits, ids)
-    got, stats = core.rloo_sequence_loss(logprobs, old, advantages, mask, epsilon, epsilon_high)
+    logprobs = logprobs_from_logits(logits, ids)
+    got, stats = rloo_sequence_loss(logprobs, old, advantages, mask, epsilon, epsilon_high)
     (got_grad,) = torch.autograd.grad(got, logits)
 
     # The same float32 operations in the same order: equal bit for bit (measured).
@@ -104,12 +105,12 @@ def test_the_rloo_stages_update_is_trl_rloo_trainers(trained_chain, tmp_path):
                         resolve_device("cpu"))
     roles.model.train(False)
     tokenizer = load_tokenizer(str(trained_chain["sft_model"]))
-    trainer = CriticFreeTrainer(roles, tokenizer, cfg.stage, build_task(cfg.data).prompts_train, seed=0)
+    trainer = RLTrainer(roles, tokenizer, cfg.stage, build_task(cfg.data).prompts_train, seed=0)
     torch.manual_seed(0)
     rollout = score(roles, sample(roles.model, tokenizer, trainer._next_prompts(), "policy", cfg.stage),
                     "policy", "none", cfg.stage, tokenizer)
-    rollout.scores = trainer._shape_scores("policy", rollout)
-    rollout.advantages, _ = trainer._estimate_advantages("policy", rollout)
+    rollout.scores = trainer.algorithm.shape_scores("policy", rollout)
+    rollout.advantages, _ = trainer.algorithm.advantages("policy", rollout)
     mask = rollout.response_mask.bool()
     # A policy that moved since sampling: old log-probs ~0.15 nats off per token, so some responses clip.
     noise = torch.randn(rollout.logprobs.shape, generator=torch.Generator().manual_seed(1))
@@ -119,11 +120,18 @@ def test_the_rloo_stages_update_is_trl_rloo_trainers(trained_chain, tmp_path):
 
     for p in params:
         p.grad = None
-    stats = trainer._micro_batch_backward("policy", rollout, everything, everything)
+    # One micro-batch of the loop's update: its forward and guards, the algorithm's loss, its backward.
+    weight, tokens = trainer.algorithm.loss_weight(rollout, everything, everything)
+    mb = rollout.select(everything)
+    forward = trainer._policy_forward("policy", mb)
+    assert trainer._guard(forward, mb) is None
+    loss, stats = trainer.algorithm.loss(forward, mb, tokens)
+    del forward
+    stats = trainer._backward(loss, weight, stats)
     got_grads = [p.grad.clone() for p in params]
 
     def policy_logits():
-        return trainer._policy_on_responses("policy", rollout)[1]
+        return trainer._policy_forward("policy", rollout).logits
 
     epsilon = cfg.stage.loss.epsilon
     want, want_stats = _trl_loss(policy_logits, rollout.response_ids, mask, rollout.logprobs,

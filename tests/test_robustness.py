@@ -21,9 +21,9 @@ from marl_exp import cli
 from marl_exp.config import ConfigError, validate
 from marl_exp.interrupt import StageInterrupted, stop_on_signal
 from marl_exp.modeling.loading import load_tokenizer, resolve_device
-from marl_exp.ppo import trainer as trainer_module
-from marl_exp.ppo.checkpoint import is_complete, latest_checkpoint
-from marl_exp.ppo.trainer import PPOTrainer
+from marl_exp.rl import trainer as trainer_module
+from marl_exp.rl.checkpoint import is_complete, latest_checkpoint
+from marl_exp.rl.trainer import RLTrainer
 from marl_exp.stages.pipeline import run_stage
 from marl_exp.stages.rl_models import build_roles
 
@@ -162,7 +162,7 @@ def roles_and_tokenizer(trained_chain, tmp_path_factory):
 
 def _snapshot(roles, trainer):
     weights = [p.detach().clone() for p in roles.model.trainable_parameters("policy")]
-    return weights, trainer.kl_ctls["policy"].value, trainer.score_moments["policy"].state_dict()
+    return weights, trainer.algorithm.kl_ctls["policy"].value, trainer.algorithm.score_moments["policy"].state_dict()
 
 
 def _restore(roles, weights):
@@ -174,7 +174,7 @@ def test_nan_rewards_skip_the_update_and_are_counted(roles_and_tokenizer, monkey
     roles, tokenizer, cfg = roles_and_tokenizer
     stage = cfg.stage.copy()
     stage.scores.whiten_scores = True  # NaN must not reach the running score statistics either
-    trainer = PPOTrainer(roles, tokenizer, stage, ["the movie was", "the plot felt"], seed=0)
+    trainer = RLTrainer(roles, tokenizer, stage, ["the movie was", "the plot felt"], seed=0)
     weights, kl_coef, moments = _snapshot(roles, trainer)
     real = roles.reward_scores
     monkeypatch.setattr(roles, "reward_scores", lambda *a, **k: real(*a, **k) * float("nan"))
@@ -199,7 +199,7 @@ def test_nan_rewards_skip_the_update_and_are_counted(roles_and_tokenizer, monkey
 def test_non_finite_training_forward_skips_every_update(roles_and_tokenizer, monkeypatch, field):
     """inf logits (→ non-finite log-probs) or NaN values (→ NaN value loss) in the optimisation forward."""
     roles, tokenizer, cfg = roles_and_tokenizer
-    trainer = PPOTrainer(roles, tokenizer, cfg.stage, ["the movie was"], seed=0)
+    trainer = RLTrainer(roles, tokenizer, cfg.stage, ["the movie was"], seed=0)
     weights, _, _ = _snapshot(roles, trainer)
     real = roles.model.policy_forward
 
@@ -222,7 +222,7 @@ def test_non_finite_training_forward_skips_every_update(roles_and_tokenizer, mon
 
 def test_sampling_on_non_finite_probabilities_is_a_skipped_step(roles_and_tokenizer, monkeypatch):
     roles, tokenizer, cfg = roles_and_tokenizer
-    trainer = PPOTrainer(roles, tokenizer, cfg.stage, ["the movie was"], seed=0)
+    trainer = RLTrainer(roles, tokenizer, cfg.stage, ["the movie was"], seed=0)
 
     def broken(*args, **kwargs):
         raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, Grani
 
 from marl_exp.conformance.checks import TOLERANCE, perturb
 from marl_exp.modeling.multi_adapter import MultiAdapterModel, position_ids_from_mask
-from marl_exp.ppo.roles import SeparateRoles, SharedRoles
+from marl_exp.rl.roles import SeparateRoles, SharedRoles
 
 VOCAB = 96
 _SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

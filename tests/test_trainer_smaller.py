@@ -20,10 +20,10 @@ from marl_exp import console
 from marl_exp.compat import AutoModelForCausalLMWithValueHead
 from marl_exp.modeling.loading import load_tokenizer, resolve_device, resolve_model_path
 from marl_exp.modeling.multi_adapter import VALUE_HEAD_FILE
-from marl_exp.ppo import core
-from marl_exp.ppo import trainer as trainer_module
-from marl_exp.ppo.checkpoint import load_checkpoint, save_checkpoint
-from marl_exp.ppo.rollout import PerfOptions, Rollout, response_slice, sample, score_many, temperature_scaled
+from marl_exp.rl import trainer as trainer_module
+from marl_exp.rl.checkpoint import load_checkpoint, save_checkpoint
+from marl_exp.rl.functional import logprobs_from_logits
+from marl_exp.rl.rollout import PerfOptions, Rollout, response_slice, sample, score_many, temperature_scaled
 from marl_exp.sample import load as sample_load, parse_args, resolve as sample_resolve
 from marl_exp.stages.pipeline import run_stage
 from marl_exp.stages.rl_models import build_roles, make_trainer
@@ -89,7 +89,7 @@ def _inf_logits_in_every_update_of_step_2(monkeypatch, trainer):
 
 
 def _early_stop_after_the_first_epoch(monkeypatch, trainer):
-    monkeypatch.setattr(trainer, "_stop_epochs", lambda epoch_stats: True)
+    monkeypatch.setattr(trainer.algorithm, "stop_epochs", lambda epoch_stats: True)
 
 
 @pytest.mark.parametrize("stage, skip", [("ppo", "skipped_step"), ("ppo", "skipped_updates"), ("ppo", "early_stop"),
@@ -107,7 +107,7 @@ def test_the_lr_schedule_reaches_zero_at_the_last_step_whatever_was_skipped(tmp_
     torch.manual_seed(0)
     for _ in range(STEPS):
         stats = trainer.step()
-        skipped.append(stats["ppo/skipped_nonfinite"])
+        skipped.append(stats[{"ppo": "ppo/skipped_nonfinite", "grpo": "skipped_nonfinite"}[stage]])
         seen.append(trainer.policies["policy"].scheduler.get_last_lr()[0])
     if skip != "early_stop":
         assert skipped[1] > 0 and skipped[0] == skipped[2] == skipped[3] == 0  # the fault hit step 2 only
@@ -135,7 +135,7 @@ def _eval_mode_reference(model, rollout: Rollout, temperature: float) -> tuple[t
     finally:
         model.train(was_training)
     logits = temperature_scaled(out.logits[:, window], temperature)
-    return core.logprobs_from_logits(logits, rollout.response_ids), out.values[:, window].float()
+    return logprobs_from_logits(logits, rollout.response_ids), out.values[:, window].float()
 
 
 def test_fused_and_per_role_scoring_give_the_sampling_policys_log_probs_with_dropout_on(tmp_path):
@@ -238,7 +238,7 @@ def test_a_policy_dir_without_a_value_head_loads_for_sampling_and_the_trl_entry_
 
 def test_running_moments_std_is_the_sample_std_of_every_score_so_far():
     """As TRL's RunningMoments: the running std over batches equals torch.std (unbiased) of all scores seen."""
-    from marl_exp.ppo.trainer import RunningMoments
+    from marl_exp.rl.algorithms.ppo import RunningMoments
 
     batches = [torch.tensor([1.0, 2.0, 4.0]), torch.tensor([-3.0, 0.5]), torch.tensor([7.0, 7.0, 8.0, -1.0])]
     moments = RunningMoments()

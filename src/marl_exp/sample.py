@@ -3,7 +3,7 @@
 The base, the policy adapter(s) and the run's reward adapters are loaded into one ``MultiAdapterModel``, as
 the RL stage builds it. For every prompt a response is sampled from the policy and one from the reference
 (the same base with every adapter off, through the same ``generate``), with the same random stream; each
-is scored as the run's evaluation scores it (``ppo.rollout.score``): the reward is the run's weighted sum of
+is scored as the run's evaluation scores it (``rl.rollout.score``): the reward is the run's weighted sum of
 its reward sources (``stage.rewards``: adapters and functions; the upstream reward adapter by default), shown
 beside each source's score, with the KL of the policy's response to the reference (always: it needs no
 reward) and, on the built-in task, the oracle's score.
@@ -131,7 +131,7 @@ def sampling_config(cfg: DictConfig | None, args: argparse.Namespace) -> DictCon
 
 # ------------------------------------------------------------------------------------------ models
 class AdaptersOff:
-    """The reference for ``ppo.rollout.sample``: the model's own ``generate`` with every adapter disabled
+    """The reference for ``rl.rollout.sample``: the model's own ``generate`` with every adapter disabled
     (peft's ``disable_adapter``), so both roles sample through exactly the same code."""
 
     def __init__(self, model):
@@ -187,9 +187,9 @@ def reward_adapters(sources: dict[str, Any]) -> dict[str, tuple[str, int | None]
 
 
 def scoring_roles(model, rewards: list[RewardSource] | None):
-    """The roles ``ppo.rollout.score`` reads: the model, and the run's reward sources (``NO_REWARD`` without)."""
-    from marl_exp.ppo.reward_sources import RewardSources
-    from marl_exp.ppo.roles import SharedRoles
+    """The roles ``rl.rollout.score`` reads: the model, and the run's reward sources (``NO_REWARD`` without)."""
+    from marl_exp.rl.reward_sources import RewardSources
+    from marl_exp.rl.roles import SharedRoles
 
     return SharedRoles(model, RewardSources(rewards or [NO_REWARD]))
 
@@ -203,9 +203,9 @@ def sample_side_by_side(model, tokenizer, prompts: list[str], policy: str, stage
     reference; and the oracle's score where there is one."""
     import torch
 
-    from marl_exp.ppo import core
-    from marl_exp.ppo.evaluate import source_columns
-    from marl_exp.ppo.rollout import response_texts, sample, score
+    from marl_exp.rl.functional import masked_sum
+    from marl_exp.rl.evaluate import source_columns
+    from marl_exp.rl.rollout import response_texts, sample, score
 
     rows = []
     model.activate_policy(policy)
@@ -218,7 +218,7 @@ def sample_side_by_side(model, tokenizer, prompts: list[str], policy: str, stage
             rollout = score(roles, rollout, policy, "none", stage, tokenizer)
             rewards = rollout.raw_scores.tolist() if rewarded else rewards
             # KL(π‖π_ref) of the whole response: the sampled log-ratio sum (nats), as the evaluation estimates it.
-            kls = core.masked_sum(rollout.logprobs - rollout.ref_logprobs, rollout.response_mask, dim=1).tolist()
+            kls = masked_sum(rollout.logprobs - rollout.ref_logprobs, rollout.response_mask, dim=1).tolist()
         responses = response_texts(tokenizer, rollout)  # prompt + response: as the tokenizer writes them together
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             tokens = rollout.response_ids[i][rollout.response_mask[i].bool()].tolist()

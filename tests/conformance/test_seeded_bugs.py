@@ -10,8 +10,8 @@ import torch
 from marl_exp.conformance.checks import check_model
 from marl_exp.conformance.families import build_family_model
 from marl_exp.modeling import multi_adapter
-from marl_exp.ppo import roles as roles_module
-from marl_exp.ppo import rollout
+from marl_exp.rl import roles as roles_module
+from marl_exp.rl import rollout
 
 QUANTS = ("fp32", "bf16", "8bit", "4bit")
 

@@ -50,9 +50,9 @@ from marl_exp.config import (
 from marl_exp.data.reviews import ReviewGenerator
 from marl_exp.modeling.loading import load_model, load_tokenizer
 from marl_exp.modeling.multi_adapter import position_ids_from_mask
-from marl_exp.ppo.roles import SeparateRoles, critic_name
-from marl_exp.ppo.rollout import Rollout, sample, score, stop_token_ids, truncate_after_eos
-from marl_exp.ppo.trainer import PPOTrainer
+from marl_exp.rl.roles import SeparateRoles, critic_name
+from marl_exp.rl.rollout import Rollout, sample, score, stop_token_ids, truncate_after_eos
+from marl_exp.rl.trainer import RLTrainer
 
 from marl_exp.conformance import CHECKS, ROLE_CHECKS, SHARING_MODES  # noqa: E402 - the CLI reads them without torch
 ALPHA = 1e-3  # false-alarm rate of the sampling test
@@ -269,7 +269,7 @@ class Probe:
         details, passed = [], True
         for checkpointing in (False, True):
             roles, cfg = self.roles(gradient_checkpointing=checkpointing, sharing=sharing)
-            trainer = PPOTrainer(roles, self.tokenizer, cfg.stage, [p for p, _ in probe_texts(4)], seed=0)
+            trainer = RLTrainer(roles, self.tokenizer, cfg.stage, [p for p, _ in probe_texts(4)], seed=0)
             torch.manual_seed(0)
             stats = trainer.step()  # one epoch of one mini-batch: the ratio is read before any update
             kl, ratio, mean = stats["objective/kl"], stats["ppo/policy/ratio_max"], stats["ppo/policy/ratio_mean"]
@@ -344,7 +344,7 @@ class Probe:
                     largest_grad[names[id(p)]] = max(largest_grad[names[id(p)]], float(p.grad.abs().max()))
             return clip(params, *args, **kwargs)
 
-        trainer = PPOTrainer(roles, self.tokenizer, cfg.stage, [p for p, _ in probe_texts(4)], seed=0)
+        trainer = RLTrainer(roles, self.tokenizer, cfg.stage, [p for p, _ in probe_texts(4)], seed=0)
         torch.manual_seed(0)
         torch.nn.utils.clip_grad_norm_ = watching_clip
         try:
@@ -356,7 +356,7 @@ class Probe:
         init = cfg.stage.kl.init_kl_coef
         coefs = stats["wild/objective/kl_coef"], stats["calm/objective/kl_coef"]
         own_kl = coefs[0] > init > coefs[1]  # wild's KL is above the target (β up), calm's 0 (β down)
-        counts = [trainer.score_moments[n].count for n in ("calm", "wild")]
+        counts = [trainer.algorithm.score_moments[n].count for n in ("calm", "wild")]
         passed = not unchanged and not touched and own_kl and counts == [cfg.stage.batch_size] * 2
         detail = (f"{len(trainable)} trained tensors, {len(unchanged)} without gradient{' e.g. ' + unchanged[0] if unchanged else ''}; "
                   f"{len(touched)} frozen tensors changed{' e.g. ' + touched[0] if touched else ''}; KL coef wild "

@@ -15,7 +15,8 @@ from __future__ import annotations
 from datasets import Dataset
 
 from marl_exp.data import reviews
-from marl_exp.ppo.response_metrics import judged_text as generic_judged_text
+from marl_exp.data.response_metrics import judged_text as generic_judged_text
+from marl_exp.data.task_types import Task
 
 USER_PREFIX = "review: "
 
@@ -32,8 +33,6 @@ def opening_of(text: str) -> str:
 
 def as_chat_task(plain, data_cfg):
     """The plain reviews ``Task`` re-shaped into conversations (its generators and splits unchanged)."""
-    from marl_exp.data.task import Task
-
     system = getattr(data_cfg, "system_prompt", None)
 
     def sft(split: str) -> Dataset:

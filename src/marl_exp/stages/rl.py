@@ -22,11 +22,11 @@ from marl_exp.data import build_task, chat
 from marl_exp.data.checks import reward_end_tokens
 from marl_exp.interrupt import TrainingDiverged, stop_on_signal
 from marl_exp.modeling.loading import context_length, load_tokenizer, local_model_dir, resolve_device
-from marl_exp.modeling.multi_adapter import base_record
-from marl_exp.ppo.checkpoint import checkpoint_step, load_checkpoint, own_rank_state, resolve_resume, save_checkpoint_on_main
-from marl_exp.ppo.evaluate import evaluate, source_columns
-from marl_exp.ppo.roles import critic_name
-from marl_exp.ppo.rollout import response_texts
+from marl_exp.provenance import base_record
+from marl_exp.rl.checkpoint import checkpoint_step, load_checkpoint, own_rank_state, resolve_resume, save_checkpoint_on_main
+from marl_exp.rl.evaluate import evaluate, source_columns
+from marl_exp.rl.roles import critic_name
+from marl_exp.rl.rollout import response_texts
 from marl_exp.stages.common import count_parameters
 from marl_exp.stages.rl_models import build_roles, critic_of, make_trainer
 from marl_exp.tracking import Tracker, samples_table
@@ -125,7 +125,7 @@ class RLRecipe:
             step = trainer.step_count
             progress.set_postfix(reward=f"{stats.get('env/reward_mean', stats.get('reward', float('nan'))):.3f}",
                                  kl=f"{stats.get('objective/kl', float('nan')):.2f}")
-            if step % stage.log_every == 0 or stats.get("ppo/nonfinite_step"):
+            if step % stage.log_every == 0 or stats.get(trainer.metric_key("nonfinite_step")):
                 tracker.log(stats, step=step)
             if stage.eval.samples_every and step % stage.eval.samples_every == 0 and distributed.is_main():
                 for name, rollout in trainer.last_rollouts.items():
@@ -135,7 +135,7 @@ class RLRecipe:
                 tracker.log(self.evaluate("during", step), step=step)
             # Not after a step with non-finite values: the last checkpoint stays the last good one.
             if stage.save_every and step % stage.save_every == 0 and step < stage.steps \
-                    and not stats.get("ppo/nonfinite_step"):
+                    and not stats.get(trainer.metric_key("nonfinite_step")):
                 self._checkpoint(step)
             if step < stage.steps:
                 self._interrupt_if_requested()

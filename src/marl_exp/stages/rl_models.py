@@ -11,16 +11,15 @@ from marl_exp.modeling.loading import load_model, load_tokenizer
 from marl_exp.modeling.multi_adapter import (
     MultiAdapterModel,
     check_label_index,
-    check_same_base,
     disable_dropout,
     reward_adapter_pad_token_id,
     reward_head_labels,
 )
-from marl_exp.ppo.critic_free import CriticFreeTrainer
-from marl_exp.ppo.reward_sources import RewardSources
-from marl_exp.ppo.roles import SeparateRoles, SharedRoles, critic_name
-from marl_exp.ppo.rollout import PerfOptions
-from marl_exp.ppo.trainer import PPOTrainer, RLTrainer
+from marl_exp.provenance import check_same_base
+from marl_exp.rl.reward_sources import RewardSources
+from marl_exp.rl.roles import SeparateRoles, SharedRoles, critic_name
+from marl_exp.rl.rollout import PerfOptions
+from marl_exp.rl.trainer import RLTrainer
 from marl_exp.stages.common import policy_lora_config
 
 
@@ -90,5 +89,5 @@ def critic_of(stage) -> str:
 
 
 def make_trainer(stage, roles, tokenizer, prompts: list[str], seed: int) -> RLTrainer:
-    trainer_class = PPOTrainer if stage.name == "ppo" else CriticFreeTrainer
-    return trainer_class(roles, tokenizer, stage, prompts, seed=seed, perf=PerfOptions(fused_scoring=stage.runtime.fused_scoring))
+    """The RL loop with the stage's algorithm (``stage.name``)."""
+    return RLTrainer(roles, tokenizer, stage, prompts, seed=seed, perf=PerfOptions(fused_scoring=stage.runtime.fused_scoring))

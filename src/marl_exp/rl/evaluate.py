@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from marl_exp.data import chat
-from marl_exp.ppo import core
-from marl_exp.ppo.response_metrics import judged_text, response_metrics
-from marl_exp.ppo.rollout import response_texts, sample, score
+from marl_exp.rl.functional import masked_sum
+from marl_exp.data.response_metrics import judged_text, response_metrics
+from marl_exp.rl.rollout import response_texts, sample, score
 
 EVAL_SEED = 12345
 
@@ -33,13 +33,13 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
         torch.manual_seed(EVAL_SEED)
         for start in range(0, num_samples, batch_size):
             batch = queries[start:start + batch_size]
-            critic = cfg.critic if getattr(cfg, "name", "ppo") == "ppo" else "none"  # the critic-free stages have none
+            critic = cfg.critic if cfg.name == "ppo" else "none"  # the critic-free stages have none
             rollout = score(roles, sample(roles.model, tokenizer, batch, policy, cfg), policy, critic, cfg, tokenizer)
             mask = rollout.response_mask
             # KL(π‖π_ref) of a whole response, estimated by the sampled log-ratio sum (nats).
-            kls.append(core.masked_sum(rollout.logprobs - rollout.ref_logprobs, mask, dim=1).cpu())
+            kls.append(masked_sum(rollout.logprobs - rollout.ref_logprobs, mask, dim=1).cpu())
             # Fluency: the reference model's negative log-likelihood of the response, per token (nats/token).
-            nlls.append((-core.masked_sum(rollout.ref_logprobs, mask, dim=1) / mask.sum(1).clamp(min=1)).cpu())
+            nlls.append((-masked_sum(rollout.ref_logprobs, mask, dim=1) / mask.sum(1).clamp(min=1)).cpu())
             rewards.append(rollout.raw_scores.cpu())
             for name, scores in (rollout.source_scores or {}).items():
                 per_source.setdefault(name, []).append(scores.cpu())

@@ -79,6 +79,11 @@ def as_scores(values, count: int, what: str) -> torch.Tensor:
                 raise ValueError(f"a tensor of shape {tuple(values.shape)}")
             scores = values.detach().to(device="cpu", dtype=torch.float32)
         else:
+            values = list(values)
+            # "1.0" would convert; a function returning text is a bug to report, not to parse.
+            text = next((i for i, v in enumerate(values) if isinstance(v, (str, bytes))), None)
+            if text is not None:
+                raise ValueError(f"{type(values[text]).__name__} {values[text]!r} for completion {text}")
             scores = torch.tensor([float(v) for v in values], dtype=torch.float32)
     except (TypeError, ValueError) as err:
         raise RewardFunctionError(f"{what} returned {type(values).__name__} ({err}); it must return one float per "

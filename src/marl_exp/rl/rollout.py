@@ -19,15 +19,15 @@ import torch
 from transformers import GenerationConfig
 
 from marl_exp.data import chat
-from marl_exp.ppo.core import kl_per_token, logprobs_from_logits
-from marl_exp.ppo.reward_sources import RewardSources
+from marl_exp.rl.functional import kl_per_token, logprobs_from_logits
+from marl_exp.rl.reward_sources import RewardSources
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PerfOptions:
-    """Speed-ups of the PPO loop. Each keeps results equal (tests/test_perf_equivalence.py); flipping one
+    """Speed-ups of the RL loop. Each keeps results equal (tests/test_perf_equivalence.py); flipping one
     is only for measuring what it buys (``python bench/speed.py --ablation``, docs/performance.md)."""
 
     inference_mode: bool = True  # rollout and scoring under torch.inference_mode rather than no_grad
@@ -90,6 +90,16 @@ class Rollout:
             return None if value is None else value[index]
 
         return Rollout(**{f.name: rows(getattr(self, f.name)) for f in fields(self)})
+
+
+@dataclass
+class PolicyForward:
+    """A policy's forward over a mini-batch, with gradients: what the update's losses read."""
+
+    logprobs: torch.Tensor  # [B, R] log-probs of the response tokens (float32, temperature-scaled)
+    logits: torch.Tensor  # [B, R, vocab] the temperature-scaled logits that predict them
+    values: torch.Tensor  # [B, Q + R] the policy's value head at every position
+    window: slice  # the positions (of ``values``) that predict the response tokens
 
 
 def response_slice(query_len: int, response_len: int) -> slice:

@@ -1,4 +1,4 @@
-"""PPO checkpoints: policy adapters + value heads, optimizer, KL controller, RNG and step.
+"""RL checkpoints: policy adapters + value heads, optimizer, the algorithm's state (PPO: KL controller), RNG and step.
 
 Each checkpoint is built in a temp dir and renamed into place, and carries a manifest of file
 hashes: a half-written or corrupted checkpoint is detected and skipped, never loaded.

@@ -1,6 +1,6 @@
 """Where the three RLHF roles come from: one shared base (``shared``) or separate instances (``separate``).
 
-Both give the PPO loop the same calls, so the loop cannot tell them apart; ``separate`` is the
+Both give the RL loop the same calls, so the loop cannot tell them apart; ``separate`` is the
 baseline that shows sharing the base changes memory, not results. ``reward_sources`` says what the
 reward is made of (``reward_sources.RewardSources``; default: the one reward adapter).
 """
@@ -17,7 +17,7 @@ from marl_exp.modeling.multi_adapter import (
     causal_lm_logits,
     position_ids_from_mask,
 )
-from marl_exp.ppo.reward_sources import RewardSources
+from marl_exp.rl.reward_sources import RewardSources
 
 
 def critic_name(policy: str) -> str:
