@@ -218,3 +218,34 @@ def test_every_rl_stage_shares_the_sampling_optim_runtime_and_eval_headings(stag
     validate(cfg)
     assert (cfg.stage.sampling.max_new_tokens, cfg.stage.optim.learning_rate, cfg.stage.runtime.gradient_checkpointing,
             cfg.stage.eval.eval_every) == (7, 0.01, True, 3)
+
+
+@pytest.mark.parametrize("key", ["stage.sft_model", "stage.reward_adapter", "stage.rewards.extra.adapter"])
+def test_a_home_relative_input_dir_is_found(tmp_path, monkeypatch, key):
+    """``~`` is the home dir wherever a local path is checked (``provenance.looks_local``), as the model loads
+    it: a given ``~/...`` dir that exists is not reported missing."""
+    from marl_exp.config import declare_reward_sources
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "given").mkdir()
+    validate(compose(*declare_reward_sources([f"{key}='~/given'"])))
+    with pytest.raises(ConfigError, match=r"='~/missing' does not exist"):
+        validate(compose(*declare_reward_sources([f"{key}='~/missing'"])))
+
+
+def test_the_stage_graph_is_what_validation_the_plan_and_the_pipeline_read(tmp_path):
+    """One graph: the upstream stages the CLI's plan lists are the inputs the pipeline resolves, for every stage
+    and reward setup (given outputs, so nothing is built)."""
+    from marl_exp.cli import upstream_sources
+    from marl_exp.config import INPUT_KEY, needed_upstream
+    from marl_exp.stages.pipeline import resolve_inputs
+
+    given = [f"stage.sft_model={tmp_path}", f"stage.reward_adapter={tmp_path}"]
+    cases = {("stage=sft",): (), ("stage=reward", given[0]): ("sft",), ("stage=grpo", *given): ("sft", "reward"),
+             ("stage=ppo", given[0], "+rewards=oracle_strict"): ("sft",),
+             ("stage=rloo", *given, "+rewards=monitor_gold"): ("sft", "reward")}
+    for overrides, expected in cases.items():
+        cfg = compose(*overrides, f"output_dir={tmp_path}")
+        assert needed_upstream(cfg.stage) == expected
+        assert tuple(upstream_sources(cfg)) == expected
+        assert tuple(resolve_inputs(cfg)) == tuple(INPUT_KEY[name] for name in expected)

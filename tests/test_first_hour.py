@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, compose
-from marl_exp import cli, console, preflight, threads
+from marl_exp import cli, console, preflight, provenance, threads
 from marl_exp.config import ConfigError, project_root, validate
 
 HEAVY = ("torch", "transformers", "peft", "trl", "wandb", "bitsandbytes", "datasets")
@@ -45,7 +45,7 @@ def fake_model(path: Path, seed: int = 0) -> Path:
 
 
 def fake_reward_adapter(path: Path, base: Path) -> Path:
-    from marl_exp.fingerprints import fingerprint
+    from marl_exp.provenance import fingerprint
 
     (path).mkdir(parents=True, exist_ok=True)
     (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS"}))
@@ -296,7 +296,7 @@ def test_hub_unreachable_is_one_line_at_once_and_a_cached_copy_is_used_offline(t
     (snapshot.parents[1] / "refs" / "main").write_text("abc123")
     preflight.check_model_path("org/cached")  # cached: fine, and the libraries are told not to retry the hub
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    assert preflight.local_model_dir("org/cached") == snapshot
+    assert provenance.local_model_dir("org/cached") == snapshot  # what the model code reads too
 
 
 class _Hub(http.server.BaseHTTPRequestHandler):

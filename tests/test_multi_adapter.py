@@ -23,13 +23,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from conftest import compose
 from marl_exp.data import reviews
 from marl_exp.modeling.loading import fingerprint, load_model, quantization_config, weights_dtype
-from marl_exp.modeling.multi_adapter import (
-    BASE_RECORD,
-    VALUE_HEAD_FILE,
-    BaseMismatchError,
-    MultiAdapterModel,
-    position_ids_from_mask,
-)
+from marl_exp.modeling.multi_adapter import VALUE_HEAD_FILE, MultiAdapterModel, position_ids_from_mask
+from marl_exp.provenance import BASE_RECORD, BaseMismatchError
 from marl_exp.stages.common import lora_config
 
 QUANT_MODES = ["fp32", "8bit", "4bit"]
@@ -577,7 +572,7 @@ def test_same_base_guard(sft, reward_dir, tmp_path, caplog, right, hf_scores):
     for part in ("0123456789abcdef", fingerprint(sft), "/somewhere/else/model", sft, "allow_base_mismatch"):
         assert part in message
 
-    with caplog.at_level(logging.WARNING, logger="marl_exp.modeling.multi_adapter"):
+    with caplog.at_level(logging.WARNING, logger="marl_exp.provenance"):
         m = build_fp32(sft, str(bad), allow_base_mismatch=True)
     assert any("allow_base_mismatch" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     scores = m.compute_reward_score(right.input_ids, right.attention_mask)

@@ -196,7 +196,7 @@ def test_a_reward_adapter_trained_on_the_built_in_base_passes_the_base_check(tmp
     from marl_exp import preflight
     from marl_exp.config import ConfigError
     from marl_exp.modeling.gguf_import import smollm2_dir
-    from marl_exp.modeling.multi_adapter import write_base_record
+    from marl_exp.provenance import write_base_record
 
     base = preflight.built_in_model_dir("builtin:smollm2")
     if not (base / "config.json").is_file():

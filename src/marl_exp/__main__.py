@@ -73,7 +73,7 @@ def train(overrides: list[str]) -> None:
 
 def unknown_command(args: list[str]) -> str:
     word = args[0]
-    if word.startswith("-") or "=" in word:  # the Hydra overrides `marl-exp` used to take directly
+    if word.startswith("-") or "=" in word:  # Hydra overrides without the command
         return f"{word!r} is not a command; Hydra overrides go after `{TRAIN}`: {PROG} {TRAIN} {shlex.join(args)}"
     close = difflib.get_close_matches(word, COMMANDS, n=1)
     hint = f"; did you mean `{PROG} {close[0]}`?" if close else ""

@@ -17,8 +17,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from marl_exp import console, preflight, records, threads
-from marl_exp.config import RL_STAGES, ConfigError, needs_upstream_reward, reward_sources
+from marl_exp.config import RL_STAGES, ConfigError, reward_sources
+from marl_exp.config.stage_graph import COMPLETE_MARKER, OUTPUT_SUBDIR, given_output, needed_upstream
 from marl_exp.io import atomic_write_text
+from marl_exp.provenance import check_same_base
 
 log = logging.getLogger("marl_exp")
 FAILURE_MARKER = "FAILED"
@@ -34,8 +36,10 @@ def run_app(config_dir: Path | str) -> None:
     import hydra
 
     from marl_exp import hydra_errors
-    from marl_exp.config import SWEEP_LABEL_ENV, register_configs, swept_stages
+    from marl_exp.config import SWEEP_LABEL_ENV, declare_reward_sources, register_configs, swept_stages
 
+    # Hydra reads sys.argv: reward sources are declared there, as a user writes them (stage.rewards.<name>.*).
+    sys.argv = [sys.argv[0], *declare_reward_sources(sys.argv[1:])]
     label = swept_stages(sys.argv[1:])
     if label is not None:  # one sweep dir for a sweep over stages (children inherit the environment)
         os.environ[SWEEP_LABEL_ENV] = label
@@ -158,7 +162,8 @@ def _run(cfg: DictConfig, run_dir: Path, choice: threads.ThreadChoice) -> float 
     from marl_exp import distributed
     from marl_exp.interrupt import StageInterrupted, TrainingDiverged
     from marl_exp.modeling.loading import ModelLoadError
-    from marl_exp.modeling.multi_adapter import BaseMismatchError
+    from marl_exp.provenance import BaseMismatchError
+    from marl_exp.rl.reward_sources import RewardFunctionError
 
     threads.apply_to_torch(choice.threads)
     distributed.init(cfg.device)  # under `accelerate launch` / `torchrun`: join the other processes
@@ -172,7 +177,7 @@ def _run(cfg: DictConfig, run_dir: Path, choice: threads.ThreadChoice) -> float 
         if distributed.is_main():
             console.say(console.plan(cfg, run_dir, upstream, choice.short()))
         summary = run_stage(cfg, run_dir)
-    except (ConfigError, ModelLoadError, BaseMismatchError) as err:
+    except (ConfigError, ModelLoadError, BaseMismatchError, RewardFunctionError) as err:  # the user's input
         return _input_error(err, run_dir)
     except StageInterrupted as err:  # SIGINT/SIGTERM: the stage saved what it could; say how to go on
         message = interrupted_message(cfg, run_dir, err)
@@ -215,16 +220,13 @@ def upstream_sources(cfg: DictConfig) -> dict[str, tuple[str, str]]:
     A given reward adapter with a cached (or to-be-built) SFT model is checked against it here, before
     anything is built or loaded: it must have been trained on that model.
     """
-    from marl_exp.stages.pipeline import COMPLETE_MARKER, OUTPUT_SUBDIR, cache_dir, upstream_config
+    from marl_exp.stages.pipeline import cache_dir, upstream_config  # imports the tracker: not before the checks
 
-    needs = {"sft": [], "reward": ["sft"], **{name: ["sft", "reward"] for name in RL_STAGES}}[cfg.stage.name]
-    if cfg.stage.name in RL_STAGES and not needs_upstream_reward(cfg.stage):
-        needs = ["sft"]  # every reward source is a given adapter or a function
-    given = {"sft": cfg.stage.get("sft_model"), "reward": cfg.stage.get("reward_adapter")}
     sources = {}
-    for name in needs:
-        if given[name]:
-            sources[name] = (given[name], "given")
+    for name in needed_upstream(cfg.stage):
+        given = given_output(cfg.stage, name)
+        if given:
+            sources[name] = (given, "given")
             continue
         target = cache_dir(upstream_config(cfg, name))
         output = target / OUTPUT_SUBDIR[name]
@@ -234,8 +236,10 @@ def upstream_sources(cfg: DictConfig) -> dict[str, tuple[str, str]]:
             if cfg.stage.name in RL_STAGES else {}
         if "reward" in sources and sources["reward"][1] == "given":
             given_rewards = {"stage.reward_adapter": sources["reward"][0], **given_rewards}
+        if cfg.stage.get("allow_base_mismatch"):  # the model reports an allowed mismatch when it loads the adapter
+            given_rewards = {}
         for key, path in given_rewards.items():
-            preflight.check_same_base(path, sources["sft"][0], cfg.stage.allow_base_mismatch, key)
+            check_same_base(path, sources["sft"][0], allow_mismatch=False, key=key)
     return sources
 
 

@@ -2,7 +2,7 @@
 
     sft-<hash>  (SFT model)  →  reward-<hash>  (reward adapter)  →  ppo-<hash>-<policy>  (policy adapter)
 
-``<hash>`` is ``pipeline.config_hash`` of the run that produced the output, so a cached upstream entry
+``<hash>`` is ``config_hash`` (``marl_exp.config.stage_graph``) of the run that produced the output, so a cached upstream entry
 ``cache/sft-<hash>/`` and its artifact share a name. The metadata says what the output is: base model and
 fingerprint, LoRA r and alpha, quantization, key metrics (see ``output_metadata``).
 
@@ -34,15 +34,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from marl_exp.config import RL_STAGES
+from marl_exp.config import INPUT_KEY, OUTPUT_SUBDIR, RL_STAGES, config_hash, sft_finetune_mode
 from marl_exp.io import atomic_write_json
-from marl_exp.modeling.multi_adapter import BASE_RECORD, base_record
+from marl_exp.provenance import BASE_RECORD, base_record, fingerprint, local_model_dir
 from marl_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
 ARTIFACT_TYPE = "model"
 RECORD = "marl_exp_artifact.json"  # in the output dir: name, metadata, digest and file hashes of its artifact
-INPUT_STAGES = {"sft_model": "sft", "reward_adapter": "reward"}  # run_stage inputs → the stage that made them
+INPUT_STAGES = {key: stage for stage, key in INPUT_KEY.items()}  # run_stage inputs → the stage that made them
 
 
 def log_outputs(tracker: Tracker, cfg: DictConfig, run_dir: Path, summary: dict, publish_dir: Path) -> None:
@@ -50,8 +50,6 @@ def log_outputs(tracker: Tracker, cfg: DictConfig, run_dir: Path, summary: dict,
     is built beside it and renamed): references point there."""
     if not tracker.logs_artifacts:
         return
-    from marl_exp.stages.pipeline import OUTPUT_SUBDIR, config_hash
-
     stage = cfg.stage.name
     name = f"{stage}-{config_hash(cfg)}"
     output = Path(run_dir) / OUTPUT_SUBDIR[stage]
@@ -79,8 +77,6 @@ def use_inputs(tracker: Tracker, cfg: DictConfig, inputs: dict[str, str]) -> Non
     """Declare the upstream outputs this run reads (given, freshly built or reused from the cache)."""
     if not tracker.logs_artifacts:
         return
-    from marl_exp.modeling.loading import local_model_dir
-
     for key, path in inputs.items():
         directory = local_model_dir(path, cfg.model)
         if directory is None:  # a hub id that is not in the local cache: no files to hash
@@ -149,9 +145,7 @@ def build_artifact(name: str, metadata: dict, directory: Path, published: Path, 
 
 def output_metadata(cfg: DictConfig, directory: Path, summary: dict, published: Path) -> dict:
     """What an output is: base model + fingerprint, LoRA r/alpha, quantization, key metrics, where it is."""
-    from marl_exp.config import sft_finetune_mode
-    from marl_exp.modeling.loading import fingerprint, local_model_dir, resolve_model_path
-    from marl_exp.stages.pipeline import config_hash
+    from marl_exp.modeling.loading import resolve_model_path  # imports torch: only to log an SFT model
 
     stage = cfg.stage.name
     metadata: dict[str, Any] = {"stage": stage, "model": cfg.model.name, "path": str(published),

@@ -3,8 +3,8 @@
 ``check(cfg)`` runs ``config.validate`` and then checks every path by its kind (a model directory, a PEFT
 adapter, a reward adapter with a score head, a run directory), hub ids against the local Hugging Face
 cache and, when not cached, the hub itself (one request, no retries), that the output dir can be written,
-and that a given reward adapter was trained on the given SFT model. Only the standard library, omegaconf
-and ``marl_exp.config`` are imported: a mistake is reported in about a second, not after the imports
+and that a given reward adapter was trained on the given SFT model (``marl_exp.provenance``). Only the standard
+library, omegaconf, ``marl_exp.config`` and ``marl_exp.provenance`` are imported: a mistake is reported in about a second, not after the imports
 (20-60 s on a busy machine) or after an upstream stage has trained for minutes.
 
 ``Preflight`` runs the same checks as a Hydra callback, before Hydra creates the run directory (so an
@@ -25,11 +25,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from marl_exp.config import RL_STAGES, ConfigError, check_reward_overrides, reward_sources, validate
-from marl_exp.fingerprints import fingerprint
+from marl_exp.config import RL_STAGES, UPSTREAM, ConfigError, check_reward_overrides, reward_sources, validate
+from marl_exp import provenance
+from marl_exp.provenance import (  # noqa: F401 - local_model_dir: re-exported for callers
+    BUILTIN_PREFIX,
+    cached_snapshot,
+    hub_cache_dir,
+    local_model_dir,
+    looks_local,
+    model_cache_root,
+)
 
-BUILTIN_PREFIX = "builtin:"  # as marl_exp.modeling.tiny (not imported: it needs torch)
-BASE_RECORD = "marl_exp_base.json"  # as marl_exp.modeling.multi_adapter
 HUB_TIMEOUT_S = 5.0
 _checked: set[str] = set()  # configs already checked in this process (the callback, then cli.main)
 
@@ -84,7 +90,7 @@ def _unwritable(target: Path) -> str | None:
 def check_inputs(cfg: DictConfig) -> None:
     stage = cfg.stage
     local_only = bool(cfg.model.local_files_only)
-    sft_model = stage.get("sft_model") if stage.name in ("reward", *RL_STAGES) else None
+    sft_model = stage.get("sft_model") if "sft" in UPSTREAM[stage.name] else None
     if sft_model and sft_model.startswith(BUILTIN_PREFIX):  # e.g. an instruct model as its own SFT model
         check_model_path(sft_model, key="stage.sft_model")
     elif sft_model:
@@ -98,8 +104,8 @@ def check_inputs(cfg: DictConfig) -> None:
             reward_adapters = {"stage.reward_adapter": stage.reward_adapter, **reward_adapters}
     for key, reward_adapter in reward_adapters.items():
         check_reward_adapter(key, reward_adapter, local_only)
-        if sft_model:
-            check_same_base(reward_adapter, sft_model, stage.allow_base_mismatch, key)
+        if sft_model and not stage.allow_base_mismatch:  # an allowed mismatch: the model warns when it loads
+            check_same_base(reward_adapter, sft_model, allow_mismatch=False, key=key)
     if cfg.data.name in ("imdb", "hh_rlhf") and cfg.data.path:
         check_dataset("data.path", cfg.data.path)
 
@@ -116,7 +122,7 @@ def check_model_path(path: str, revision: str | None = None, local_only: bool = 
 def check_model_source(key: str, value: str, local_only: bool = False, revision: str | None = None) -> None:
     """A model directory (config.json + weights) or a hub id that can be loaded from here."""
     path = Path(value).expanduser()
-    if not _looks_local(value):
+    if not looks_local(value):
         check_hub_id(key, value, "model", revision, local_only)
         return
     kind = local_kind(path)
@@ -128,7 +134,7 @@ def check_model_source(key: str, value: str, local_only: bool = False, revision:
 def check_reward_adapter(key: str, value: str, local_only: bool = False) -> None:
     """A PEFT adapter with a score head (``stage=reward``'s ``reward_adapter/``, TRL's RewardTrainer output)."""
     path = Path(value).expanduser()
-    if not _looks_local(value):
+    if not looks_local(value):
         check_hub_id(key, value, "model", None, local_only)
         return
     kind = local_kind(path)
@@ -138,7 +144,7 @@ def check_reward_adapter(key: str, value: str, local_only: bool = False) -> None
 
 
 def check_dataset(key: str, value: str) -> None:
-    if _looks_local(value):
+    if looks_local(value):
         if not Path(value).expanduser().is_dir():
             raise ConfigError(f"{key}={value!r} does not exist; give a local copy of the dataset (a directory) "
                               "or a hub id")
@@ -147,33 +153,24 @@ def check_dataset(key: str, value: str) -> None:
 
 
 def check_same_base(reward_adapter: str, sft_model: str, allow_mismatch: bool, key: str = "stage.reward_adapter") -> None:
-    """The reward adapter records the base it was trained on; it must be this run's SFT model.
-
-    The same rule as ``MultiAdapterModel``'s guard (weight fingerprints; names when one side has no
-    weights here), applied before anything loads.
-    """
-    record_path = Path(reward_adapter).expanduser() / BASE_RECORD
-    if allow_mismatch or not record_path.is_file():
-        return  # adapters from elsewhere carry no record; nothing reliable to compare
-    record = json.loads(record_path.read_text())
+    """``provenance.check_same_base`` for a given ``stage.sft_model``, which may name a built-in model: checked
+    once it is built (tiny's dir is named by a hash torch computes: the model's own check covers it)."""
     if sft_model.startswith(BUILTIN_PREFIX):
         built = built_in_model_dir(sft_model)
         if built is None or not (built / "config.json").is_file():
-            return  # not built yet, or tiny's dir (named by a hash torch computes): MultiAdapterModel's guard checks
+            return
         sft_model = str(built)
-    base_dir = local_model_dir(sft_model)
-    ours = fingerprint(base_dir) if base_dir is not None and (base_dir / "config.json").is_file() else None
-    theirs = record.get("fingerprint")
-    if ours is not None and theirs is not None:
-        same = ours == theirs
-    else:
-        same = str(record.get("base_model")) == str(sft_model)
-    if not same:
-        raise ConfigError(
-            f"{key}={reward_adapter!r} was trained on base {record.get('base_model')!r} "
-            f"(fingerprint {theirs}), but this run's SFT model is {sft_model!r} (fingerprint {ours}); use the "
-            "reward adapter's base as stage.sft_model (or none, to build both), or set "
-            "stage.allow_base_mismatch=true if you know why")
+    provenance.check_same_base(reward_adapter, sft_model, allow_mismatch, key)
+
+
+def built_in_model_dir(name: str) -> Path | None:
+    """Where a built-in model is built (as ``modeling.loading.resolve_model_path`` builds it; None for
+    ``builtin:tiny``, whose dir is named after its architecture's hash, computed where torch is loaded)."""
+    if name != f"{BUILTIN_PREFIX}smollm2":
+        return None
+    from marl_exp.modeling.gguf_import import SMOLLM2_DIR_NAME  # standard library and marl_exp.config only
+
+    return model_cache_root() / SMOLLM2_DIR_NAME
 
 
 # ----------------------------------------------------------------------------------- kinds of paths
@@ -238,62 +235,10 @@ def _safetensors_keys(path: Path) -> list[str] | None:
     return [k for k in header if k != "__metadata__"]
 
 
-def _looks_local(path: str) -> bool:
-    # Hub ids look like "org/name" (or "name"); anything else with a separator or a leading dot is a path.
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(os.path.expanduser(path))
-
-
-def built_in_model_dir(name: str) -> Path | None:
-    """Where a built-in model is built (as ``modeling.loading.resolve_model_path`` builds it; None for
-    ``builtin:tiny``, whose dir is named after its architecture's hash, computed where torch is loaded)."""
-    if name != f"{BUILTIN_PREFIX}smollm2":
-        return None
-    from marl_exp.modeling.gguf_import import SMOLLM2_DIR_NAME  # standard library and marl_exp.config only
-
-    cache = os.environ.get("MARL_EXP_CACHE", Path.home() / ".cache" / "marl-exp")  # as modeling.tiny.cache_root
-    return Path(cache).expanduser() / SMOLLM2_DIR_NAME
-
-
 # --------------------------------------------------------------------------------------------- hub
-def hub_cache_dir() -> Path:
-    """huggingface_hub's cache dir, resolved as it does (not imported here: its constants freeze the
-    offline flag at import, and this module may still set it)."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser()
-    return cache / "huggingface" / "hub"
-
-
-def _repo_dir(repo_id: str, repo_type: str) -> Path:
-    return hub_cache_dir() / f"{repo_type}s--{repo_id.replace('/', '--')}"
-
-
-def cached_snapshot(repo_id: str, repo_type: str = "model", revision: str | None = None) -> Path | None:
-    """The local snapshot of a hub repo in the HF cache, or None."""
-    repo = _repo_dir(repo_id, repo_type)
-    ref = repo / "refs" / (revision or "main")
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    snapshot = repo / "snapshots" / commit if commit else None
-    if snapshot is not None and snapshot.is_dir():
-        return snapshot
-    snapshots = sorted((repo / "snapshots").glob("*")) if revision is None else []
-    return snapshots[-1] if snapshots else None
-
-
 def _dataset_cached(repo_id: str) -> bool:
     datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or hub_cache_dir().parent / "datasets").expanduser()
     return cached_snapshot(repo_id, "dataset") is not None or (datasets_cache / repo_id.replace("/", "___")).is_dir()
-
-
-def local_model_dir(path: str, revision: str | None = None) -> Path | None:
-    """A local directory, or the cached snapshot of a hub id (None when neither is here)."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return local
-    return None if _looks_local(path) else cached_snapshot(path, "model", revision)
 
 
 def hub_offline() -> bool:

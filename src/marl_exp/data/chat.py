@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
-
 from trl.data_utils import is_conversational as trl_is_conversational
 
-from marl_exp.config import ConfigError
+from marl_exp.config.chat_templates import resolve_template, template_names
+from marl_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
-TEMPLATE_DIR = Path(__file__).resolve().parents[3] / "conf" / "chat_templates"
 # Special tokens a template writes literally (``<|im_start|>``, ``<|eot_id|>``): added to a vocabulary
 # that lacks them, so each stays one token the policy can learn to emit.
 _TEMPLATE_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
@@ -33,21 +31,6 @@ _TEMPLATE_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 def is_conversational(value) -> bool:
     """A message list (TRL's conversational format) rather than a plain string."""
     return trl_is_conversational({"prompt": value}) if isinstance(value, list) and value else False
-
-
-def template_names() -> list[str]:
-    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))
-
-
-def resolve_template(spec: str) -> str:
-    """The Jinja text of ``data.chat_template``: a built-in name or a file path."""
-    path = Path(spec)
-    if not path.is_file():
-        path = TEMPLATE_DIR / f"{spec}.jinja"
-    if not path.is_file():
-        raise ConfigError(f"data.chat_template={spec!r} is neither a file nor a built-in template "
-                          f"({', '.join(template_names())}); give a .jinja file or one of those names")
-    return path.read_text()
 
 
 def apply_template(tokenizer, data_cfg, conversational: bool) -> None:

@@ -29,6 +29,8 @@ from typing import Sequence
 
 from datasets import Dataset
 
+from marl_exp.provenance import fingerprint, model_cache_root
+
 log = logging.getLogger(__name__)
 
 # Titles are "The <word> <word>"; train and held-out titles share no word.
@@ -133,14 +135,12 @@ def own_replies(model_dir: str | Path, prompts: list[list[dict]], replies_per_pr
 
 
 def replies_cache_path(settings: dict) -> Path:
-    from marl_exp.modeling.tiny import cache_root  # imports torch: only when replies are needed
 
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_root() / "sentiment-replies" / f"{key}.jsonl"
+    return model_cache_root() / "sentiment-replies" / f"{key}.jsonl"
 
 
 def _model_key(model_dir: str | Path) -> str:
-    from marl_exp.fingerprints import fingerprint
 
     return fingerprint(model_dir)
 
@@ -189,7 +189,7 @@ def sentiment_task(data_cfg, model_dir: str | None = None, replies_per_request: 
     ``num_pairs_eval`` held-out ones each give at most one pair. PPO prompts: every training request
     (capped by ``max_train_samples``); the evaluation's: the held-out requests (capped by ``max_eval_samples``)."""
     from marl_exp.config import ConfigError
-    from marl_exp.data.task import Task
+    from marl_exp.data.task_types import Task
 
     counts = {"train": data_cfg.num_pairs_train, "eval": data_cfg.num_pairs_eval}
     caps = {"train": data_cfg.max_train_samples, "eval": data_cfg.max_eval_samples}

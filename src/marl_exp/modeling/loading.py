@@ -21,9 +21,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-# Re-exported; it lives in a module without torch so that the CLI compares bases before the heavy imports.
-from marl_exp.fingerprints import fingerprint  # noqa: F401
-from marl_exp.modeling.tiny import BUILTIN_PREFIX, builtin_model_dir
+from marl_exp.modeling.tiny import builtin_model_dir
+# Re-exported for the model code: the provenance rules live without torch, so preflight applies them too.
+from marl_exp.provenance import BUILTIN_PREFIX, fingerprint, local_model_dir, looks_local  # noqa: F401
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -143,7 +143,6 @@ def keep_4bit_weights_differentiable(model: nn.Module) -> int:
     return seen
 
 
-
 def _hub_kwargs(model_cfg) -> dict:
     if model_cfg is None:
         return {}
@@ -161,21 +160,8 @@ def _load_hint(what: str, path: str, err: Exception) -> str:
         return f"could not load the {what} from local path {path!r}: {type(err).__name__}: {reason}"
     if not isinstance(err, OSError):  # found, but not loadable (e.g. an unsupported architecture)
         return f"could not load the {what} {path!r}: {type(err).__name__}: {reason}"
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a filesystem path, not a hub id
+    if looks_local(path):  # a filesystem path, not a hub id
         return f"could not load the {what}: {path!r} does not exist; give an existing model directory or a hub id"
     return (f"could not load the {what} {path!r}: it is not a local directory and not in the Hugging Face "
             f"cache, and the hub is unreachable or the id is wrong; on an offline machine download it first "
             f"(`hf download {path}`) or set model.path to a local directory ({type(err).__name__})")
-
-
-def local_model_dir(path: str, model_cfg=None) -> Path | None:
-    """The on-disk directory of a local path or a cached hub snapshot (None when not available)."""
-    if Path(path).is_dir():
-        return Path(path)
-    try:
-        from huggingface_hub import snapshot_download
-
-        revision = getattr(model_cfg, "revision", None) if model_cfg is not None else None
-        return Path(snapshot_download(path, revision=revision, local_files_only=True))
-    except Exception:  # not cached: no fingerprint, the guard then compares names only
-        return None

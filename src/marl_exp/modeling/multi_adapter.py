@@ -29,16 +29,12 @@ from transformers import GenerationConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from marl_exp.io import atomic_write_json
-from marl_exp.modeling.loading import fingerprint, keep_4bit_weights_differentiable, local_model_dir
+from marl_exp.provenance import BASE_RECORD, check_same_base
+from marl_exp.modeling.loading import keep_4bit_weights_differentiable
 
 log = logging.getLogger(__name__)
 
-BASE_RECORD = "marl_exp_base.json"
 VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-class BaseMismatchError(ValueError):
-    """The reward adapter was trained on a different base than the one loaded."""
 
 
 @dataclass
@@ -190,7 +186,7 @@ class MultiAdapterModel(nn.Module):
 
         score_head, label_index = None, 0
         if reward_adapter is not None:
-            check_same_base(reward_adapter, base_path, allow_base_mismatch)
+            check_same_base(reward_adapter, base_path, allow_base_mismatch, key="reward_adapter")
             score_head, label_index = _load_reward_adapter(peft_model, reward_adapter, reward_adapter_name,
                                                            reward_label_index, device)
             if reward_pad_token_id is None:
@@ -259,7 +255,7 @@ class MultiAdapterModel(nn.Module):
         """
         if name in self.peft_model.peft_config or name in self.value_heads or name in self.reward_heads:
             raise ValueError(f"adapter name {name!r} is already taken; choose another reward adapter name")
-        check_same_base(source, base_path, allow_base_mismatch)
+        check_same_base(source, base_path, allow_base_mismatch, key="reward_adapter")
         saved_grad = [(p, p.requires_grad) for p in self.parameters()]
         known = {id(p) for p, _ in saved_grad}
         # peft initialises the new LoRA weights at random before loading them: draw nothing from the run's stream.
@@ -806,45 +802,3 @@ def output_logits(causal_lm: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     if isinstance(divisor, (int, float)) and divisor != 1:
         logits = logits / divisor
     return logits
-
-
-def base_record(base_path: str, base_name: str, base_dir: Path | None) -> dict:
-    """Which base an adapter was trained on: path or hub id, preset name, weight fingerprint."""
-    return {"base_model": base_path, "base_model_name": base_name,
-            "fingerprint": fingerprint(base_dir) if base_dir is not None else None}
-
-
-def write_base_record(adapter_dir: Path, base_path: str, base_name: str, base_dir: Path | None) -> dict:
-    """Record in an adapter dir which base it was trained on (read back by ``check_same_base``)."""
-    record = base_record(base_path, base_name, base_dir)
-    atomic_write_json(Path(adapter_dir) / BASE_RECORD, record)
-    return record
-
-
-def reward_base_record(reward_adapter: str) -> dict | None:
-    path = Path(reward_adapter) / BASE_RECORD
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def check_same_base(reward_adapter: str, base_path: str | None, allow_mismatch: bool) -> None:
-    """Refuse a reward adapter trained on another base (it would score nonsense without an error)."""
-    record = reward_base_record(reward_adapter)
-    if record is None or base_path is None:
-        return  # adapters from elsewhere carry no record; nothing reliable to compare
-    base_dir = local_model_dir(base_path)
-    ours = fingerprint(base_dir) if base_dir is not None else None
-    theirs = record.get("fingerprint")
-    if ours is not None and theirs is not None:
-        same = ours == theirs
-    else:
-        # No weights to hash on one side (a hub base not in the local cache): the ids must match.
-        same = str(record.get("base_model")) == str(base_path)
-    if same:
-        return
-    message = (f"reward adapter {reward_adapter!r} was trained on base {record.get('base_model')!r} "
-               f"(fingerprint {theirs}), but the loaded base is {base_path!r} (fingerprint {ours}); "
-               "use the same model in stages 2 and 3, or set stage.allow_base_mismatch=true "
-               "(allow_base_mismatch=True in Python) if you know why")
-    if not allow_mismatch:
-        raise BaseMismatchError(message)
-    log.warning("%s (allowed by allow_base_mismatch)", message)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -21,15 +20,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from marl_exp.config import TinyArchConfig
 from marl_exp.data.reviews import SUBJECTS, UNSEEN_SUBJECTS, ReviewGenerator, openings
 from marl_exp.io import build_dir_atomically
+from marl_exp.provenance import model_cache_root as cache_root  # the built-in models' dir, named so by its users
 
-BUILTIN_PREFIX = "builtin:"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 TOKENIZER_CORPUS_SIZE = 5000
-RECIPE_VERSION = 2  # bump when the recipe changes so old caches are not reused (2: unseen subjects' words)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MARL_EXP_CACHE", Path.home() / ".cache" / "marl-exp"))
+RECIPE_VERSION = 2  # bump when the recipe changes so old caches are not reused
 
 
 def builtin_model_dir(arch: TinyArchConfig) -> Path:

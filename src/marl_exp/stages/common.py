@@ -1,4 +1,4 @@
-"""What the SFT and reward stages share: trainer arguments, LoRA configs and output records."""
+"""What the stages share: trainer arguments, LoRA configs and output records. ``cfg`` is the whole config."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from peft import LoraConfig
+
+from marl_exp.provenance import BUILTIN_PREFIX
 
 
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
@@ -27,13 +30,13 @@ def lora_config(adapter_cfg, task_type: str) -> LoraConfig:
     )
 
 
-def adapts_output_layer(cfg) -> bool:
+def adapts_output_layer(cfg: DictConfig) -> bool:
     """Whether policy adapters put LoRA on the output layer (``adapter.output_layer``; null = the tiny model)."""
     choice = cfg.adapter.output_layer
-    return cfg.model.path == "builtin:tiny" if choice is None else bool(choice)
+    return cfg.model.path == f"{BUILTIN_PREFIX}tiny" if choice is None else bool(choice)
 
 
-def policy_lora_config(cfg, base) -> LoraConfig:
+def policy_lora_config(cfg: DictConfig, base) -> LoraConfig:
     """The LoRA config of a policy (or critic) adapter on ``base``: ``adapter``, plus the output layer when
     ``adapts_output_layer``, spelled as the names of every linear layer (peft's all-linear skips it)."""
     lora = lora_config(cfg.adapter, task_type="CAUSAL_LM")
@@ -48,7 +51,7 @@ def policy_lora_config(cfg, base) -> LoraConfig:
     return lora
 
 
-def trainer_kwargs(cfg, output_dir: Path, device: torch.device) -> dict:
+def trainer_kwargs(cfg: DictConfig, output_dir: Path, device: torch.device) -> dict:
     """Arguments shared by TRL's SFTConfig and RewardConfig, from the stage config."""
     stage = cfg.stage
     return dict(

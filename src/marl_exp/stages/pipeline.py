@@ -1,16 +1,15 @@
 """Runs a stage after resolving the stages it needs, through a cache of upstream outputs.
 
-An upstream stage (SFT for reward, SFT + reward for PPO) that the user did not give a path for is
-run with the *same* model, data and seed and that stage's defaults, into
-``<output_dir>/cache/<stage>-<hash>``, where ``hash`` is taken over the config that produced it.
-A later run with the same upstream config finds it there and reuses it.
+Which upstream outputs a stage reads is the stage graph (``marl_exp.config.stage_graph``). An upstream
+stage that the user did not give a path for is run with the *same* model, data and seed and
+``upstream.<stage>``'s settings, into ``<output_dir>/cache/<stage>-<hash>``, where ``hash`` is
+``config_hash`` of the config that produced it. A later run with the same upstream config finds it there
+and reuses it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -20,25 +19,22 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from marl_exp import distributed, lineage, records
-from marl_exp.config import (
-    RL_STAGES,
-    STAGE_SCHEMAS,
-    UPSTREAM_ONLY_KEYS,
-    AdapterConfig,
-    Config,
-    QuantConfig,
-    needs_upstream_reward,
-    to_yaml,
+from marl_exp.config import STAGE_SCHEMAS, UPSTREAM_ONLY_KEYS, AdapterConfig, Config, QuantConfig, to_yaml
+from marl_exp.config.stage_graph import (
+    COMPLETE_MARKER,
+    INPUT_KEY,
+    OUTPUT_SUBDIR,
+    UPSTREAM,
+    config_hash,
+    given_output,
+    needed_upstream,
 )
 from marl_exp.io import atomic_write_json, atomic_write_text
+from marl_exp.provenance import BUILTIN_PREFIX
 from marl_exp.stages.common import environment_record
 from marl_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
-BUILTIN_PREFIX = "builtin:"  # as marl_exp.modeling.tiny (not imported here: it needs torch)
-CACHE_VERSION = 3  # bump when a stage's output (format or data) changes, so stale cache entries are not reused
-COMPLETE_MARKER = "summary.json"  # written last by every stage
-OUTPUT_SUBDIR = {"sft": "model", "reward": "reward_adapter", **{name: "policies" for name in RL_STAGES}}
 
 
 def run_stage(cfg: DictConfig, run_dir: Path, publish_dir: Path | None = None) -> dict:
@@ -72,15 +68,10 @@ def _runner(stage: str):
 
 
 def resolve_inputs(cfg: DictConfig) -> dict:
-    """Paths of the upstream outputs ``cfg.stage`` needs, running upstream stages when not given."""
-    stage = cfg.stage.name
-    if stage == "sft":
-        return {}
-    sft_model = _given(cfg.stage.sft_model, cfg.model) or str(cached_output(upstream_config(cfg, "sft")))
-    if stage == "reward" or not needs_upstream_reward(cfg.stage):  # e.g. a gold-reward run: no reward stage
-        return {"sft_model": sft_model}
-    reward_adapter = _given(cfg.stage.reward_adapter, cfg.model) or str(cached_output(upstream_config(cfg, "reward")))
-    return {"sft_model": sft_model, "reward_adapter": reward_adapter}
+    """Paths of the upstream outputs ``cfg.stage`` needs (``{"sft_model": ..., "reward_adapter": ...}``), in
+    build order, running upstream stages when not given."""
+    return {INPUT_KEY[name]: _given(given_output(cfg.stage, name), cfg.model) or
+            str(cached_output(upstream_config(cfg, name))) for name in needed_upstream(cfg.stage)}
 
 
 def _given(path: str | None, model_cfg) -> str | None:
@@ -106,8 +97,9 @@ def upstream_config(cfg: DictConfig, stage: str) -> DictConfig:
     upstream = OmegaConf.to_container(cfg.get("upstream", {}).get(stage, {}), resolve=True)
     own = {key: upstream.pop(key) for key in UPSTREAM_ONLY_KEYS if key in upstream}
     stage_node = OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[stage]), upstream)
-    if stage == "reward":
-        stage_node.sft_model = cfg.stage.get("sft_model") or stage_node.sft_model
+    for name in UPSTREAM[stage]:  # an output given to this run is given to its upstream stages too
+        key = INPUT_KEY[name]
+        stage_node[key] = cfg.stage.get(key) or stage_node[key]
     node = {
         "model": cfg.model, "data": cfg.data, "logger": cfg.logger, "seed": cfg.seed, "device": cfg.device,
         "output_dir": cfg.output_dir, "quant": _upstream_quant(cfg, own.get("quant", "same" if stage == "reward" else "fp32")),
@@ -118,21 +110,12 @@ def upstream_config(cfg: DictConfig, stage: str) -> DictConfig:
 
 
 def _upstream_quant(cfg: DictConfig, mode: str) -> DictConfig:
-    # "same" is this run's node and fp32 the schema's default one: the nodes (and cache hashes) used so far.
+    # "same" is this run's node and fp32 the schema's default node, as given: each node is part of the cache hash.
     if mode == "same":
         return cfg.quant
     if mode == "fp32":
         return OmegaConf.structured(QuantConfig)
     return OmegaConf.merge(cfg.quant, {"mode": mode})  # bnb_4bit_* settings from this run's quant group
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of everything that determines a stage's output (not where it is logged or written)."""
-    keys = ("model", "data", "seed", "quant", "adapter", "stage")
-    container = OmegaConf.to_container(cfg, resolve=True)
-    content = {key: container[key] for key in keys}
-    content["cache_version"] = CACHE_VERSION
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def cache_dir(cfg: DictConfig) -> Path:
