@@ -150,12 +150,14 @@ def sample_replies(model_dir: str | Path, prompts: list[list[dict]], replies_per
     """Plain sampling (no top-k/top-p) from the model, in fp32, seeded; replies end at the end-of-turn token."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from marl_exp.data import chat
-    from marl_exp.modeling.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(str(model_dir))
+    # The reward stage's base, already resolved to a local dir: loaded as the stages load it (pad = EOS if none).
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     if chat_template:
         tokenizer.chat_template = chat.resolve_template(chat_template)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
