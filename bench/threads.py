@@ -14,7 +14,7 @@ model, the default of every stage) with batch 8 and 16 new tokens.
 * busy: beside one other busy process (a pure-Python loop, one core at 100%);
 * parallel: two runs at once, as the joblib launcher starts them (``n_jobs=2``).
 
-Settings: "marl-exp auto" = what ``threads=auto`` picks (``marl_exp.threads``: ``min(cores, CPUs-1) // jobs``
+Settings: "marl-exp auto" = what ``threads=auto`` picks (``marl_exp.run.threads``: ``min(cores, CPUs-1) // jobs``
 threads, ``OMP_WAIT_POLICY=PASSIVE``); "torch default" = one thread per physical core, OpenMP's default wait
 policy (what any script gets that sets nothing). The goal: busy ÷ quiet ≤ 2.5 with marl-exp's choice.
 """
@@ -81,7 +81,7 @@ def busy_process() -> subprocess.Popen:
 
 # ---------------------------------------------------------------------------------------------- main
 def run(size: str, steps: int) -> dict:
-    from marl_exp import threads as marl_threads
+    from marl_exp.run import threads as marl_threads
 
     cpus, cores = marl_threads.available_cpus(), marl_threads.physical_cores()
     auto_one, _ = marl_threads.auto_threads(cpus, cores, 1)

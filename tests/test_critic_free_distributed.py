@@ -9,9 +9,9 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import compose
-from marl_exp import distributed
 from marl_exp.rl.algorithms.critic_free import CriticFree
 from marl_exp.rl.rollout import Rollout
+from marl_exp.run import distributed
 
 WORLD = 2
 CASES = {  # name -> the stage and overrides whose batch statistic is under test

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import QUICK, REPO
-from marl_exp import distributed
+from marl_exp.run import distributed
 
 WORLD = 2
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, compose
-from marl_exp import cli, console, preflight, provenance, threads
+from marl_exp import cli, provenance
 from marl_exp.config import ConfigError, project_root, validate
+from marl_exp.run import console, preflight, threads
 
 HEAVY = ("torch", "transformers", "peft", "trl", "wandb", "bitsandbytes", "datasets")
 

@@ -299,7 +299,7 @@ def test_preset_reuses_the_built_dir(tmp_path, monkeypatch):
 
 def test_preset_resolves_and_passes_preflight(monkeypatch, tmp_path):
     from marl_exp.modeling.loading import resolve_model_path
-    from marl_exp.preflight import check_model_path
+    from marl_exp.run.preflight import check_model_path
     from tests.conftest import compose
 
     cfg = compose("model=smollm2", "stage=sft")

@@ -16,10 +16,10 @@ import pytest
 
 from conftest import QUICK, compose
 from wandb_files import StubWandbServer, wandb_records
-from marl_exp import lineage
 from marl_exp.config import ConfigError
+from marl_exp.run import lineage
+from marl_exp.run.tracking import Tracker
 from marl_exp.stages.pipeline import cache_dir, run_stage, upstream_config
-from marl_exp.tracking import Tracker
 
 QUICK_WANDB = tuple(o for o in QUICK if not o.startswith("logger=")) + ("logger=wandb",)
 QUICK_DATA = tuple(o for o in QUICK if o.startswith("data."))

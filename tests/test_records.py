@@ -22,9 +22,10 @@ import pytest
 import yaml
 
 from conftest import REPO, compose
-from marl_exp import compare, records
+from marl_exp import compare
 from marl_exp.config import ConfigError
-from marl_exp.tracking import SegmentRun, Tracker, wandb_history_steps
+from marl_exp.run import records
+from marl_exp.run.tracking import SegmentRun, Tracker, wandb_history_steps
 from wandb_files import StubWandbServer, killed_wandb_file_records, wandb_file_records
 
 # 12 PPO steps, a checkpoint and an evaluation every 4; SFT and reward built into the stage cache first.

@@ -20,12 +20,12 @@ from transformers import AutoModelForSequenceClassification
 
 import reward_functions
 from conftest import REPO, compose
-from marl_exp import preflight
 from marl_exp.config import ConfigError, RewardSource, check_reward_overrides, validate
 from marl_exp.data import reviews
 from marl_exp.modeling.loading import load_tokenizer, resolve_device
 from marl_exp.rl.reward_sources import RewardFunctionError, RewardSources
 from marl_exp.rl.rollout import PerfOptions, Rollout, score
+from marl_exp.run import preflight
 from marl_exp.stages.pipeline import run_stage
 from marl_exp.stages.rl_models import build_roles
 from test_first_hour import BATCH_DRIVER, fake_model, fake_reward_adapter

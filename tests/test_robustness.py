@@ -19,11 +19,11 @@ import wandb
 from conftest import QUICK, REPO, compose
 from marl_exp import cli
 from marl_exp.config import ConfigError, validate
-from marl_exp.interrupt import StageInterrupted, stop_on_signal
 from marl_exp.modeling.loading import load_tokenizer, resolve_device
 from marl_exp.rl import trainer as trainer_module
 from marl_exp.rl.checkpoint import is_complete, latest_checkpoint
 from marl_exp.rl.trainer import RLTrainer
+from marl_exp.run.interrupt import StageInterrupted, stop_on_signal
 from marl_exp.stages.pipeline import run_stage
 from marl_exp.stages.rl_models import build_roles
 
@@ -96,7 +96,7 @@ class _SignalAtStep:
     """A stand-in for the SFT stage's TrackerCallback that also sends a signal at one step."""
 
     def __init__(self, step: int, signum: int):
-        from marl_exp.tracking import TrackerCallback
+        from marl_exp.run.tracking import TrackerCallback
 
         self.step, self.signum, self.base = step, signum, TrackerCallback
 

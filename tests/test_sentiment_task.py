@@ -157,7 +157,7 @@ def test_build_task_passes_the_model_dir_and_other_tasks_ignore_it(tiny_task_par
 
 # -------------------------------------------------------------------------- preset and built-in inputs
 def test_preset_composes_and_passes_preflight(tmp_path):
-    from marl_exp import preflight
+    from marl_exp.run import preflight
 
     cfg = compose("experiment=smollm2_sentiment", f"output_dir={tmp_path}")
     assert cfg.stage.sft_model == "builtin:smollm2" and cfg.data.name == "movie_sentiment"
@@ -167,8 +167,8 @@ def test_preset_composes_and_passes_preflight(tmp_path):
 
 
 def test_preflight_names_a_wrong_built_in_sft_model(tmp_path):
-    from marl_exp import preflight
     from marl_exp.config import ConfigError
+    from marl_exp.run import preflight
 
     cfg = compose("experiment=smollm2_sentiment", "stage.sft_model=builtin:smollm3", f"output_dir={tmp_path}")
     with pytest.raises(ConfigError, match=r"stage.sft_model='builtin:smollm3' is not a built-in model"):
@@ -193,10 +193,10 @@ def test_built_in_sft_model_resolves_to_its_directory(tmp_path):
 
 
 def test_a_reward_adapter_trained_on_the_built_in_base_passes_the_base_check(tmp_path):
-    from marl_exp import preflight
     from marl_exp.config import ConfigError
     from marl_exp.modeling.gguf_import import smollm2_dir
     from marl_exp.provenance import write_base_record
+    from marl_exp.run import preflight
 
     base = preflight.built_in_model_dir("builtin:smollm2")
     if not (base / "config.json").is_file():

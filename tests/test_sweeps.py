@@ -104,7 +104,7 @@ def test_optuna_sweeper_config_composes_and_instantiates():
 
 def test_sweep_report_callback_is_registered():
     callbacks = compose_with_hydra().hydra.callbacks
-    assert callbacks.sweep_report._target_ == "marl_exp.hydra_callbacks.SweepReport"
+    assert callbacks.sweep_report._target_ == "marl_exp.run.hydra_callbacks.SweepReport"
 
 
 # ------------------------------------------------------------------------------- failure in a multirun
@@ -181,7 +181,7 @@ class FakeRun:
 def _tracker_init_kwargs(monkeypatch, tmp_path, cfg) -> dict:
     import wandb
 
-    from marl_exp.tracking import Tracker
+    from marl_exp.run.tracking import Tracker
 
     seen = {}
 

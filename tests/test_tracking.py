@@ -12,7 +12,7 @@ import torch
 from conftest import QUICK, compose
 from marl_exp import cli
 from marl_exp.io import atomic_write_json, atomic_write_text, read_json
-from marl_exp.tracking import Tracker, TrackerCallback, hf_to_metric_name, resolve_wandb_mode, wandb_has_credentials
+from marl_exp.run.tracking import Tracker, TrackerCallback, hf_to_metric_name, resolve_wandb_mode, wandb_has_credentials
 
 QUICK_WANDB = tuple(o for o in QUICK if not o.startswith("logger=")) + ("logger=wandb",)
 
@@ -108,7 +108,7 @@ def test_tracker_writes_metrics_and_summary_locally(tmp_path):
     assert records == [{"step": 1, "train/loss": 1.5, "eval/x": "nan"},
                        {"step": 2, "train/loss": 0.5, "vec": [1.0, 2.0]}]
     summary = read_json(tmp_path / "run" / "summary.json")
-    (segment,) = summary.pop("segments")  # marl_exp.records: one process, finished
+    (segment,) = summary.pop("segments")  # marl_exp.run.records: one process, finished
     assert summary == {"eval/loss": 0.25, "time/total_s": 3.0}
     assert segment["status"] == "finished" and segment["last_step"] == 2 and segment["seconds"] > 0
     assert segment["pid"] == os.getpid() and segment["wandb"] is None
@@ -181,7 +181,7 @@ def test_wandb_group_and_name_of_a_sweep_job_carry_the_swept_keys(tmp_path, swee
     """Seeds of one setting share a W&B group, so the dashboard averages them as `compare --group` does."""
     from hydra.core.hydra_config import HydraConfig
 
-    from marl_exp.tracking import wandb_identity
+    from marl_exp.run.tracking import wandb_identity
 
     cfg = _sweep_job(tmp_path, ["adapter.r=16", "seed=1", "stage=ppo"], sweep)
     HydraConfig.instance().set_config(cfg)

@@ -16,7 +16,6 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose
-from marl_exp import console
 from marl_exp.compat import AutoModelForCausalLMWithValueHead
 from marl_exp.modeling.loading import load_tokenizer, resolve_device, resolve_model_path
 from marl_exp.modeling.multi_adapter import VALUE_HEAD_FILE
@@ -24,6 +23,7 @@ from marl_exp.rl import trainer as trainer_module
 from marl_exp.rl.checkpoint import load_checkpoint, save_checkpoint
 from marl_exp.rl.functional import logprobs_from_logits
 from marl_exp.rl.rollout import PerfOptions, Rollout, response_slice, sample, score_many, temperature_scaled
+from marl_exp.run import console
 from marl_exp.sample import load as sample_load, parse_args, resolve as sample_resolve
 from marl_exp.stages.pipeline import run_stage
 from marl_exp.stages.rl_models import build_roles, make_trainer

@@ -3,7 +3,7 @@
 The offline checks read what wandb wrote to disk: the run's ``.wandb`` file, a LevelDB-style log of
 protobuf records (what ``wandb sync`` replays), decoded with wandb's own protobuf classes. This reader
 is the tests' own (strict: it checks the file header and waits for the run's exit record), independent
-of ``marl_exp.tracking.wandb_history_steps``.
+of ``marl_exp.run.tracking.wandb_history_steps``.
 """
 
 from __future__ import annotations

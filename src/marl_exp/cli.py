@@ -16,11 +16,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from marl_exp import console, preflight, records, threads
 from marl_exp.config import RL_STAGES, ConfigError, reward_sources
 from marl_exp.config.stage_graph import COMPLETE_MARKER, OUTPUT_SUBDIR, given_output, needed_upstream
 from marl_exp.io import atomic_write_text
 from marl_exp.provenance import check_same_base
+from marl_exp.run import console, preflight, records, threads
 
 log = logging.getLogger("marl_exp")
 FAILURE_MARKER = "FAILED"
@@ -35,8 +35,8 @@ def run_app(config_dir: Path | str) -> None:
     errors reported as one line (exit 2) and Ctrl-C before a stage runs as one line (exit 130)."""
     import hydra
 
-    from marl_exp import hydra_errors
     from marl_exp.config import SWEEP_LABEL_ENV, declare_reward_sources, register_configs, swept_stages
+    from marl_exp.run import hydra_errors
 
     # Hydra reads sys.argv: reward sources are declared there, as a user writes them (stage.rewards.<name>.*).
     sys.argv = [sys.argv[0], *declare_reward_sources(sys.argv[1:])]
@@ -159,11 +159,11 @@ def _input_error(err: BaseException, run_dir: Path) -> float | None:
 
 
 def _run(cfg: DictConfig, run_dir: Path, choice: threads.ThreadChoice) -> float | None:
-    from marl_exp import distributed
-    from marl_exp.interrupt import StageInterrupted, TrainingDiverged
     from marl_exp.modeling.loading import ModelLoadError
     from marl_exp.provenance import BaseMismatchError
     from marl_exp.rl.reward_sources import RewardFunctionError
+    from marl_exp.run import distributed
+    from marl_exp.run.interrupt import StageInterrupted, TrainingDiverged
 
     threads.apply_to_torch(choice.threads)
     distributed.init(cfg.device)  # under `accelerate launch` / `torchrun`: join the other processes
@@ -255,7 +255,7 @@ def resume_command(cfg: DictConfig, run_dir: Path) -> str:
                      if not str(o).lstrip("+~").startswith("stage.resume=")]
     except ValueError:  # not under @hydra.main: the overrides are unknown
         overrides = ["<same overrides>"]
-    from marl_exp import distributed
+    from marl_exp.run import distributed
 
     launcher = ["python"] if not distributed.is_distributed() else \
         ["accelerate", "launch", "--num_processes", str(distributed.world_size())]

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from marl_exp import records
+from marl_exp.run import records
 
 FAILURE_MARKER = records.FAILURE_MARKER
 SUMMARY = records.SUMMARY

@@ -21,8 +21,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from marl_exp import console
 from marl_exp.config import RL_STAGES, PPOStageConfig, QuantConfig, RewardSource, reward_sources
+from marl_exp.run import console
 
 USAGE_ERROR = 2
 # Scores nothing, weighs nothing: what scoring runs with when there is no reward (KL and the oracle only).

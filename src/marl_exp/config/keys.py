@@ -2,7 +2,7 @@
 
 ``+key=value`` on the command line adds a key that no schema declares (Hydra opens the struct flag for it): a
 typo such as ``+adapter.lora_droput=0.1`` would be ignored silently. ``check_known_keys`` refuses it with the
-closest valid keys, which Hydra's own errors reuse (``marl_exp.hydra_errors``).
+closest valid keys, which Hydra's own errors reuse (``marl_exp.run.hydra_errors``).
 """
 
 from __future__ import annotations

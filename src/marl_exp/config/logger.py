@@ -8,7 +8,7 @@ from typing import List, Optional
 
 LOGGER_NAMES = ("wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-ARTIFACT_MODES = ("auto", "upload", "reference", "none")  # logger.artifacts, see marl_exp.lineage
+ARTIFACT_MODES = ("auto", "upload", "reference", "none")  # logger.artifacts, see marl_exp.run.lineage
 
 
 @dataclass

@@ -35,7 +35,7 @@ class Config:
     output_dir: str = "${oc.env:MARL_EXP_OUTPUT_DIR,${marl_exp.project_root:}/outputs}"
     run_name: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda
-    # torch/OpenMP threads: auto (fits the machine and parallel jobs, see marl_exp.threads) or a number.
+    # torch/OpenMP threads: auto (fits the machine and parallel jobs, see marl_exp.run.threads) or a number.
     threads: str = "auto"
     # Settings of the upstream stages a run builds through the stage cache (e.g. SFT for PPO).
     upstream: UpstreamConfig = field(default_factory=lambda: UpstreamConfig())

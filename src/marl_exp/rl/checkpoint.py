@@ -16,9 +16,9 @@ import torch
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from marl_exp import distributed
 from marl_exp.io import atomic_write_json, read_json
 from marl_exp.modeling.multi_adapter import VALUE_HEAD_FILE
+from marl_exp.run import distributed
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 import torch
 from transformers import get_scheduler
 
-from marl_exp import distributed
-from marl_exp.interrupt import TrainingDiverged
 from marl_exp.rl.algorithms import make_algorithm
 from marl_exp.rl.functional import is_ratio_extreme, list_mean, logprobs_from_logits
 from marl_exp.rl.reward_sources import source_stats
@@ -37,6 +35,8 @@ from marl_exp.rl.rollout import (
     stop_token_ids,
     temperature_scaled,
 )
+from marl_exp.run import distributed
+from marl_exp.run.interrupt import TrainingDiverged
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from marl_exp import distributed, lineage, records
 from marl_exp.config import STAGE_SCHEMAS, UPSTREAM_ONLY_KEYS, AdapterConfig, Config, QuantConfig, to_yaml
 from marl_exp.config.stage_graph import (
     COMPLETE_MARKER,
@@ -31,8 +30,9 @@ from marl_exp.config.stage_graph import (
 )
 from marl_exp.io import atomic_write_json, atomic_write_text
 from marl_exp.provenance import BUILTIN_PREFIX
+from marl_exp.run import distributed, lineage, records
+from marl_exp.run.tracking import Tracker
 from marl_exp.stages.common import environment_record
-from marl_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 def run_stage(cfg: DictConfig, run_dir: Path, publish_dir: Path | None = None) -> dict:
     """Run ``cfg.stage`` in ``run_dir`` (upstream stages first, when needed) and return its summary.
 
-    With W&B, the run declares its inputs and logs its output as artifacts (``marl_exp.lineage``);
+    With W&B, the run declares its inputs and logs its output as artifacts (``marl_exp.run.lineage``);
     ``publish_dir`` is where ``run_dir`` will be moved to, if it is (a cache entry), for their paths.
     """
     run_dir = Path(run_dir)
@@ -49,7 +49,7 @@ def run_stage(cfg: DictConfig, run_dir: Path, publish_dir: Path | None = None) -
     with Tracker(cfg, run_dir, job_type=cfg.stage.name, publish_dir=publish_dir) as tracker:
         lineage.use_inputs(tracker, cfg, inputs)
         summary = _runner(cfg.stage.name)(cfg, run_dir, tracker, **inputs)
-        # Every segment of a resumed run counts (marl_exp.records).
+        # Every segment of a resumed run counts (marl_exp.run.records).
         tracker.update_summary({"time/total_s": tracker.total_seconds(),
                                 **({"dist/world_size": distributed.world_size()} if distributed.is_distributed() else {})})
         lineage.log_outputs(tracker, cfg, run_dir, tracker.summary, publish_dir or run_dir)

@@ -16,16 +16,16 @@ from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import is_conversational
 
-from marl_exp import distributed
 from marl_exp.config import ConfigError
 from marl_exp.data import build_task, chat, loaders
 from marl_exp.data.checks import fit_pairs, warn_if_few_held_out
-from marl_exp.interrupt import StopOnSignalCallback, stop_on_signal
 from marl_exp.modeling.loading import load_model, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.modeling.multi_adapter import disable_dropout
 from marl_exp.provenance import write_base_record
+from marl_exp.run import distributed
+from marl_exp.run.interrupt import StopOnSignalCallback, stop_on_signal
+from marl_exp.run.tracking import Tracker, TrackerCallback
 from marl_exp.stages.common import count_parameters, lora_config, trainer_kwargs, upcast_trainable_to_fp32
-from marl_exp.tracking import Tracker, TrackerCallback
 
 log = logging.getLogger(__name__)
 ADAPTER_SUBDIR = "reward_adapter"

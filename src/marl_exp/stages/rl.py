@@ -16,20 +16,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from marl_exp import console, distributed
 from marl_exp.config import reward_adapter_names, reward_sources
 from marl_exp.data import build_task, chat
 from marl_exp.data.checks import reward_end_tokens
-from marl_exp.interrupt import TrainingDiverged, stop_on_signal
 from marl_exp.modeling.loading import context_length, load_tokenizer, local_model_dir, resolve_device
 from marl_exp.provenance import base_record
 from marl_exp.rl.checkpoint import checkpoint_step, load_checkpoint, own_rank_state, resolve_resume, save_checkpoint_on_main
 from marl_exp.rl.evaluate import evaluate, source_columns
 from marl_exp.rl.roles import critic_name
 from marl_exp.rl.rollout import response_texts
+from marl_exp.run import console, distributed
+from marl_exp.run.interrupt import TrainingDiverged, stop_on_signal
+from marl_exp.run.tracking import Tracker, samples_table
 from marl_exp.stages.common import count_parameters
 from marl_exp.stages.rl_models import build_roles, critic_of, make_trainer
-from marl_exp.tracking import Tracker, samples_table
 
 log = logging.getLogger(__name__)
 POLICIES_SUBDIR = "policies"

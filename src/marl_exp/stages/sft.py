@@ -16,14 +16,14 @@ from peft import PeftModel, prepare_model_for_kbit_training
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
 
-from marl_exp import distributed
 from marl_exp.config import sft_finetune_mode
 from marl_exp.data import build_task, chat, loaders
 from marl_exp.data.checks import fit_sft_texts
-from marl_exp.interrupt import StopOnSignalCallback, stop_on_signal
 from marl_exp.modeling.loading import load_model, load_tokenizer, resolve_device, resolve_model_path
+from marl_exp.run import distributed
+from marl_exp.run.interrupt import StopOnSignalCallback, stop_on_signal
+from marl_exp.run.tracking import Tracker, TrackerCallback
 from marl_exp.stages.common import count_parameters, lora_config, trainer_kwargs, upcast_trainable_to_fp32
-from marl_exp.tracking import Tracker, TrackerCallback
 
 log = logging.getLogger(__name__)
 MODEL_SUBDIR = "model"

@@ -24,12 +24,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from marl_exp import distributed
 from marl_exp.rl.algorithms.groups import AdvantageSettings, get_advantage_estimator, zero_std_groups
 from marl_exp.rl.algorithms.grpo import aggregate_loss, clipped_surrogate, kl_loss_per_token
 from marl_exp.rl.algorithms.rloo import rloo_sequence_loss
 from marl_exp.rl.functional import Tensor, as_bool, entropy_for_logging, masked_mean, masked_sum, masked_var
 from marl_exp.rl.rollout import PolicyForward, Rollout
+from marl_exp.run import distributed
 
 
 class CriticFree:

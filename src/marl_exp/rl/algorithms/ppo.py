@@ -14,7 +14,6 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from marl_exp import distributed
 from marl_exp.rl.functional import (
     Tensor,
     as_bool,
@@ -28,6 +27,7 @@ from marl_exp.rl.functional import (
 )
 from marl_exp.rl.roles import critic_name
 from marl_exp.rl.rollout import PolicyForward, Rollout
+from marl_exp.run import distributed
 
 
 class PPO:

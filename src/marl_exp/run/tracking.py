@@ -6,7 +6,7 @@ A resumed run (``stage.resume`` in a run dir that has a summary) is one run, on 
 W&B run of the first segment continues (same id, ``resume="allow"``), ``metrics.jsonl`` is cut back to
 the checkpoint (``Tracker.continue_from``) and W&B receives each step once: the steps an earlier
 segment already logged are not sent again (a resumed run recomputes them to the same values), the
-steps it logged locally but W&B never got are replayed from ``metrics.jsonl``. See ``marl_exp.records``
+steps it logged locally but W&B never got are replayed from ``metrics.jsonl``. See ``marl_exp.run.records``
 for the segments recorded in ``summary.json``.
 """
 
@@ -25,9 +25,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
-from marl_exp import distributed, records
 from marl_exp.config import ARTIFACT_MODES, ConfigError
 from marl_exp.io import atomic_write_json
+from marl_exp.run import distributed, records
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        from marl_exp.interrupt import StageInterrupted
+        from marl_exp.run.interrupt import StageInterrupted
 
         status = records.FINISHED if exc_type is None else \
             records.INTERRUPTED if exc_type is not None and issubclass(exc_type, StageInterrupted) else records.FAILED

@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 from marl_exp.config import INPUT_KEY, OUTPUT_SUBDIR, RL_STAGES, config_hash, sft_finetune_mode
 from marl_exp.io import atomic_write_json
 from marl_exp.provenance import BASE_RECORD, base_record, fingerprint, local_model_dir
-from marl_exp.tracking import Tracker
+from marl_exp.run.tracking import Tracker
 
 log = logging.getLogger(__name__)
 ARTIFACT_TYPE = "model"
