@@ -14,6 +14,7 @@ targets were committed with this file, before any run on the seed list ``real_mo
     python bench/real_model.py                                  # seeds 4301-4303 x grpo ppo ppo_critic_adapter rloo, fp32
     python bench/real_model.py --algorithms grpo --quants 4bit --seeds 4301
     python bench/real_model.py --collect outputs/bench/real_model/<stamp>   # rows of a stopped benchmark
+    python bench/real_model.py --seeds 4302 --stamp outputs/bench/real_model/<stamp> -- threads=1   # side by side
     python bench/real_model.py --from-json a.json b.json        # merge results files (each keeps its machine)
 """
 
@@ -202,6 +203,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=common.RESULTS / "real_model.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "real_model.png")
     parser.add_argument("--collect", type=Path, help="rebuild the rows of a stopped benchmark's finished runs")
+    parser.add_argument("--stamp", type=Path, help="run under this dir instead of a new <out>/<time>: processes "
+                        "running other seeds side by side, or a later process adding algorithms to a seed, share "
+                        "it (and so the seed's reward adapter, through its stage cache)")
     parser.add_argument("--from-json", nargs="+", type=Path, help="merge results files written by this script")
     common.add_allow_dirty(parser)
     parser.add_argument("extra", nargs="*", help="overrides for every run, after --")
@@ -222,7 +226,7 @@ def main() -> None:
     if args.collect:
         write_results(collect(args.collect), seeds_info, args, [{**machine, "role": "collected by"}])
         return
-    stamp = args.out / time.strftime("%Y%m%d-%H%M%S")
+    stamp = args.stamp or args.out / time.strftime("%Y%m%d-%H%M%S")
     print(f"{common.machine_line(machine)}\nruns under {stamp}", flush=True)
     rows = []
     for quant in args.quants:
