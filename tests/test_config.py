@@ -125,7 +125,7 @@ BAD_CONFIGS = [
     (["quant=bf16", "device=cuda"], "quant.mode='bf16' does not run on this GPU (compute capability 7.5"),
     (["logger.artifacts=sometimes"], "logger.artifacts='sometimes' is not valid"),
     (["logger.artifact_max_upload_mb=-1"], "logger.artifact_max_upload_mb=-1.0 must be >= 0"),
-    (["data=local"], "data.train_file=None: data=local needs a file"),
+    (["data=local"], "data.train_file=None: data=local gives the sft stage no file"),
     (["data=local", "data.train_file=nowhere.csv"], "data.train_file='nowhere.csv' does not exist"),
     (["data.name=squad"], "data.name='squad' is not valid"),
     (["upstream.reward.batch_size=0"], "upstream.reward.batch_size=0 must be > 0"),

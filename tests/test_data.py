@@ -103,11 +103,75 @@ def validate_data_only(data):
     validate(OmegaConf.merge(compose("logger=none"), {"data": data}))
 
 
+# ------------------------------------------------------------------------------------- per-stage files
+def stage_files(tmp_path, n=40):
+    return {"sft_file": str(write_jsonl(tmp_path / "texts.jsonl", [{"text": f"text {i}"} for i in range(n)])),
+            "pairs_file": str(write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": f"good {i}", "rejected": f"bad {i}"}
+                                                                    for i in range(n)])),
+            "prompts_file": str(write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"ask {i}"} for i in range(n)]))}
+
+
+def test_each_stage_reads_a_file_of_its_own_and_holds_out_its_eval_rows_from_it(tmp_path):
+    task = build_task(data_cfg(name="local", eval_fraction=0.25, **stage_files(tmp_path)))
+    sft = (list(task.sft_train["text"]), list(task.sft_eval["text"]))
+    pairs = (list(task.pairs_train["chosen"]), list(task.pairs_eval["chosen"]))
+    prompts = (task.prompts_train, task.prompts_eval)
+    for (train, held_out), word in ((sft, "text"), (pairs, "good"), (prompts, "ask")):
+        assert {row.split()[0] for row in train + held_out} == {word}
+        assert (len(train), len(held_out)) == (30, 10) and not set(train) & set(held_out)
+
+
+def test_a_stage_file_replaces_the_shared_file_for_its_stage_only(tmp_path):
+    shared = write_jsonl(tmp_path / "all.jsonl", [{"text": f"t {i}", "chosen": "c", "rejected": "r", "prompt": "shared"}
+                                                  for i in range(20)])
+    own = stage_files(tmp_path)["prompts_file"]
+    task = build_task(local_cfg(shared, eval_file=str(shared), prompts_file=own))
+    assert set(task.prompts_train + task.prompts_eval) <= {f"ask {i}" for i in range(40)}
+    assert len(task.sft_train) == len(task.sft_eval) == 20  # the shared file and its eval file, as before
+
+
+def test_a_missing_column_says_which_stage_wanted_it_and_how_to_give_that_stage_its_file(tmp_path):
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": "t"}] * 20)
+    with pytest.raises(DataError, match=r"texts.jsonl has no column 'prompt' \(data.columns.prompt\), which the RL "
+                                        r"stage's prompts need; its columns are text; set data.columns.prompt=<one "
+                                        r"of them>, or give the stage a file of its own: data.prompts_file=<file>$"):
+        build_task(local_cfg(texts)).prompts_train
+
+
+def test_rows_of_a_stage_file_are_named_by_their_line_in_it(tmp_path):
+    files = stage_files(tmp_path)
+    rows = [{"prompt": "fine"}] * 6 + [{"prompt": 42}] + [{"prompt": "fine"}] * 3
+    files["prompts_file"] = str(write_jsonl(tmp_path / "prompts.jsonl", rows))
+    with pytest.raises(DataError, match=r"prompts.jsonl line 7, column 'prompt' is a number \(42\) where text belongs"):
+        task = build_task(data_cfg(name="local", **files))
+        task.prompts_train, task.prompts_eval
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # The default chain trains SFT, reward and PPO: each needs a file, the shared one or its own.
+    (["data.prompts_file={prompts_file}"], "data=local gives the sft stage no file"),
+    (["data.sft_file={sft_file}", "data.prompts_file={prompts_file}"], "data=local gives the reward stage no file"),
+    (["data.sft_file={sft_file}", "data.pairs_file={pairs_file}"], "data=local gives the ppo stage no file"),
+    (["data.sft_file={sft_file}", "data.pairs_file={pairs_file}", "data.prompts_file={prompts_file}"], None),
+    # Given upstream outputs are not trained, so the RL stage's prompts are all it needs.
+    (["data.prompts_file={prompts_file}", "stage.sft_model={tmp}", "stage.reward_adapter={tmp}"], None),
+])
+def test_data_local_needs_a_file_for_every_stage_the_run_trains(tmp_path, overrides, message):
+    values = {**stage_files(tmp_path), "tmp": str(tmp_path)}
+    cfg = compose("data=local", *(o.format(**values) for o in overrides))
+    if message is None:
+        validate(cfg)
+    else:
+        with pytest.raises(ConfigError, match=f"data.train_file=None: {message}; set data.train_file="):
+            validate(cfg)
+
+
 # ------------------------------------------------------------------------------------------- bad data
 def test_missing_column_names_the_file_the_column_and_the_fix(tmp_path):
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"question": "q"}] * 5)
-    with pytest.raises(DataError, match=r"prompts.jsonl.*has no column 'prompt' \(data.columns.prompt\); its "
-                                        r"columns are question; set data.columns.prompt="):
+    with pytest.raises(DataError, match=r"prompts.jsonl.*has no column 'prompt' \(data.columns.prompt\), "
+                                        r"which the RL stage's prompts need; its columns are question; set "
+                                        r"data.columns.prompt="):
         build_task(local_cfg(path)).prompts_train
 
 
@@ -188,8 +252,10 @@ def test_too_long_prompts_are_an_error_or_skipped(tokenizer):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data=local", "data.train_file=None: data=local needs a file"),
+    ("data=local", "data.train_file=None: data=local gives the sft stage no file"),
     ("data=local data.train_file=missing.jsonl", "data.train_file='missing.jsonl' does not exist"),
+    ("data=local data.prompts_file=missing.jsonl", "data.prompts_file='missing.jsonl' does not exist"),
+    ("data=imdb data.path=x data.pairs_file=p.jsonl", "data.pairs_file='p.jsonl' is for data=local"),
     ("data=local data.train_file=x.txt", "data.train_file='x.txt' has an unknown format"),
     ("data=imdb data.path=null", "data.path=None: data=imdb needs a hub id"),
     ("data.on_bad_row=ignore", "data.on_bad_row='ignore' is not valid"),

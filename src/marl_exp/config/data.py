@@ -8,6 +8,17 @@ from typing import Optional
 
 DATA_NAMES = ("reviews", "reviews_chat", "movie_sentiment", "imdb", "hh_rlhf", "local")
 DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# What a task's judge calls a reply it accepts (eval/*/well_formed is the share of them), for the console. The
+# reviews tasks' judge is the grammar (well formed); movie_sentiment's is AFINN (a score > 0).
+JUDGE_LABELS = {"movie_sentiment": "AFINN positive"}
+
+
+def judge_label(data_name: str) -> str:
+    return JUDGE_LABELS.get(data_name, "well formed")
+
+
+# data=local: the key of the file of its own each stage may read (an RL stage reads prompts), else train_file.
+STAGE_FILE_KEYS = {"sft": "sft_file", "reward": "pairs_file", "rl": "prompts_file"}
 
 
 @dataclass
@@ -36,6 +47,12 @@ class DataConfig:
     # ---- local files (json, jsonl, csv, parquet); no eval file = hold out eval_fraction of the rows
     train_file: Optional[str] = None
     eval_file: Optional[str] = None
+    # One file per stage, in place of train_file for that stage (its held-out rows: eval_fraction of it):
+    # SFT texts, the reward stage's preference pairs, the RL stages' prompts. A stage without one reads
+    # train_file (and eval_file), so one file with every column still serves the whole chain.
+    sft_file: Optional[str] = None
+    pairs_file: Optional[str] = None
+    prompts_file: Optional[str] = None
     eval_fraction: float = 0.05
     columns: DataColumns = field(default_factory=DataColumns)
     max_train_samples: Optional[int] = None  # cap on rows used per split (None = all)

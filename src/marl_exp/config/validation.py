@@ -10,14 +10,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from marl_exp.config.chat_templates import resolve_template
-from marl_exp.config.data import DATA_FILE_FORMATS, DATA_NAMES
+from marl_exp.config.data import DATA_FILE_FORMATS, DATA_NAMES, STAGE_FILE_KEYS
 from marl_exp.config.keys import check_known_keys
 from marl_exp.config.logger import ARTIFACT_MODES, LOGGER_NAMES, WANDB_MODES
 from marl_exp.config.models import COMPUTE_DTYPES, QUANT_MODES
 from marl_exp.config.primary import STAGE_SCHEMAS
 from marl_exp.config.reward_sources import SOURCE_NAME, load_reward_function, reward_adapter_names, reward_sources
 from marl_exp.config.rl_stages import ADVANTAGE_ESTIMATORS, LOSS_TYPES, SCALE_REWARDS
-from marl_exp.config.stage_graph import CRITIC_FREE_STAGES, INPUT_KEY, RL_STAGES, UPSTREAM
+from marl_exp.config.stage_graph import CRITIC_FREE_STAGES, INPUT_KEY, RL_STAGES, UPSTREAM, given_output, needed_upstream
 from marl_exp.errors import ConfigError
 from marl_exp.provenance import looks_local
 
@@ -61,7 +61,21 @@ def validate(cfg: DictConfig) -> None:
         _validate_rewards(stage)
 
     _validate_data(cfg.data)
+    if cfg.data.name == "local":
+        _validate_local_files(cfg)
 
+
+
+def _validate_local_files(cfg: DictConfig) -> None:
+    """data=local: every stage this run trains (upstream ones the stage cache builds included) has a file, its
+    own (``data.<stage file key>``) or the shared ``data.train_file``."""
+    data = cfg.data
+    training = [name for name in needed_upstream(cfg.stage) if not given_output(cfg.stage, name)]
+    for name in [*training, cfg.stage.name]:
+        key = STAGE_FILE_KEYS["rl" if name in RL_STAGES else name]
+        _check(bool(data[key] or data.train_file),
+               f"data.train_file=None: data=local gives the {name} stage no file; set data.train_file=<json|jsonl|"
+               f"csv|parquet file> (every stage's columns), or data.{key}=<file> for this stage")
 
 
 def _validate_adapter(adapter: DictConfig, prefix: str) -> None:
@@ -94,9 +108,7 @@ def _validate_data(data: DictConfig) -> None:
     if data.name in ("imdb", "hh_rlhf"):
         _check(bool(data.path), f"data.path={data.path!r}: data={data.name} needs a hub id or a local copy there")
     if data.name == "local":
-        _check(bool(data.train_file), f"data.train_file={data.train_file!r}: data=local needs a file; "
-               "set data.train_file=<json|jsonl|csv|parquet file>")
-        for key in ("train_file", "eval_file"):
+        for key in ("train_file", "eval_file", *STAGE_FILE_KEYS.values()):
             path = data[key]
             if path is None:
                 continue
@@ -104,6 +116,10 @@ def _validate_data(data: DictConfig) -> None:
                    f"data.{key}={path!r} has an unknown format; use {', '.join(DATA_FILE_FORMATS)}")
             _check(os.path.isfile(path), f"data.{key}={path!r} does not exist; give an existing file")
         _check(0 < data.eval_fraction < 1, f"data.eval_fraction={data.eval_fraction!r} must be in (0, 1)")
+    else:
+        for key in STAGE_FILE_KEYS.values():
+            _check(data[key] is None, f"data.{key}={data[key]!r} is for data=local (data={data.name} gives every "
+                   "stage its data); use data=local, or drop it")
     for key in ("max_train_samples", "max_eval_samples"):
         if data[key] is not None:
             _positive(f"data.{key}", data[key], "or null for all rows")

@@ -42,12 +42,16 @@ def require_rows(dataset: Dataset, source: str) -> None:
         raise DataError(f"{source} has no rows; give a dataset with data in it")
 
 
-def require_columns(present: list[str], source: str, columns: dict[str, str]) -> None:
-    """``columns`` maps config keys (``data.columns.prompt``) to the column names they ask for."""
+def require_columns(present: list[str], source: str, columns: dict[str, str], wanted_by: str = "",
+                    own_file_key: str = "") -> None:
+    """``columns`` maps config keys (``data.columns.prompt``) to the column names they ask for; ``wanted_by``
+    names the stage's data that needs them, ``own_file_key`` the key that gives that stage a file of its own."""
     for key, column in columns.items():
         if column not in present:
-            raise DataError(f"{source} has no column {column!r} ({key}); its columns are "
-                            f"{', '.join(present)}; set {key}=<one of them>")
+            need = f", which {wanted_by} need" if wanted_by else ""
+            own = f", or give the stage a file of its own: {own_file_key}=<file>" if own_file_key else ""
+            raise DataError(f"{source} has no column {column!r} ({key}){need}; its columns are "
+                            f"{', '.join(present)}; set {key}=<one of them>{own}")
 
 
 def _is_message_list(value: list) -> bool:

@@ -7,7 +7,8 @@ Each loader gives the three stages their data the way the classic TRL examples d
 - ``hh_rlhf`` (chosen, rejected dialogues): SFT on the chosen dialogues; the pairs as given; PPO
   prompts = a dialogue up to and including its last ``Assistant:`` turn marker.
 - ``local``: a file per split with ``data.columns`` naming the text / chosen / rejected / prompt columns;
-  only the columns a stage needs must exist. Conversational files (TRL's formats, message lists) are
+  only the columns a stage needs must exist. A stage may read a file of its own (``data.sft_file``,
+  ``data.pairs_file``, ``data.prompts_file``; held-out rows from the same file), else ``data.train_file``. Conversational files (TRL's formats, message lists) are
   recognised by their columns: SFT from ``messages`` or ``prompt`` + ``completion``; pairs ``chosen`` /
   ``rejected`` message lists with an optional shared ``prompt``; prompts as message lists.
 - ``hh_rlhf`` with ``data.conversational=true``: the dialogues as message lists (user / assistant turns).
@@ -35,21 +36,27 @@ SPLITS = ("train", "eval")
 TASKS = ("imdb", "hh_rlhf", "local")
 # Each row's 0-based position in its file or hub split, carried through the seeded split, shuffle and skips.
 POSITION = "__marl_exp_position__"
+# What each stage reads: the key of a file of its own (data=local) and how an error names its data.
+STAGE_FILE = {"sft": "data.sft_file", "pairs": "data.pairs_file", "prompts": "data.prompts_file"}
+WANTED_BY = {"sft": "the SFT stage's texts", "pairs": "the reward stage's preference pairs",
+             "prompts": "the RL stage's prompts"}
 
 
 class Source:
-    """One split of one dataset, loaded on first use, with a name for error messages."""
+    """One split of the data one stage reads (``part``: sft, pairs, prompts), loaded on first use, with a name
+    for error messages."""
 
-    def __init__(self, data_cfg, split: str):
+    def __init__(self, data_cfg, split: str, part: str):
         self.cfg = data_cfg
         self.split = split
+        self.part = part
         self._dataset: Dataset | None = None
         self._json_lines: list[int] | None = None
 
     @property
     def name(self) -> str:
         if self.cfg.name == "local":
-            return str(self._file() or f"{self.cfg.train_file} (held-out {self.cfg.eval_fraction:.0%})")
+            return str(self._file() or f"{self._train_file()} (held-out {self.cfg.eval_fraction:.0%})")
         return f"{self.cfg.path} [{self._split_name()}]"
 
     @property
@@ -66,7 +73,9 @@ class Source:
     def columns(self, **keys: str) -> Dataset:
         """The dataset with the columns ``keys`` (config key suffix → column) checked and bad cells handled."""
         dataset = self.dataset
-        require_columns(self.column_names, self.name, {f"data.columns.{k}": c for k, c in keys.items()})
+        own_file = STAGE_FILE[self.part] if self.cfg.name == "local" else ""
+        require_columns(self.column_names, self.name, {f"data.columns.{k}": c for k, c in keys.items()},
+                        WANTED_BY[self.part], own_file)
         text_columns = [c for k, c in keys.items() if k != "label"]
         dataset = drop_bad_cells(dataset, self.name, text_columns, self.cfg.on_bad_row, dataset[POSITION],
                                  self.row_name)
@@ -79,7 +88,7 @@ class Source:
         row (a CSV's header not counted)."""
         if self.cfg.name != "local":
             return f"{self.name} row {position}"
-        path = self._file() or self.cfg.train_file
+        path = self._file() or self._train_file()
         if self._json_lines is not None:
             return f"{path} line {self._json_lines[position]}"
         return f"{path} data row {position + 1}"
@@ -90,8 +99,24 @@ class Source:
     def _split_name(self) -> str:
         return self.cfg.train_split if self.split == "train" else self.cfg.eval_split
 
+    def _own_file(self) -> str | None:
+        """The stage's own file (``data.prompts_file`` ...), if given."""
+        return getattr(self.cfg, STAGE_FILE[self.part].removeprefix("data."), None)
+
+    def _train_file(self) -> str:
+        """The stage's own file, else the one training file every stage shares."""
+        return self._own_file() or self.cfg.train_file
+
+    def _holds_out(self) -> bool:
+        """Whether the eval split is a seeded share of the training file: always for a stage's own file,
+        else where no ``data.eval_file`` is given."""
+        return bool(self._own_file()) or self.cfg.eval_file is None
+
     def _file(self) -> str | None:
-        return self.cfg.train_file if self.split == "train" else self.cfg.eval_file
+        """This split's own file; None for an eval split held out from the training file."""
+        if self.split == "train":
+            return self._train_file()
+        return None if self._holds_out() else self.cfg.eval_file
 
     def _cap(self, dataset: Dataset) -> Dataset:
         limit = self.cfg.max_train_samples if self.split == "train" else self.cfg.max_eval_samples
@@ -112,10 +137,10 @@ class Source:
                             "copy") from None
 
     def _load_local(self) -> Dataset:
-        path = self._file() or self.cfg.train_file
+        path = self._file() or self._train_file()
         dataset = _with_positions(_read_file(path))
         self._json_lines = _json_lines(path, len(dataset))
-        if self.cfg.eval_file is None:  # no eval file: hold out a seeded share of the training file
+        if self._holds_out():  # no eval file: hold out a seeded share of the training file
             split = dataset.train_test_split(test_size=self.cfg.eval_fraction, seed=self.cfg.seed)
             dataset = split["test" if self.split == "eval" else "train"]
         return dataset
@@ -169,7 +194,7 @@ def row_names(data_cfg, part: str, split: str) -> list[str] | None:
 
 def sft_rows(data_cfg, split: str) -> tuple[Dataset, list[str]]:
     """SFT texts of a split and where each came from."""
-    source = Source(data_cfg, split)
+    source = Source(data_cfg, split, "sft")
     conversational = _sft_conversations(data_cfg, source)
     if conversational is not None:
         return conversational
@@ -181,7 +206,7 @@ def sft_rows(data_cfg, split: str) -> tuple[Dataset, list[str]]:
 
 def pair_rows(data_cfg, split: str) -> tuple[Dataset, list[str]]:
     """Preference pairs of a split and where each came from."""
-    source = Source(data_cfg, split)
+    source = Source(data_cfg, split, "pairs")
     if data_cfg.name == "imdb":
         return _imdb_pairs(data_cfg, source)
     columns = data_cfg.columns
@@ -201,7 +226,7 @@ def pair_rows(data_cfg, split: str) -> tuple[Dataset, list[str]]:
 
 def prompts(data_cfg, split: str) -> tuple[list[str], list[str]]:
     """PPO prompts of a split and where each came from (for error messages)."""
-    source = Source(data_cfg, split)
+    source = Source(data_cfg, split, "prompts")
     columns = data_cfg.columns
     if data_cfg.name == "imdb":
         dataset = source.columns(text=columns.text)
