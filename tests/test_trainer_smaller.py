@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose
 from marl_exp.compat import AutoModelForCausalLMWithValueHead
+from marl_exp.config import judge_label
 from marl_exp.modeling.loading import load_tokenizer, resolve_device, resolve_model_path
 from marl_exp.modeling.multi_adapter import VALUE_HEAD_FILE
 from marl_exp.rl import trainer as trainer_module
@@ -172,6 +173,20 @@ def test_the_result_block_lists_a_value_head_only_for_a_stage_with_a_critic(tmp_
     block = _result_block(compose(f"stage={stage}", f"output_dir={tmp_path}"), tmp_path / "run")
     assert ("value_head.safetensors" in block) == has_value_head, block
     assert str(tmp_path / "run" / "policies" / "policy") in block
+
+
+@pytest.mark.parametrize("data, line_label, table_label", [("reviews", "well formed", "well-formed share"),
+                                                           ("movie_sentiment", "AFINN positive", "AFINN-positive share")])
+def test_the_judge_is_named_by_what_the_task_judges(tmp_path, data, line_label, table_label):
+    """eval/*/well_formed is the share of replies the task's judge accepts: the grammar for the reviews tasks,
+    an AFINN score > 0 for movie_sentiment; the console says which."""
+    cfg = compose("stage=grpo", f"data={data}", f"output_dir={tmp_path}")
+    values = {"reward_score": 0.5, "well_formed": 0.75, "kl": 1.0}
+    line = console.eval_line("after", 60, 60, values, judge=judge_label(cfg.data.name))
+    assert f"| {line_label} 0.750 |" in line, line
+    block = console.result(cfg, tmp_path / "run", {"eval/before/well_formed": 0.5, "eval/after/well_formed": 0.75})
+    assert [row.split()[:len(table_label.split())] for row in block.splitlines() if "0.750" in row] == \
+        [table_label.split()], block
 
 
 def test_a_grpo_run_saves_no_value_head_and_a_ppo_run_does(tmp_path):

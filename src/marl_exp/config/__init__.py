@@ -22,7 +22,7 @@ from marl_exp.config.command_line import (
     sweep_label,
     swept_stages,
 )
-from marl_exp.config.data import DATA_FILE_FORMATS, DATA_NAMES, DataColumns, DataConfig
+from marl_exp.config.data import DATA_FILE_FORMATS, DATA_NAMES, DataColumns, DataConfig, judge_label
 from marl_exp.config.keys import (
     KEY_ALIASES,
     check_known_keys,

@@ -266,11 +266,12 @@ def source_weights(stage: DictConfig) -> dict[str, float] | None:
 
 
 def eval_line(tag: str, step: int, steps: int, values: dict[str, Any], policy: str | None = None,
-              weights: dict[str, float] | None = None) -> str:
+              weights: dict[str, float] | None = None, judge: str = "well formed") -> str:
     """One line per evaluation: ``eval during step 20/200 [policy]: reward 0.53 | strict gold 0.48 | ... | length 14``;
     with ``weights`` (``source_weights``) the reward is followed by its sources: ``reward 2.658 = 1 × rm 2.658 +
-    0.5 × great 0.000`` (each source's mean score, unweighted)."""
-    names = {"reward_score": "reward", "oracle_strict": "strict gold", "well_formed": "well formed",
+    0.5 × great 0.000`` (each source's mean score, unweighted). ``judge`` names the share the task's judge accepts
+    (``config.judge_label``)."""
+    names = {"reward_score": "reward", "oracle_strict": "strict gold", "well_formed": judge,
              "oracle_score": "oracle", "kl": "KL", "response_length": "length"}
     shown = [f"{label} {_number(values[key])}" for key, label in names.items() if key in values]
     if weights and shown and shown[0].startswith("reward "):
@@ -328,8 +329,10 @@ def _row(label: str, before: Any, after: Any) -> str:
 
 
 def _ppo_table(cfg: DictConfig, summary: dict[str, Any]) -> list[str]:
+    from marl_exp.config import judge_label
+
     labels = {"reward_score": "reward", "oracle_strict": "strict gold (oracle_strict)",
-              "well_formed": "well-formed share", "oracle_score": "oracle score", "kl": "KL to reference (nats)",
+              "well_formed": judge_label(cfg.data.name).replace(" ", "-") + " share",  # well-formed share "oracle_score": "oracle score", "kl": "KL to reference (nats)",
               "response_length": "response length"}
     lines = [f"  {'':<26} {'before':>9}    {'after':>9}"]
     policies = list(cfg.stage.policies)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from marl_exp.config import reward_adapter_names, reward_sources
+from marl_exp.config import judge_label, reward_adapter_names, reward_sources
 from marl_exp.data import build_task, chat
 from marl_exp.data.checks import reward_end_tokens
 from marl_exp.modeling.loading import context_length, load_tokenizer, local_model_dir, resolve_device
@@ -183,7 +183,7 @@ class RLRecipe:
                                            oracle=task.oracle, judge=task.judge, judged_text=task.judged_text)
                 if split == "eval":
                     console.say(console.eval_line(tag, step, stage.steps, values, name if several else None,
-                                                  console.source_weights(stage)))
+                                                  console.source_weights(stage), judge_label(self.cfg.data.name)))
                 prefixes = ([f"eval/{tag}/"] if i == 0 else []) + ([f"eval/{tag}/{name}/"] if several else [])
                 infix = "" if split == "eval" else f"{split}/"
                 metrics.update({p + infix + k: v for p in prefixes for k, v in values.items()})
