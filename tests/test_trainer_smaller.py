@@ -184,9 +184,10 @@ def test_the_judge_is_named_by_what_the_task_judges(tmp_path, data, line_label, 
     values = {"reward_score": 0.5, "well_formed": 0.75, "kl": 1.0}
     line = console.eval_line("after", 60, 60, values, judge=judge_label(cfg.data.name))
     assert f"| {line_label} 0.750 |" in line, line
-    block = console.result(cfg, tmp_path / "run", {"eval/before/well_formed": 0.5, "eval/after/well_formed": 0.75})
-    assert [row.split()[:len(table_label.split())] for row in block.splitlines() if "0.750" in row] == \
-        [table_label.split()], block
+    summary = {f"eval/{when}/{key}": value for when in ("before", "after") for key, value in values.items()}
+    rows = [row.split()[:3] for row in console.result(cfg, tmp_path / "run", summary).splitlines()]
+    assert [table_label.split()[0], "share", "0.750"] in rows and ["reward", "0.500", "->"] in rows
+    assert ["KL", "to", "reference"] in rows  # every row of the table, the judge's among them
 
 
 def test_a_grpo_run_saves_no_value_head_and_a_ppo_run_does(tmp_path):

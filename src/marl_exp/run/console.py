@@ -332,7 +332,8 @@ def _ppo_table(cfg: DictConfig, summary: dict[str, Any]) -> list[str]:
     from marl_exp.config import judge_label
 
     labels = {"reward_score": "reward", "oracle_strict": "strict gold (oracle_strict)",
-              "well_formed": judge_label(cfg.data.name).replace(" ", "-") + " share",  # well-formed share "oracle_score": "oracle score", "kl": "KL to reference (nats)",
+              "well_formed": judge_label(cfg.data.name).replace(" ", "-") + " share",  # well-formed share
+              "oracle_score": "oracle score", "kl": "KL to reference (nats)",
               "response_length": "response length"}
     lines = [f"  {'':<26} {'before':>9}    {'after':>9}"]
     policies = list(cfg.stage.policies)
