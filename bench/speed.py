@@ -102,7 +102,7 @@ class PhaseTimer:
         out = {"step": total, "rollout": t.get("rollout", 0.0), "optimize": t.get("optimize", 0.0),
                "reference": t.get("reference", 0.0), "reward": t.get("reward", 0.0), "policy": t.get("policy", 0.0)}
         out["score_other"] = t.get("score", 0.0) - out["reference"] - out["reward"] - out["policy"]
-        out["tokens"] = stats["env/response_length"] * trainer.cfg.batch_size * len(trainer.policies)
+        out["tokens"] = stats["env/response_length"] * trainer.stage.batch_size * len(trainer.policies)
         out["peak_mib"] = peak
         return out
 
@@ -231,8 +231,8 @@ def scaling_section(size: str, batches: list[int], lengths: list[int], base_batc
     points = [(b, base_tokens) for b in batches] + [(base_batch, n) for n in lengths if n != base_tokens]
     rows = []
     for batch, tokens in points:
-        trainer.cfg.batch_size = trainer.cfg.optim.mini_batch_size = batch
-        trainer.cfg.sampling.max_new_tokens = trainer.cfg.sampling.min_new_tokens = tokens
+        trainer.stage.batch_size = trainer.stage.optim.mini_batch_size = batch
+        trainer.stage.sampling.max_new_tokens = trainer.stage.sampling.min_new_tokens = tokens
         phases = median_phases(run_interleaved({"shared": trainer}, steps)["shared"])
         rows.append({"batch": batch, "new_tokens": tokens, **with_rates(phases, batch)})
     return {"rows": rows}

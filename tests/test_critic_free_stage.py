@@ -78,8 +78,8 @@ def test_groups_with_equal_rewards_are_counted_and_get_no_advantage(roles_and_to
     roles, tokenizer, prompts = roles_and_tokenizer
     trainer = RLTrainer(roles, tokenizer, _stage(trained_chain, tmp_path, "grpo"), prompts, seed=0)
     torch.manual_seed(0)
-    rollout = score(roles, sample(roles.model, tokenizer, trainer._next_prompts(), "policy", trainer.cfg),
-                    "policy", "none", trainer.cfg, tokenizer)
+    rollout = score(roles, sample(roles.model, tokenizer, trainer._next_prompts(), "policy", trainer.stage),
+                    "policy", "none", trainer.stage, tokenizer)
     # Two groups of four: the first all equal (no signal), the second spread.
     rollout.raw_scores = torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, -1.0, 2.0, 0.0])
     rollout.scores = trainer.algorithm.shape_scores("policy", rollout)

@@ -20,10 +20,10 @@ EVAL_SEED = 12345
 
 
 @torch.no_grad()
-def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None, num_samples: int | None = None,
+def evaluate(roles, tokenizer, prompts: list[str], policy: str, stage, oracle=None, num_samples: int | None = None,
              batch_size: int = 64, judge=None, judged_text=judged_text) -> tuple[dict, list[dict]]:
     """Metrics over ``num_samples`` sampled responses to ``prompts`` (cycled), and a few samples."""
-    num_samples = num_samples or cfg.eval.eval_samples
+    num_samples = num_samples or stage.eval.eval_samples
     queries = [prompts[i % len(prompts)] for i in range(num_samples)]
     rewards, kls, nlls, lengths, samples = [], [], [], [], []
     per_source: dict[str, list[torch.Tensor]] = {}
@@ -33,8 +33,9 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, cfg, oracle=None
         torch.manual_seed(EVAL_SEED)
         for start in range(0, num_samples, batch_size):
             batch = queries[start:start + batch_size]
-            critic = cfg.critic if cfg.name == "ppo" else "none"  # the critic-free stages have none
-            rollout = score(roles, sample(roles.model, tokenizer, batch, policy, cfg), policy, critic, cfg, tokenizer)
+            critic = stage.critic if stage.name == "ppo" else "none"  # the critic-free stages have none
+            replies = sample(roles.model, tokenizer, batch, policy, stage)
+            rollout = score(roles, replies, policy, critic, stage, tokenizer)
             mask = rollout.response_mask
             # KL(π‖π_ref) of a whole response, estimated by the sampled log-ratio sum (nats).
             kls.append(masked_sum(rollout.logprobs - rollout.ref_logprobs, mask, dim=1).cpu())

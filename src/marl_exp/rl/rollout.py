@@ -130,14 +130,14 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int | list[int]
     return ids, mask, has_eos
 
 
-def sampling_config(cfg, stop_ids: list[int], pad_token_id: int) -> GenerationConfig:
+def sampling_config(stage, stop_ids: list[int], pad_token_id: int) -> GenerationConfig:
     """The sampling settings PPO's log-probs assume, built here and nowhere else: plain multinomial
     sampling from softmax(logits / temperature). Nothing comes from the model's ``generation_config``
     (``MultiAdapterModel.generate`` blanks it); top-k, top-p and ``min_new_tokens`` are the only
     changes to that softmax, and ``warn_if_sampling_differs`` says so once."""
     return GenerationConfig(
-        do_sample=True, temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
-        max_new_tokens=cfg.sampling.max_new_tokens, min_new_tokens=cfg.sampling.min_new_tokens,
+        do_sample=True, temperature=stage.sampling.temperature, top_k=stage.sampling.top_k, top_p=stage.sampling.top_p,
+        max_new_tokens=stage.sampling.max_new_tokens, min_new_tokens=stage.sampling.min_new_tokens,
         eos_token_id=list(stop_ids), pad_token_id=pad_token_id, use_cache=True,
     )
 
@@ -145,16 +145,16 @@ def sampling_config(cfg, stop_ids: list[int], pad_token_id: int) -> GenerationCo
 _WARNED: set[str] = set()
 
 
-def warn_if_sampling_differs(cfg) -> list[str]:
+def warn_if_sampling_differs(stage) -> list[str]:
     """Once per process: settings under which responses are not sampled from the softmax the trainer
     scores (log-probs, ratio and KL assume the plain tempered softmax)."""
     reasons = []
-    if cfg.sampling.top_k:
-        reasons.append(f"top_k={cfg.sampling.top_k} samples only the {cfg.sampling.top_k} most likely tokens")
-    if cfg.sampling.top_p < 1:
-        reasons.append(f"top_p={cfg.sampling.top_p} cuts the tail of the distribution")
-    if cfg.sampling.min_new_tokens:
-        reasons.append(f"min_new_tokens={cfg.sampling.min_new_tokens} forbids EOS for the first tokens")
+    if stage.sampling.top_k:
+        reasons.append(f"top_k={stage.sampling.top_k} samples only the {stage.sampling.top_k} most likely tokens")
+    if stage.sampling.top_p < 1:
+        reasons.append(f"top_p={stage.sampling.top_p} cuts the tail of the distribution")
+    if stage.sampling.min_new_tokens:
+        reasons.append(f"min_new_tokens={stage.sampling.min_new_tokens} forbids EOS for the first tokens")
     message = "; ".join(reasons)
     if reasons and message not in _WARNED:
         _WARNED.add(message)
@@ -164,7 +164,7 @@ def warn_if_sampling_differs(cfg) -> list[str]:
     return reasons
 
 
-def sample(model, tokenizer, prompts: list, adapter: str, cfg, perf: PerfOptions = DEFAULT_PERF,
+def sample(model, tokenizer, prompts: list, adapter: str, stage, perf: PerfOptions = DEFAULT_PERF,
            stop_ids: list[int] | None = None) -> Rollout:
     """Sample one response per prompt from policy ``adapter`` (KV cache, left padding).
 
@@ -172,12 +172,12 @@ def sample(model, tokenizer, prompts: list, adapter: str, cfg, perf: PerfOptions
     Responses end at the first of ``stop_ids`` (default: every EOS id of the model, ``stop_token_ids``).
     """
     stop_ids = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
-    warn_if_sampling_differs(cfg)
+    warn_if_sampling_differs(stage)
     # padding_side per call: the tokenizer is shared, and its own setting stays as it was.
     enc = chat.encode_prompts(tokenizer, prompts).to(model.device)
     with no_grad_mode(perf.inference_mode):
         out = model.generate(enc.input_ids, enc.attention_mask, adapter=adapter,
-                             generation_config=sampling_config(cfg, stop_ids, tokenizer.pad_token_id))
+                             generation_config=sampling_config(stage, stop_ids, tokenizer.pad_token_id))
     response = detached(out[:, enc.input_ids.shape[1]:])
     response_ids, response_mask, has_eos = truncate_after_eos(response, stop_ids, tokenizer.pad_token_id)
     conversations = list(prompts) if chat.is_conversational(prompts[0]) else None
@@ -239,13 +239,13 @@ def pad_response(rollout: Rollout, length: int, pad_token_id: int) -> None:
         rollout.response_mask = torch.nn.functional.pad(rollout.response_mask, (0, extra), value=0)
 
 
-def score(roles, rollout: Rollout, adapter: str, critic: str, cfg, tokenizer,
+def score(roles, rollout: Rollout, adapter: str, critic: str, stage, tokenizer,
           perf: PerfOptions = DEFAULT_PERF) -> Rollout:
     """Fill in old log-probs, values, reference log-probs, per-token KL and scores of one rollout."""
-    return score_many(roles, {adapter: rollout}, critic, cfg, tokenizer, perf=perf)[adapter]
+    return score_many(roles, {adapter: rollout}, critic, stage, tokenizer, perf=perf)[adapter]
 
 
-def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, tokenizer,
+def score_many(roles, rollouts: dict[str, Rollout], critic: str, stage, tokenizer,
                perf: PerfOptions = DEFAULT_PERF, stop_ids: list[int] | None = None) -> dict[str, Rollout]:
     """Score the rollouts of several policies on the same prompts.
 
@@ -279,12 +279,12 @@ def score_many(roles, rollouts: dict[str, Rollout], critic: str, cfg, tokenizer,
                           fused=perf.fused_scoring, reward_input_ids=reward_ids, reward_attention_mask=reward_mask,
                           reward=sources.primary is not None)
         crop = slice(None) if perf.window_logits else window
-        logits = temperature_scaled(out.policy_logits[:, crop], cfg.sampling.temperature)
-        ref_logits = temperature_scaled(out.reference_logits[:, crop], cfg.sampling.temperature)
+        logits = temperature_scaled(out.policy_logits[:, crop], stage.sampling.temperature)
+        ref_logits = temperature_scaled(out.reference_logits[:, crop], stage.sampling.temperature)
         logprobs = logprobs_from_logits(logits, responses)
         ref_logprobs = logprobs_from_logits(ref_logits, responses)
         # The critic-free stages have no kl_penalty option: their KL in the reward is the plain estimate.
-        kl = kl_per_token(logprobs, ref_logprobs, getattr(cfg.kl, "kl_penalty", "kl"), cfg.kl.kl_estimator,
+        kl = kl_per_token(logprobs, ref_logprobs, getattr(stage.kl, "kl_penalty", "kl"), stage.kl.kl_estimator,
                           logits=logits, ref_logits=ref_logits)
         values = out.values[:, crop].float()
         if sources.primary is not None:

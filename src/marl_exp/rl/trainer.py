@@ -52,13 +52,13 @@ class PolicyState:
 
 
 class RLTrainer:
-    """The loop every RL algorithm shares; ``cfg`` is the RL stage node, whose ``name`` picks the algorithm."""
+    """The loop every RL algorithm shares; ``stage`` is the RL stage node, whose ``name`` picks the algorithm."""
 
-    def __init__(self, roles: SharedRoles, tokenizer, cfg, prompts: list[str], seed: int,
+    def __init__(self, roles: SharedRoles, tokenizer, stage, prompts: list[str], seed: int,
                  perf: PerfOptions = DEFAULT_PERF):
-        self.roles, self.model, self.tokenizer, self.cfg = roles, roles.model, tokenizer, cfg
+        self.roles, self.model, self.tokenizer, self.stage = roles, roles.model, tokenizer, stage
         self.perf = perf  # speed-ups only: results are the same with any of them off
-        self.algorithm = make_algorithm(cfg, perf)
+        self.algorithm = make_algorithm(stage, perf)
         self.prompts = prompts
         self.stop_ids = stop_token_ids(tokenizer, self.model)
         self.last_rollouts: dict[str, Rollout] = {}  # the latest step's, for sample logging
@@ -67,8 +67,8 @@ class RLTrainer:
         self.step_count = 0
         # Steps with non-finite values (their updates are skipped): in a row, and in all.
         self.bad_steps_in_a_row, self.bad_steps_total = 0, 0
-        updates = cfg.steps * self._updates_per_policy_step()
-        self.policies = {name: self._policy_state(name, updates) for name in cfg.policies}
+        updates = stage.steps * self._updates_per_policy_step()
+        self.policies = {name: self._policy_state(name, updates) for name in stage.policies}
 
     @property
     def critic(self) -> str:
@@ -81,8 +81,9 @@ class RLTrainer:
 
     def _policy_state(self, name: str, updates: int) -> PolicyState:
         params = self.algorithm.trained_parameters(self.model, name)
-        optimizer = _make_optimizer(self.cfg, params)
-        scheduler = get_scheduler(self.cfg.optim.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=updates)
+        optimizer = _make_optimizer(self.stage, params)
+        scheduler = get_scheduler(self.stage.optim.lr_scheduler, optimizer, num_warmup_steps=0,
+                                  num_training_steps=updates)
         return PolicyState(name, optimizer, scheduler, params)
 
     # ------------------------------------------------------------------------------------ one step
@@ -106,7 +107,7 @@ class RLTrainer:
 
         t0 = time.perf_counter()
         if problem is None:
-            score_many(self.roles, rollouts, self.critic, self.cfg, self.tokenizer, perf=self.perf,
+            score_many(self.roles, rollouts, self.critic, self.stage, self.tokenizer, perf=self.perf,
                        stop_ids=self.stop_ids)
             # Checked before the scores are shaped: NaN must not reach the running score statistics.
             problem = _nonfinite_rollout(rollouts)
@@ -137,13 +138,13 @@ class RLTrainer:
     def _next_prompts(self) -> list[str]:
         """Each prompt ``algorithm.group_size`` times in a row: one group per prompt (PPO: groups of one)."""
         group = self.algorithm.group_size
-        return [prompt for prompt in (self.prompt_rng.choice(self.prompts) for _ in range(self.cfg.batch_size // group))
-                for _ in range(group)]
+        draws = self.stage.batch_size // group
+        return [prompt for prompt in (self.prompt_rng.choice(self.prompts) for _ in range(draws)) for _ in range(group)]
 
     def _sample(self, prompts: list[str]) -> tuple[dict[str, Rollout], str | None]:
         """Phase 1 for every policy; a sampling error from non-finite logits becomes a skipped step."""
         try:
-            return {name: sample(self.model, self.tokenizer, prompts, name, self.cfg, perf=self.perf,
+            return {name: sample(self.model, self.tokenizer, prompts, name, self.stage, perf=self.perf,
                                  stop_ids=self.stop_ids) for name in self.policies}, None
         except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
             if not _is_nonfinite_error(err):
@@ -216,12 +217,12 @@ class RLTrainer:
 
     def _mini_batches(self, rollout: Rollout):
         """One epoch's mini-batches: row indices of the rollout in a fresh shuffled order."""
-        batch, size = rollout.query_ids.shape[0], self.cfg.optim.mini_batch_size
+        batch, size = rollout.query_ids.shape[0], self.stage.optim.mini_batch_size
         order = torch.randperm(batch, generator=self.shuffle_gen)
         return [order[start:start + size] for start in range(0, batch, size)]
 
     def _micro_batches(self, mini_batch: torch.Tensor) -> list[torch.Tensor]:
-        micro = self.cfg.optim.mini_batch_size // self.cfg.optim.gradient_accumulation_steps
+        micro = self.stage.optim.mini_batch_size // self.stage.optim.gradient_accumulation_steps
         return [mini_batch[start:start + micro] for start in range(0, len(mini_batch), micro)]
 
     def _policy_forward(self, name: str, mb: Rollout) -> PolicyForward:
@@ -229,10 +230,10 @@ class RLTrainer:
         window = response_slice(mb.query_ids.shape[1], mb.response_ids.shape[1])
         if self.perf.window_logits:
             out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name, logits_positions=window)
-            logits = temperature_scaled(out.logits, self.cfg.sampling.temperature)
+            logits = temperature_scaled(out.logits, self.stage.sampling.temperature)
         else:
             out = self.model.policy_forward(mb.input_ids, mb.attention_mask, adapter=name)
-            logits = temperature_scaled(out.logits[:, window], self.cfg.sampling.temperature)
+            logits = temperature_scaled(out.logits[:, window], self.stage.sampling.temperature)
         # The logits are not read after backward, so they may become their own gradient.
         logprobs = logprobs_from_logits(logits, mb.response_ids, grad_in_place=self.perf.lean_logprobs)
         return PolicyForward(logprobs, logits, out.values, window)
@@ -243,7 +244,7 @@ class RLTrainer:
         if not _all_finite(logprobs, self.algorithm.loss_mask(mb)):  # NaN/inf logits: no backward at all
             return {"skipped": True, "nonfinite": True}
         # A micro-batch whose probability ratio to the sampling policy exploded would only do damage.
-        if is_ratio_extreme(logprobs, mb.logprobs, mb.response_mask, self.cfg.optim.ratio_threshold):
+        if is_ratio_extreme(logprobs, mb.logprobs, mb.response_mask, self.stage.optim.ratio_threshold):
             return {"skipped": True}
         return None
 
@@ -282,7 +283,7 @@ class RLTrainer:
         if not skipped:
             # Data parallel: the mean gradient over ranks, before clipping, as DDP would have it.
             distributed.average_gradients(policy.params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, self.cfg.optim.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, self.stage.optim.max_grad_norm)
             if math.isfinite(float(grad_norm)):
                 policy.optimizer.step()
                 batch_stats[0][self.metric_key("grad_norm")] = float(grad_norm)
@@ -293,7 +294,7 @@ class RLTrainer:
 
     def _updates_per_policy_step(self) -> int:
         """The optimizer updates a step plans for each policy: one per mini-batch, per epoch."""
-        return self.algorithm.epochs * math.ceil(self.cfg.batch_size / self.cfg.optim.mini_batch_size)
+        return self.algorithm.epochs * math.ceil(self.stage.batch_size / self.stage.optim.mini_batch_size)
 
     def _schedules_to_step_clock(self) -> None:
         """Every LR schedule at the update the step count has reached. The schedule runs on the step clock,
@@ -330,7 +331,7 @@ class RLTrainer:
                     self.metric_key("nonfinite_steps_in_a_row"): float(self.bad_steps_in_a_row)}
         if problem is None:
             return counters
-        limit, algorithm = self.cfg.optim.max_bad_steps, self.cfg.name.upper()
+        limit, algorithm = self.stage.optim.max_bad_steps, self.stage.name.upper()
         log.warning("%s step %d: %s; its update was skipped (%d bad step(s) in a row, the run stops at %d)",
                     algorithm, self.step_count, problem, self.bad_steps_in_a_row, limit)
         if self.bad_steps_in_a_row >= limit:
@@ -371,12 +372,12 @@ class RLTrainer:
         self.algorithm.load_state_dict(state)
 
 
-def _make_optimizer(cfg, params) -> torch.optim.Optimizer:
-    if cfg.optim.optimizer == "adamw_8bit":
+def _make_optimizer(stage, params) -> torch.optim.Optimizer:
+    if stage.optim.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=stage.optim.learning_rate, weight_decay=stage.optim.weight_decay)
+    return torch.optim.AdamW(params, lr=stage.optim.learning_rate, weight_decay=stage.optim.weight_decay)
 
 
 _ROLLOUT_FIELDS = ("raw_scores", "logprobs", "ref_logprobs", "values", "kl")

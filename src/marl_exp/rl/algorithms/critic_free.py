@@ -38,16 +38,17 @@ class CriticFree:
     metric_prefix = ""  # the loop's own counters go unprefixed, as TRL's grad_norm and learning_rate
     critic = "none"  # scoring computes no critic; the policy's unused value head is not trained
 
-    def __init__(self, cfg, perf=None):
-        self.cfg = cfg
-        self.group_size = cfg.sampling.num_generations
-        self.epochs = cfg.optim.num_iterations
-        self.estimator = get_advantage_estimator(cfg.advantage_estimator)
+    def __init__(self, stage, perf=None):
+        self.stage = stage
+        self.group_size = stage.sampling.num_generations
+        self.epochs = stage.optim.num_iterations
+        self.estimator = get_advantage_estimator(stage.advantage_estimator)
         self.settings = AdvantageSettings(
-            num_generations=cfg.sampling.num_generations, beta=cfg.kl.beta, scale_rewards=cfg.advantages.scale_rewards,
-            normalize_advantages=cfg.advantages.normalize_advantages, gamma=cfg.advantages.gamma)
+            num_generations=stage.sampling.num_generations, beta=stage.kl.beta,
+            scale_rewards=stage.advantages.scale_rewards,
+            normalize_advantages=stage.advantages.normalize_advantages, gamma=stage.advantages.gamma)
         # The loss the loop calls: per response (RLOOTrainer's) or per token, aggregated by loss_type.
-        self.loss = self.sequence_loss if cfg.loss.loss_type == "rloo" else self.token_loss
+        self.loss = self.sequence_loss if stage.loss.loss_type == "rloo" else self.token_loss
 
     def trained_parameters(self, model, name: str) -> list:
         # The LoRA weights only: the model gives every policy a value head, which nothing here trains.
@@ -62,7 +63,7 @@ class CriticFree:
         """The estimator over every rank's responses, this rank's rows of the result: batch statistics
         (whitening, ``scale_rewards=batch``, ``normalize_advantages``) are global, as in TRL. Group
         statistics are unchanged by it: each rank samples whole groups."""
-        kl = rollout.kl if self.cfg.kl.kl_in_reward else None
+        kl = rollout.kl if self.stage.kl.kl_in_reward else None
         (scores, mask, kl), rows = distributed.cat_rows(rollout.scores, rollout.response_mask, kl)
         advantages = self.estimator(scores, mask, kl, self.settings)
         return advantages[rows, :rollout.response_mask.shape[1]], None
@@ -70,14 +71,14 @@ class CriticFree:
     # ------------------------------------------------------------------------------------- losses
     def loss_mask(self, mb: Rollout) -> Tensor:
         """The tokens that enter the loss: TRL's ``mask_truncated_completions`` drops responses without EOS."""
-        if not self.cfg.loss.mask_truncated_completions:
+        if not self.stage.loss.mask_truncated_completions:
             return mb.response_mask
         return drop_truncated_completions(mb.response_mask, ~mb.has_eos)
 
     def loss_weight(self, rollout: Rollout, rows: Tensor, mini_batch: Tensor) -> Tuple[float, Optional[float]]:
         """(weight, tokens): grpo, bnpo, dr_grpo and rloo average the micro-batches' losses over the mini-batch;
         dapo divides by the response tokens of the whole update (every micro-batch, every rank)."""
-        if self.cfg.loss.loss_type != "dapo":
+        if self.stage.loss.loss_type != "dapo":
             return len(rows) / len(mini_batch), None
         local = float(self.loss_mask(rollout.select(mini_batch)).sum())
         return 1.0, distributed.mean(local) * distributed.world_size()
@@ -85,14 +86,15 @@ class CriticFree:
     def token_loss(self, forward: PolicyForward, mb: Rollout, tokens: Optional[float]) -> Tuple[Tensor, dict]:
         """The clipped surrogate per token, plus β·k3 when the KL is a loss term, aggregated by ``loss_type``.
         ``mb.logprobs``: the sampling policy's, fixed for all num_iterations passes over this batch."""
-        cfg, mask = self.cfg, self.loss_mask(mb)
+        stage, mask = self.stage, self.loss_mask(mb)
         kl = kl_loss_per_token(forward.logprobs, mb.ref_logprobs, mask)
         per_token, clip_stats = clipped_surrogate(forward.logprobs, mb.logprobs, mb.advantages, mask,
-                                                  cfg.loss.epsilon, cfg.loss.epsilon_high)
-        if cfg.kl.beta > 0 and not cfg.kl.kl_in_reward:
-            per_token = per_token + cfg.kl.beta * kl
-        loss = aggregate_loss(per_token, mask, cfg.loss.loss_type, max_completion_length=cfg.sampling.max_new_tokens,
-                              num_items_in_batch=tokens, num_processes=distributed.world_size())
+                                                  stage.loss.epsilon, stage.loss.epsilon_high)
+        if stage.kl.beta > 0 and not stage.kl.kl_in_reward:
+            per_token = per_token + stage.kl.beta * kl
+        loss = aggregate_loss(per_token, mask, stage.loss.loss_type,
+                              max_completion_length=stage.sampling.max_new_tokens, num_items_in_batch=tokens,
+                              num_processes=distributed.world_size())
         return loss, self._loss_stats(forward, mb, loss, kl, mask, clip_stats)
 
     def sequence_loss(self, forward: PolicyForward, mb: Rollout, tokens=None) -> Tuple[Tensor, dict]:
@@ -102,7 +104,7 @@ class CriticFree:
         mask = self.loss_mask(mb)
         kl = kl_loss_per_token(forward.logprobs, mb.ref_logprobs, mask)  # logged only: RLOO's KL is in the reward
         loss, clip_stats = rloo_sequence_loss(forward.logprobs, mb.logprobs, mb.advantages[:, 0], mask,
-                                              self.cfg.loss.epsilon, self.cfg.loss.epsilon_high)
+                                              self.stage.loss.epsilon, self.stage.loss.epsilon_high)
         return loss, self._loss_stats(forward, mb, loss, kl, mask, clip_stats)
 
     @staticmethod
@@ -123,7 +125,7 @@ class CriticFree:
         mask = rollout.response_mask
         lengths = mask.sum(1).float()
         terminated = lengths[rollout.has_eos]
-        _, zero_std = zero_std_groups(rollout.raw_scores, self.cfg.sampling.num_generations)
+        _, zero_std = zero_std_groups(rollout.raw_scores, self.stage.sampling.num_generations)
         return {
             "reward": rollout.raw_scores.mean().item(),
             "reward_std": rollout.raw_scores.std().item(),

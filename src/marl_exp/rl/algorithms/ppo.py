@@ -37,14 +37,14 @@ class PPO:
     metric_prefix = "ppo/"  # the loop's own counters (guards, grad norm, learning rate) are PPO's here
     group_size = 1  # one response per prompt
 
-    def __init__(self, cfg, perf):
-        self.cfg, self.perf = cfg, perf
-        self.critic = cfg.critic  # value_head | adapter: what scoring computes values with
-        self.epochs = cfg.optim.ppo_epochs
+    def __init__(self, stage, perf):
+        self.stage, self.perf = stage, perf
+        self.critic = stage.critic  # value_head | adapter: what scoring computes values with
+        self.epochs = stage.optim.ppo_epochs
         # Each policy its own KL coefficient and score statistics: they follow that policy's responses only.
-        self.kl_ctls = {name: make_kl_controller(cfg.kl.adaptive_kl, cfg.kl.init_kl_coef, cfg.kl.target_kl,
-                                                 cfg.kl.kl_horizon) for name in cfg.policies}
-        self.score_moments = {name: RunningMoments() for name in cfg.policies}
+        self.kl_ctls = {name: make_kl_controller(stage.kl.adaptive_kl, stage.kl.init_kl_coef, stage.kl.target_kl,
+                                                 stage.kl.kl_horizon) for name in stage.policies}
+        self.score_moments = {name: RunningMoments() for name in stage.policies}
 
     def trained_parameters(self, model, name: str) -> list:
         params = model.trainable_parameters(name)
@@ -55,24 +55,24 @@ class PPO:
     # ----------------------------------------------------------------------- rewards and advantages
     def shape_scores(self, name: str, rollout: Rollout) -> Tensor:
         """Score options, in the order applied: missing-EOS penalty, running whitening, scale, clip."""
-        cfg, scores = self.cfg, rollout.raw_scores.clone()
-        if cfg.scores.missing_eos_penalty is not None:
-            scores = scores - cfg.scores.missing_eos_penalty * (~rollout.has_eos).float()
-        if cfg.scores.whiten_scores:
+        stage, scores = self.stage, rollout.raw_scores.clone()
+        if stage.scores.missing_eos_penalty is not None:
+            scores = scores - stage.scores.missing_eos_penalty * (~rollout.has_eos).float()
+        if stage.scores.whiten_scores:
             moments = self.score_moments[name]
             moments.update(distributed.cat_tensors(scores))  # every rank's scores of this policy
             scores = (scores - moments.mean) / moments.std
-        scores = scores * cfg.scores.score_scale
-        if cfg.scores.score_clip is not None:
-            scores = scores.clamp(-cfg.scores.score_clip, cfg.scores.score_clip)
+        scores = scores * stage.scores.score_scale
+        if stage.scores.score_clip is not None:
+            scores = scores.clamp(-stage.scores.score_clip, stage.scores.score_clip)
         return scores
 
     def advantages(self, name: str, rollout: Rollout) -> Tuple[Tensor, Tensor]:
         """Per-token rewards -β·KL on every response token, the score added at the last one; GAE."""
-        cfg, mask = self.cfg, rollout.response_mask
+        stage, mask = self.stage, rollout.response_mask
         rewards, _ = compute_rewards(rollout.scores, rollout.kl, mask, self.kl_ctls[name].value)
-        advantages, returns = compute_gae(rewards, rollout.values, mask, cfg.advantages.gamma, cfg.advantages.lam)
-        if cfg.advantages.whiten_advantages:
+        advantages, returns = compute_gae(rewards, rollout.values, mask, stage.advantages.gamma, stage.advantages.lam)
+        if stage.advantages.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         return advantages, returns
 
@@ -87,13 +87,13 @@ class PPO:
     def loss(self, forward: PolicyForward, mb: Rollout, tokens=None) -> Tuple[Tensor, dict]:
         """The clipped policy loss minus the entropy bonus, plus ``vf_coef`` × the clipped value loss when
         the values come from the policy's own head (a critic adapter's: ``critic_loss``, after this one)."""
-        cfg, mask = self.cfg, mb.response_mask
-        pg_loss, pg_stats = policy_loss(forward.logprobs, mb.logprobs, mb.advantages, mask, cfg.loss.cliprange)
-        if self.perf.lazy_entropy and cfg.loss.entropy_coef == 0:
+        stage, mask = self.stage, mb.response_mask
+        pg_loss, pg_stats = policy_loss(forward.logprobs, mb.logprobs, mb.advantages, mask, stage.loss.cliprange)
+        if self.perf.lazy_entropy and stage.loss.entropy_coef == 0:
             entropy = masked_mean(entropy_for_logging(forward.logits), mask)
         else:
             entropy = masked_mean(entropy_from_logits(forward.logits), mask)
-        loss = pg_loss - cfg.loss.entropy_coef * entropy
+        loss = pg_loss - stage.loss.entropy_coef * entropy
         stats = {
             "ppo/loss/policy": pg_loss.detach(),
             "ppo/policy/entropy": entropy.detach(),
@@ -103,18 +103,18 @@ class PPO:
         if self.critic == "adapter":
             return loss, stats
         values = forward.values[:, forward.window].float()
-        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, cfg.loss.cliprange_value)
-        return loss + cfg.loss.vf_coef * vf_loss, {**stats, **self._value_stats(pg_loss, vf_loss, vf_stats)}
+        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, stage.loss.cliprange_value)
+        return loss + stage.loss.vf_coef * vf_loss, {**stats, **self._value_stats(pg_loss, vf_loss, vf_stats)}
 
     def critic_loss(self, values: Tensor, mb: Rollout, policy_stats: dict) -> Tuple[Tensor, dict]:
         """``vf_coef`` × the clipped value loss of a critic adapter's ``values`` [B, T]."""
-        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask, self.cfg.loss.cliprange_value)
-        return self.cfg.loss.vf_coef * vf_loss, self._value_stats(policy_stats["ppo/loss/policy"], vf_loss, vf_stats)
+        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mb.response_mask, self.stage.loss.cliprange_value)
+        return self.stage.loss.vf_coef * vf_loss, self._value_stats(policy_stats["ppo/loss/policy"], vf_loss, vf_stats)
 
     def _value_stats(self, pg_loss, vf_loss: Tensor, vf_stats: dict) -> dict:
         return {
             "ppo/loss/value": vf_loss.detach(),
-            "ppo/loss/total": (pg_loss + self.cfg.loss.vf_coef * vf_loss).detach(),
+            "ppo/loss/total": (pg_loss + self.stage.loss.vf_coef * vf_loss).detach(),
             **{f"ppo/val/{k}": v for k, v in vf_stats.items()},
         }
 
@@ -125,7 +125,7 @@ class PPO:
         one, whose approx-KL starts at 0 (the policy is the rollout policy there)."""
         approxkl = list_mean([s["ppo/policy/approxkl"] for s in epoch_stats if "ppo/policy/approxkl" in s])
         approxkl = distributed.mean(approxkl)  # one decision for all ranks
-        return self.cfg.optim.early_stop_kl is not None and approxkl > self.cfg.optim.early_stop_kl
+        return self.stage.optim.early_stop_kl is not None and approxkl > self.stage.optim.early_stop_kl
 
     def step_stats(self, name: str, rollout: Rollout, stopped_early: bool) -> dict:
         mask, kl_coef = rollout.response_mask, self.kl_ctls[name].value
@@ -151,7 +151,7 @@ class PPO:
     def after_update(self, name: str, stats: dict) -> dict:
         """The KL controller follows the policy's KL over every rank's responses (the same on all ranks)."""
         policy_kl = distributed.mean(stats["objective/kl"])
-        self.kl_ctls[name].update(policy_kl, self.cfg.batch_size * distributed.world_size())
+        self.kl_ctls[name].update(policy_kl, self.stage.batch_size * distributed.world_size())
         return {"objective/kl_coef": self.kl_ctls[name].value}
 
     def skip_stats(self, name: str) -> dict:
