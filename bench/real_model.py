@@ -14,7 +14,7 @@ targets were committed with this file, before any run on the seed list ``real_mo
     python bench/real_model.py                                  # seeds 4301-4303 x grpo ppo ppo_critic_adapter rloo, fp32
     python bench/real_model.py --algorithms grpo --quants 4bit --seeds 4301
     python bench/real_model.py --collect outputs/bench/real_model/<stamp>   # rows of a stopped benchmark
-    python bench/real_model.py --seeds 4302 --stamp outputs/bench/real_model/<stamp> -- threads=1   # side by side
+    python bench/real_model.py --seeds 4302 --stamp outputs/bench/real_model/<stamp> -- threads=1  # side by side
     python bench/real_model.py --from-json a.json b.json        # merge results files (each keeps its machine)
 """
 
@@ -71,6 +71,7 @@ def run_row(algorithm: str, quant: str, seed: int, run_dir: Path, minutes: float
     summary = json.loads((run_dir / "summary.json").read_text())
     row.update({f"{when}/{k}": summary.get(f"eval/{when}/{k}") for when in ("before", "after") for k in REPORTED})
     row["reward_stage_ran"] = _reward_stage_ran(run_dir)
+    row["phases_min"] = phases(run_dir)
     row["curve"] = curve(run_dir / "metrics.jsonl")
     row["samples"] = held_out_samples(run_dir / "samples.jsonl")
     row["passed"] = passed(row)
@@ -82,6 +83,40 @@ def run_row(algorithm: str, quant: str, seed: int, run_dir: Path, minutes: float
 def _reward_stage_ran(run_dir: Path) -> bool:
     log = run_dir.parent / f"{run_dir.name}.log"
     return log.exists() and "running the reward stage" in log.read_text()
+
+
+# Log lines that mark where a run's phases begin and end (their timestamps; see phases()).
+PHASE_MARKS = {"start": "] - threads:", "reward_stage": "running the reward stage",
+               "pairs_train": "movie_sentiment train:", "pairs_eval": "movie_sentiment eval:",
+               "reward_done": "reward adapter saved", "rl_start": "RL stops responses", "end": "run finished"}
+
+
+def phases(run_dir: Path) -> dict:
+    """Minutes per phase from the run's log (line timestamps) and metrics (``time/step``): ``pairs`` (sampling
+    the pairs' replies; ~0 when cached), ``reward_training``, ``rl_steps`` (the sum of the steps' own times) and
+    ``evaluations`` (the rest of the RL stage), plus ``start`` (launch to the first stage: model import, loads).
+    Phases a run did not have (the reward stage of a later algorithm on a seed) are absent."""
+    log = run_dir.parent / f"{run_dir.name}.log"
+    if not log.exists():
+        return {}
+    stamps = {}
+    for line in log.read_text(errors="replace").splitlines():
+        for name, mark in PHASE_MARKS.items():
+            if mark in line and name not in stamps and line.startswith("[20"):
+                stamps[name] = time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")) + float(line[21:24]) / 1e3
+    minutes = lambda a, b: round((stamps[b] - stamps[a]) / 60, 2)  # noqa: E731
+    out = {}
+    if "start" in stamps:
+        out["start"] = minutes("start", "reward_stage" if "reward_stage" in stamps else "rl_start")
+    if {"reward_stage", "pairs_eval", "reward_done"} <= stamps.keys():
+        out["pairs"] = minutes("reward_stage", "pairs_eval")
+        out["reward_training"] = minutes("pairs_eval", "reward_done")
+    if {"rl_start", "end"} <= stamps.keys() and (run_dir / "metrics.jsonl").exists():
+        rows = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+        steps = sum(row.get("time/step", 0.0) for row in rows)
+        out["rl_steps"] = round(steps / 60, 2)
+        out["evaluations"] = round(minutes("rl_start", "end") - steps / 60, 2)
+    return out
 
 
 def curve(metrics: Path) -> dict:
@@ -121,8 +156,16 @@ def passed(row: dict) -> dict:
 
 
 def collect(stamp_dir: Path) -> list[dict]:
-    """Rows of the runs under ``stamp_dir`` (``<quant>-seed<seed>/<algorithm>/``) that wrote their row.json."""
-    return [json.loads(p.read_text()) for p in sorted(stamp_dir.glob("*-seed*/*/row.json"))]
+    """Rows of the runs under ``stamp_dir`` (``<quant>-seed<seed>/<algorithm>/``) that wrote their row.json,
+    rebuilt from their run dirs (so fields added since are filled), keeping the wall time and command the
+    benchmark recorded as each run ended."""
+    rows = []
+    for path in sorted(stamp_dir.glob("*-seed*/*/row.json")):
+        recorded = json.loads(path.read_text())
+        row = run_row(recorded["algorithm"], recorded["quant"], recorded["seed"], path.parent, recorded["minutes"],
+                      not recorded.get("failed"))
+        rows.append({**row, "command": recorded.get("command")})
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ report

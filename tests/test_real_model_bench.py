@@ -1,0 +1,73 @@
+"""bench/real_model.py's bookkeeping on a hand-made run dir: phase minutes from the log's timestamps and the steps'
+own times, the targets as committed, the table, and --collect rebuilding rows from run dirs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import real_model  # noqa: E402  (bench/ is not a package)
+
+LOG = """[2026-12-07 07:00:00,000][marl_exp][INFO] - threads: 2 torch/OpenMP threads (threads=2)
+[2026-12-07 07:00:30,000][marl_exp.stages.pipeline][INFO] - no cached reward output: running the reward stage into x
+[2026-12-07 07:10:00,000][marl_exp.data.sentiment][INFO] - movie_sentiment train: 384 pairs from 400 requests
+[2026-12-07 07:12:00,000][marl_exp.data.sentiment][INFO] - movie_sentiment eval: 61 pairs from 64 requests
+[2026-12-07 07:21:00,000][marl_exp.stages.reward][INFO] - reward adapter saved to y (held-out pairwise accuracy 0.852)
+[2026-12-07 07:21:00,000][marl_exp.stages.rl][INFO] - RL stops responses at token ids [2]
+eval before step 0/2: reward -0.2 | well formed 0.5
+[2026-12-07 07:31:00,000][marl_exp][INFO] - run finished: z
+"""
+BEFORE = {"well_formed": 0.5, "ref_nll": 3.0, "distinct_2": 0.9, "kl": 0.0, "reward_score": -0.2, "response_length": 40}
+
+
+def make_run(stamp: Path, after: dict, seed: int = 4301) -> Path:
+    run_dir = stamp / f"fp32-seed{seed}" / "grpo"
+    run_dir.mkdir(parents=True)
+    (run_dir.parent / "grpo.log").write_text(LOG)
+    metrics = [{"step": 0, **{f"eval/before/{k}": v for k, v in BEFORE.items()}},
+               {"step": 1, "time/step": 240.0}, {"step": 2, "time/step": 300.0},
+               {"step": 2, **{f"eval/after/{k}": v for k, v in after.items()}}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    summary = {f"eval/{when}/{k}": v for when, values in (("before", BEFORE), ("after", after)) for k, v in values.items()}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+GOOD = {"well_formed": 0.9, "ref_nll": 3.4, "distinct_2": 0.7, "kl": 9.0, "reward_score": 1.5, "response_length": 40}
+
+
+def test_phase_minutes_come_from_the_log_and_the_steps_own_times(tmp_path):
+    run_dir = make_run(tmp_path, GOOD)
+    # launch -> reward stage 0.5 min; pairs 07:00:30 -> 07:12 = 11.5; training -> 07:21 = 9; the RL stage's 10 min
+    # are 9 min of steps (240 + 300 s) and 1 min of evaluations.
+    assert real_model.phases(run_dir) == {"start": 0.5, "pairs": 11.5, "reward_training": 9.0, "rl_steps": 9.0,
+                                          "evaluations": 1.0}
+
+
+@pytest.mark.parametrize("change, missed", [
+    ({}, []),
+    ({"well_formed": 0.84}, ["judge_after"]),
+    ({"well_formed": 0.69, "distinct_2": 0.9}, ["judge_after", "judge_rise"]),
+    ({"ref_nll": 3.51}, ["fluency"]),
+    ({"distinct_2": 0.67}, ["diversity"]),  # 0.75 x 0.9 = 0.675
+    ({"kl": 10.01}, ["kl"]),
+])
+def test_each_target_fails_just_past_its_committed_bound(tmp_path, change, missed):
+    row = real_model.run_row("grpo", "fp32", 4301, make_run(tmp_path, {**GOOD, **change}), 50.0, True)
+    assert [k for k, ok in row["passed"].items() if not ok] == missed
+    line = real_model.table([row]).splitlines()[-1]
+    assert line.endswith("| met |" if not missed else f"| missed: {', '.join(missed)} |"), line
+
+
+def test_collect_rebuilds_rows_from_run_dirs_and_keeps_the_recorded_time_and_command(tmp_path):
+    run_dir = make_run(tmp_path, GOOD)
+    (run_dir / "row.json").write_text(json.dumps({"algorithm": "grpo", "quant": "fp32", "seed": 4301, "minutes": 54.1,
+                                                  "command": "python train.py seed=4301"}))  # an older row: no phases
+    (row,) = real_model.collect(tmp_path)
+    assert row["minutes"] == 54.1 and row["command"] == "python train.py seed=4301"
+    assert row["phases_min"]["rl_steps"] == 9.0 and row["after/well_formed"] == 0.9 and row["reward_stage_ran"]
