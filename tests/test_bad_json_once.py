@@ -1,4 +1,5 @@
-"""A malformed JSON line is reported once, as marl-exp's one-line error (datasets also logged it twice)."""
+"""A malformed JSON line is reported once, as marl-exp's one-line error naming the line (datasets also logged it
+twice, counting records from 0)."""
 
 from __future__ import annotations
 
@@ -16,4 +17,5 @@ def test_a_malformed_json_line_is_one_error_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("Failed to load JSON") == 0, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("marl-exp: error:")]
-    assert len(errors) == 1 and "bad.jsonl" in errors[0] and "could not be read as json" in errors[0], proc.stderr
+    assert len(errors) == 1 and errors[0].endswith("bad.jsonl line 2 is not valid JSON (Unterminated string starting "
+                                                   "at column 10); fix that line"), proc.stderr

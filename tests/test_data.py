@@ -212,10 +212,17 @@ def test_non_utf8_file_names_the_line(tmp_path):
         build_task(local_cfg(path, eval_file=str(path))).prompts_train
 
 
-def test_unreadable_file_names_the_file_and_format(tmp_path):
+def test_a_malformed_json_line_is_named_by_its_line(tmp_path):
     path = tmp_path / "broken.jsonl"
-    path.write_text('{"prompt": "fine"}\n{"prompt": \n')
-    with pytest.raises(DataError, match=r"broken.jsonl: could not be read as json"):
+    path.write_text('{"prompt": "fine"}\n\n{"prompt": \n')  # the blank line counts: the user's editor shows it
+    with pytest.raises(DataError, match=r"broken.jsonl line 3 is not valid JSON \(Expecting value at column 12\); fix that line$"):
+        build_task(local_cfg(path, eval_file=str(path))).prompts_train
+
+
+def test_unreadable_file_names_the_file_and_format(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[{"prompt": "fine"}, {"prompt": ]\n')  # a JSON array: no line to name
+    with pytest.raises(DataError, match=r"broken.json: could not be read as json"):
         build_task(local_cfg(path, eval_file=str(path))).prompts_train
 
 

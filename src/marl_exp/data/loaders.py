@@ -21,6 +21,7 @@ Errors name a row as its user counts it, before the seeded split and shuffle (``
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -171,8 +172,28 @@ def _read_file(path: str) -> Dataset:
         cause = err.__cause__ or err
         if isinstance(err, StopIteration) or "corresponds to no data" in str(err):  # how datasets says "empty"
             raise DataError(f"{path} has no rows; give a file with data in it") from None
+        bad_line = _first_malformed_json_line(path) if fmt == "json" else None
+        if bad_line is not None:  # name the line as the user counts it (the parser counts records from 0)
+            raise DataError(f"{path} line {bad_line[0]} is not valid JSON ({bad_line[1]}); fix that line") from None
         raise DataError(f"{path}: could not be read as {fmt} ({str(cause).splitlines()[0]}); check the file "
                         "format") from None
+
+
+def _first_malformed_json_line(path: str) -> tuple[int, str] | None:
+    """(1-based line, reason) of the first line of a JSON Lines file that is not one JSON value; None for a
+    JSON array file or a file whose every line parses."""
+    with open(path, encoding="utf-8") as handle:
+        lines = list(enumerate(handle, start=1))
+    content = [(number, line) for number, line in lines if line.strip()]
+    if not content or content[0][1].lstrip().startswith("["):
+        return None
+    for number, line in content:
+        try:
+            json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as err:
+            at = "" if err.msg.endswith(" at") else " at"  # some of json's messages end in "at" already
+            return number, f"{err.msg}{at} column {err.colno}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ per dataset
