@@ -130,7 +130,7 @@ def test_a_stage_file_replaces_the_shared_file_for_its_stage_only(tmp_path):
     assert len(task.sft_train) == len(task.sft_eval) == 20  # the shared file and its eval file, as before
 
 
-def test_a_missing_column_says_which_stage_wanted_it_and_how_to_give_that_stage_its_file(tmp_path):
+def test_a_missing_column_names_the_file_the_stage_that_wanted_it_and_both_fixes(tmp_path):
     texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": "t"}] * 20)
     with pytest.raises(DataError, match=r"texts.jsonl has no column 'prompt' \(data.columns.prompt\), which the RL "
                                         r"stage's prompts need; its columns are text; set data.columns.prompt=<one "
@@ -167,14 +167,6 @@ def test_data_local_needs_a_file_for_every_stage_the_run_trains(tmp_path, overri
 
 
 # ------------------------------------------------------------------------------------------- bad data
-def test_missing_column_names_the_file_the_column_and_the_fix(tmp_path):
-    path = write_jsonl(tmp_path / "prompts.jsonl", [{"question": "q"}] * 5)
-    with pytest.raises(DataError, match=r"prompts.jsonl.*has no column 'prompt' \(data.columns.prompt\), "
-                                        r"which the RL stage's prompts need; its columns are question; set "
-                                        r"data.columns.prompt="):
-        build_task(local_cfg(path)).prompts_train
-
-
 def test_empty_string_names_the_row_and_column(tmp_path):
     rows = [{"prompt": "fine"}] * 30 + [{"prompt": "   "}] + [{"prompt": "fine"}] * 9
     path = write_jsonl(tmp_path / "prompts.jsonl", rows)
