@@ -11,7 +11,7 @@ AFINN scores > 0 (``eval/*/well_formed``). Beside it: fluency (the reference mod
 nats/token), diversity (distinct-2), KL to the reference (nats per reply) and the reward trained on. The
 targets were committed with this file, before any run on the seed list ``real_model`` (bench/seeds.json).
 
-    python bench/real_model.py                                  # seeds 4301-4303 x grpo ppo ppo_critic_adapter rloo, fp32
+    python bench/real_model.py                                # seeds 4301-4303 x grpo ppo ppo_critic_adapter rloo, fp32
     python bench/real_model.py --algorithms grpo --quants 4bit --seeds 4301
     python bench/real_model.py --collect outputs/bench/real_model/<stamp>   # rows of a stopped benchmark
     python bench/real_model.py --seeds 4302 --stamp outputs/bench/real_model/<stamp> -- threads=1  # side by side
@@ -72,6 +72,7 @@ def run_row(algorithm: str, quant: str, seed: int, run_dir: Path, minutes: float
     row.update({f"{when}/{k}": summary.get(f"eval/{when}/{k}") for when in ("before", "after") for k in REPORTED})
     row["reward_stage_ran"] = _reward_stage_ran(run_dir)
     row["phases_min"] = phases(run_dir)
+    row["threads"] = _threads(run_dir / "resolved_config.yaml")
     row["curve"] = curve(run_dir / "metrics.jsonl")
     row["samples"] = held_out_samples(run_dir / "samples.jsonl")
     row["passed"] = passed(row)
@@ -83,6 +84,14 @@ def run_row(algorithm: str, quant: str, seed: int, run_dir: Path, minutes: float
 def _reward_stage_ran(run_dir: Path) -> bool:
     log = run_dir.parent / f"{run_dir.name}.log"
     return log.exists() and "running the reward stage" in log.read_text()
+
+
+def _threads(resolved_config: Path) -> str | None:
+    """The run's ``threads`` setting as it resolved (wall times depend on it)."""
+    if not resolved_config.exists():
+        return None
+    line = next((ln for ln in resolved_config.read_text().splitlines() if ln.startswith("threads:")), None)
+    return line.split(":", 1)[1].strip().strip("'\"") if line else None
 
 
 # Log lines that mark where a run's phases begin and end (their timestamps; see phases()).
@@ -174,17 +183,18 @@ def fmt(x, digits=2) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| algorithm | quant | seed | judge (AFINN+) | NLL nat/tok | distinct-2 | KL | reward | min | targets |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| algorithm | quant | seed | judge (AFINN+) | NLL nat/tok | distinct-2 | KL | reward | min (threads) "
+             "| targets |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["quant"], list(ALGORITHMS).index(r["algorithm"]), r["seed"])):
         if r.get("failed"):
             lines.append(f"| {r['algorithm']} | {r['quant']} | {r['seed']} | failed: {r['log']} |||||||")
             continue
         cell = lambda k, d=2: f"{fmt(r[f'before/{k}'], d)} → {fmt(r[f'after/{k}'], d)}"  # noqa: E731
         missed = [k for k, ok in r["passed"].items() if not ok]
+        verdict = "met" if not missed else "missed: " + ", ".join(missed)
+        minutes = f"{r['minutes']:.1f}{'*' if r.get('reward_stage_ran') else ''} ({r.get('threads') or '?'})"
         lines.append(f"| {r['algorithm']} | {r['quant']} | {r['seed']} | {cell('well_formed')} | {cell('ref_nll')} | "
-                     f"{cell('distinct_2')} | {cell('kl', 1)} | {cell('reward_score')} | {r['minutes']:.1f}"
-                     f"{'*' if r.get('reward_stage_ran') else ''} | {'met' if not missed else 'missed: ' + ', '.join(missed)} |")
+                     f"{cell('distinct_2')} | {cell('kl', 1)} | {cell('reward_score')} | {minutes} | {verdict} |")
     return "\n".join(lines)
 
 

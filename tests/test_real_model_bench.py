@@ -35,6 +35,7 @@ def make_run(stamp: Path, after: dict, seed: int = 4301) -> Path:
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     summary = {f"eval/{when}/{k}": v for when, values in (("before", BEFORE), ("after", after)) for k, v in values.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run_dir / "resolved_config.yaml").write_text("seed: 4301\nthreads: '2'\n")
     return run_dir
 
 
@@ -61,7 +62,7 @@ def test_each_target_fails_just_past_its_committed_bound(tmp_path, change, misse
     row = real_model.run_row("grpo", "fp32", 4301, make_run(tmp_path, {**GOOD, **change}), 50.0, True)
     assert [k for k, ok in row["passed"].items() if not ok] == missed
     line = real_model.table([row]).splitlines()[-1]
-    assert line.endswith("| met |" if not missed else f"| missed: {', '.join(missed)} |"), line
+    assert line.endswith("| 50.0* (2) | " + ("met |" if not missed else f"missed: {', '.join(missed)} |")), line
 
 
 def test_collect_rebuilds_rows_from_run_dirs_and_keeps_the_recorded_time_and_command(tmp_path):
