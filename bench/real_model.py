@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -71,6 +72,7 @@ def run_row(algorithm: str, quant: str, seed: int, run_dir: Path, minutes: float
     summary = json.loads((run_dir / "summary.json").read_text())
     row.update({f"{when}/{k}": summary.get(f"eval/{when}/{k}") for when in ("before", "after") for k in REPORTED})
     row["reward_stage_ran"] = _reward_stage_ran(run_dir)
+    row["reward_heldout_accuracy"] = _reward_accuracy(run_dir)
     row["phases_min"] = phases(run_dir)
     row["threads"] = _threads(run_dir / "resolved_config.yaml")
     row["curve"] = curve(run_dir / "metrics.jsonl")
@@ -84,6 +86,15 @@ def run_row(algorithm: str, quant: str, seed: int, run_dir: Path, minutes: float
 def _reward_stage_ran(run_dir: Path) -> bool:
     log = run_dir.parent / f"{run_dir.name}.log"
     return log.exists() and "running the reward stage" in log.read_text()
+
+
+def _reward_accuracy(run_dir: Path) -> float | None:
+    """The held-out pairwise accuracy of the reward adapter this run trained (None: it reused the seed's)."""
+    log = run_dir.parent / f"{run_dir.name}.log"
+    if not log.exists():
+        return None
+    found = re.search(r"held-out pairwise accuracy ([0-9.]+)", log.read_text(errors="replace"))
+    return float(found.group(1)) if found else None
 
 
 def _threads(resolved_config: Path) -> str | None:

@@ -72,3 +72,4 @@ def test_collect_rebuilds_rows_from_run_dirs_and_keeps_the_recorded_time_and_com
     (row,) = real_model.collect(tmp_path)
     assert row["minutes"] == 54.1 and row["command"] == "python train.py seed=4301"
     assert row["phases_min"]["rl_steps"] == 9.0 and row["after/well_formed"] == 0.9 and row["reward_stage_ran"]
+    assert row["reward_heldout_accuracy"] == 0.852
