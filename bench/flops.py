@@ -27,6 +27,8 @@ import argparse
 import json
 import statistics
 import time
+
+import torch
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,23 +134,31 @@ def run_counts(run_dir: Path) -> dict:
         raise SystemExit(f"bench: error: {run_dir}/metrics.jsonl has no RL steps (time/step)")
     updates = stage.optim.ppo_epochs if stage.name == "ppo" else stage.optim.num_iterations
     return {"cfg": cfg, "replies": stage.batch_size, "prompt_tokens": mean_prompt_tokens(cfg),
-            "response_tokens": statistics.mean(r["env/response_length"] for r in steps if "env/response_length" in r),
+            "response_tokens": statistics.mean(_response_length(r) for r in steps),
             "updates": updates,  # passes over the whole batch, however it is split into mini-batches
             "times": {phase: statistics.median(r[f"time/{key}"] for r in steps)
                       for phase, key in (("sample", "rollout"), ("score", "score"), ("update", "optimize"))},
             "steps": len(steps)}
 
 
+def _response_length(step: dict) -> float:
+    """Mean reply length of a step: PPO logs ``env/response_length``, the critic-free stages TRL's
+    ``completions/mean_length``."""
+    return step["env/response_length"] if "env/response_length" in step else step["completions/mean_length"]
+
+
 def mean_prompt_tokens(cfg) -> float:
     """Mean token count of the training prompts as the policy sees them (chat template applied)."""
     from marl_exp.data import chat
     from marl_exp.data.task import build_task
-    from marl_exp.modeling.loading import load_tokenizer, local_model_dir
+    from marl_exp.modeling.loading import load_tokenizer
+    from marl_exp.stages.pipeline import _given
 
-    model_dir = str(local_model_dir(cfg.stage.sft_model, cfg.model))
+    # The SFT model as the run resolved it: a built-in name (builtin:smollm2) is its dir in the model cache.
+    model_dir = _given(cfg.stage.sft_model, cfg.model)
     tokenizer = load_tokenizer(model_dir)
     task = build_task(cfg.data, model_dir=model_dir)
-    prompts = task.prompts("train")[0]
+    prompts = task.prompts("train")  # every training prompt (the step draws them uniformly)
     encoded = chat.encode_prompts(tokenizer, prompts)
     return float(encoded["attention_mask"].sum(1).float().mean())
 
@@ -160,13 +170,13 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoConfig
 
-    from marl_exp.modeling.loading import local_model_dir
+    from marl_exp.stages.pipeline import _given
 
     counts = run_counts(args.run_dir)
     cfg = counts["cfg"]
-    shapes = Shapes.from_config(AutoConfig.from_pretrained(str(local_model_dir(cfg.stage.sft_model, cfg.model))))
+    shapes = Shapes.from_config(AutoConfig.from_pretrained(_given(cfg.stage.sft_model, cfg.model)))
     dtype = "bf16" if cfg.quant.mode == "bf16" else "fp32"
-    threads = cfg.threads or 1
+    threads = int(cfg.threads) if str(cfg.threads).isdigit() else torch.get_num_threads()  # threads=auto: as here
     tokens = counts["replies"] * round(counts["prompt_tokens"] + counts["response_tokens"])
     peak = matmul_peak(dtype, threads, m=min(tokens, 2048), k=shapes.hidden, n=max(o for _, o in shapes.linears))
     flops = step_flops(shapes, counts["replies"], counts["prompt_tokens"], counts["response_tokens"],

@@ -58,3 +58,17 @@ def test_smollm2_decode_matches_the_issue_estimate():
                          num_key_value_heads=3, head_dim=64, vocab_size=49152)
     per_token = flops.forward_flops(flops.Shapes.from_config(config), 1)
     assert round(16 * per_token / 1e9, 1) == 4.3
+
+
+def test_mean_prompt_tokens_is_over_every_training_prompt(tmp_path):
+    """The mean of all training prompts' token counts, each counted on its own (it was once the first prompt's)."""
+    from conftest import compose
+    from marl_exp.data.task import build_task
+    from marl_exp.modeling.loading import load_tokenizer, resolve_model_path
+
+    cfg = compose("stage=grpo", "stage.sft_model=builtin:tiny", f"output_dir={tmp_path}")
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model))
+    prompts = build_task(cfg.data).prompts("train")
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    assert len(set(lengths)) > 1  # prompts differ in length, so the first one alone would not do
+    assert abs(flops.mean_prompt_tokens(cfg) - sum(lengths) / len(lengths)) < 1e-6  # a float32 mean
