@@ -152,10 +152,10 @@ def mean_prompt_tokens(cfg) -> float:
     from marl_exp.data import chat
     from marl_exp.data.task import build_task
     from marl_exp.modeling.loading import load_tokenizer
-    from marl_exp.stages.pipeline import _given
+    from marl_exp.stages.pipeline import given_input
 
     # The SFT model as the run resolved it: a built-in name (builtin:smollm2) is its dir in the model cache.
-    model_dir = _given(cfg.stage.sft_model, cfg.model)
+    model_dir = given_input(cfg.stage.sft_model, cfg.model)
     tokenizer = load_tokenizer(model_dir)
     task = build_task(cfg.data, model_dir=model_dir)
     prompts = task.prompts("train")  # every training prompt (the step draws them uniformly)
@@ -170,11 +170,11 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoConfig
 
-    from marl_exp.stages.pipeline import _given
+    from marl_exp.stages.pipeline import given_input
 
     counts = run_counts(args.run_dir)
     cfg = counts["cfg"]
-    shapes = Shapes.from_config(AutoConfig.from_pretrained(_given(cfg.stage.sft_model, cfg.model)))
+    shapes = Shapes.from_config(AutoConfig.from_pretrained(given_input(cfg.stage.sft_model, cfg.model)))
     dtype = "bf16" if cfg.quant.mode == "bf16" else "fp32"
     threads = int(cfg.threads) if str(cfg.threads).isdigit() else torch.get_num_threads()  # threads=auto: as here
     tokens = counts["replies"] * round(counts["prompt_tokens"] + counts["response_tokens"])

@@ -70,11 +70,11 @@ def _runner(stage: str):
 def resolve_inputs(cfg: DictConfig) -> dict:
     """Paths of the upstream outputs ``cfg.stage`` needs (``{"sft_model": ..., "reward_adapter": ...}``), in
     build order, running upstream stages when not given."""
-    return {INPUT_KEY[name]: _given(given_output(cfg.stage, name), cfg.model) or
+    return {INPUT_KEY[name]: given_input(given_output(cfg.stage, name), cfg.model) or
             str(cached_output(upstream_config(cfg, name))) for name in needed_upstream(cfg.stage)}
 
 
-def _given(path: str | None, model_cfg) -> str | None:
+def given_input(path: str | None, model_cfg) -> str | None:
     """A user-given input: a built-in model's name (``builtin:smollm2``, e.g. an instruct model as its own SFT
     model) as its directory in the model cache, built on first use; local directories made absolute (they are
     recorded, and read from other working directories later); anything else (a hub id) as is."""
