@@ -8,9 +8,10 @@ Each loader gives the three stages their data the way the classic TRL examples d
   prompts = a dialogue up to and including its last ``Assistant:`` turn marker.
 - ``local``: a file per split with ``data.columns`` naming the text / chosen / rejected / prompt columns;
   only the columns a stage needs must exist. A stage may read a file of its own (``data.sft_file``,
-  ``data.pairs_file``, ``data.prompts_file``; held-out rows from the same file), else ``data.train_file``. Conversational files (TRL's formats, message lists) are
-  recognised by their columns: SFT from ``messages`` or ``prompt`` + ``completion``; pairs ``chosen`` /
-  ``rejected`` message lists with an optional shared ``prompt``; prompts as message lists.
+  ``data.pairs_file``, ``data.prompts_file``; held-out rows from the same file), else ``data.train_file``.
+  Conversational files (TRL's formats, message lists) are recognised by their columns: SFT from ``messages``
+  or ``prompt`` + ``completion``; pairs ``chosen`` / ``rejected`` message lists with an optional shared
+  ``prompt``; prompts as message lists.
 - ``hh_rlhf`` with ``data.conversational=true``: the dialogues as message lists (user / assistant turns).
 
 ``data.path`` is a hub id or a local directory of the same schema (``train.jsonl``, ``test.jsonl``, ...),
@@ -29,6 +30,7 @@ from pathlib import Path
 from datasets import Dataset, load_dataset
 
 from marl_exp.config import DATA_FILE_FORMATS
+from marl_exp.config.data import STAGE_FILE_KEYS
 from marl_exp.data.chat import is_conversational
 from marl_exp.data.checks import DataError, check_utf8, drop_bad_cells, require_columns, require_rows
 
@@ -38,7 +40,7 @@ TASKS = ("imdb", "hh_rlhf", "local")
 # Each row's 0-based position in its file or hub split, carried through the seeded split, shuffle and skips.
 POSITION = "__marl_exp_position__"
 # What each stage reads: the key of a file of its own (data=local) and how an error names its data.
-STAGE_FILE = {"sft": "data.sft_file", "pairs": "data.pairs_file", "prompts": "data.prompts_file"}
+STAGE_FILE = {"sft": STAGE_FILE_KEYS["sft"], "pairs": STAGE_FILE_KEYS["reward"], "prompts": STAGE_FILE_KEYS["rl"]}
 WANTED_BY = {"sft": "the SFT stage's texts", "pairs": "the reward stage's preference pairs",
              "prompts": "the RL stage's prompts"}
 
@@ -74,7 +76,7 @@ class Source:
     def columns(self, **keys: str) -> Dataset:
         """The dataset with the columns ``keys`` (config key suffix → column) checked and bad cells handled."""
         dataset = self.dataset
-        own_file = STAGE_FILE[self.part] if self.cfg.name == "local" else ""
+        own_file = f"data.{STAGE_FILE[self.part]}" if self.cfg.name == "local" else ""
         require_columns(self.column_names, self.name, {f"data.columns.{k}": c for k, c in keys.items()},
                         WANTED_BY[self.part], own_file)
         text_columns = [c for k, c in keys.items() if k != "label"]
@@ -102,7 +104,7 @@ class Source:
 
     def _own_file(self) -> str | None:
         """The stage's own file (``data.prompts_file`` ...), if given."""
-        return getattr(self.cfg, STAGE_FILE[self.part].removeprefix("data."), None)
+        return getattr(self.cfg, STAGE_FILE[self.part], None)
 
     def _train_file(self) -> str:
         """The stage's own file, else the one training file every stage shares."""
@@ -156,11 +158,17 @@ def _json_lines(path: str, n_rows: int) -> list[int] | None:
     formats and for a JSON array."""
     if DATA_FILE_FORMATS[Path(path).suffix.lower()] != "json":
         return None
-    with open(path, encoding="utf-8") as handle:
-        lines = [(number, line.lstrip()) for number, line in enumerate(handle, start=1) if line.strip()]
-    if not lines or lines[0][1].startswith("[") or len(lines) != n_rows:
+    lines = _record_lines(path)
+    if lines is None or len(lines) != n_rows:
         return None
     return [number for number, _ in lines]
+
+
+def _record_lines(path: str) -> list[tuple[int, str]] | None:
+    """(1-based line, text) of each non-blank line of a JSON Lines file; None for an empty file or a JSON array."""
+    with open(path, encoding="utf-8") as handle:
+        lines = [(number, line) for number, line in enumerate(handle, start=1) if line.strip()]
+    return None if not lines or lines[0][1].lstrip().startswith("[") else lines
 
 
 def _read_file(path: str) -> Dataset:
@@ -182,12 +190,7 @@ def _read_file(path: str) -> Dataset:
 def _first_malformed_json_line(path: str) -> tuple[int, str] | None:
     """(1-based line, reason) of the first line of a JSON Lines file that is not one JSON value; None for a
     JSON array file or a file whose every line parses."""
-    with open(path, encoding="utf-8") as handle:
-        lines = list(enumerate(handle, start=1))
-    content = [(number, line) for number, line in lines if line.strip()]
-    if not content or content[0][1].lstrip().startswith("["):
-        return None
-    for number, line in content:
+    for number, line in _record_lines(path) or []:
         try:
             json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as err:
