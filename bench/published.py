@@ -10,6 +10,13 @@ The block names its results file(s) (comma-separated) and, after ``|``, the comm
 decimal number in the block (code spans and fenced code left out: they hold commands and settings) must be
 some number of those files rounded to the decimals quoted: `0.995` matches 0.99479, `7.8` matches 7.83.
 
+A table row is held to more: all its decimals must come from one record of the files, so a number cannot
+match an unrelated value elsewhere (another seed's, another phase's). A record is a JSON object inside a list
+(one run's row), or everything under the keys a cell of the row names (`| PPO | …` reads the subtrees of every
+key `ppo`; names compare lower-case, alphanumerics only, `+` read as `p`: REINFORCE++ is `reinforce_pp`). A
+table a script renders from its files (docs/performance.md's target tables, ``RENDERED``) must equal, row for
+row, what that script renders from them now.
+
     python bench/published.py            # lists each block and any number missing from its files
     python bench/published.py --unmarked # lists the decimal numbers outside any block, line by line
 
@@ -41,6 +48,7 @@ class Block:
     files: list[str]
     command: str
     missing: list[str] = field(default_factory=list)
+    untied_rows: list[str] = field(default_factory=list)  # table rows whose numbers no single record holds
     checked: int = 0
 
 
@@ -75,6 +83,57 @@ def matches(quoted: str, values: list[float]) -> bool:
     return any(abs(v - number) <= half_unit for v in values)
 
 
+def key_name(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower().replace("+", "p"))
+
+
+def records(value, named: dict) -> list:
+    """The objects inside lists of a JSON value (run rows); fills ``named``: {key name: [its subtrees]}."""
+    objects = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            named.setdefault(key_name(key), []).append(item)
+            objects += records(item, named)
+    elif isinstance(value, list):
+        for item in value:
+            objects += ([item] if isinstance(item, dict) else []) + records(item, named)
+    return objects
+
+
+def table_rows(body: str) -> list[str]:
+    """The rows of the markdown tables in a block (header separators left out), outside fenced code."""
+    return [line for line in FENCE.sub(" ", body).split("\n")
+            if line.startswith("|") and not re.fullmatch(r"[|\-: ]+", line.strip())]
+
+
+def row_is_tied(row: str, objects: list, named: dict) -> bool:
+    numbers = quoted_numbers(row)
+    if not numbers:
+        return True
+    cells = {key_name(cell) for cell in row.strip("|").split("|")} - {""}
+    candidates = [numbers_in(o) for o in objects]
+    candidates += [numbers_in(named[c]) for c in cells if c in named]
+    return any(all(matches(q, values) for q in numbers) for values in candidates)
+
+
+def rendered_rows(files: list[str], contents: list) -> list[str] | None:
+    """The table rows a script renders from these files, where one does (``RENDERED``), else None."""
+    for names, render in RENDERED.items():
+        if [Path(f).name for f in files] == list(names):
+            return table_rows(render(*contents))
+    return None
+
+
+def _perf_targets(memory: dict, speed: dict) -> str:
+    sys.path.insert(0, str(REPO / "bench"))
+    import run_all  # noqa: PLC0415  (bench/ is not a package; its import pulls in torch)
+
+    return run_all.summary(memory, speed)
+
+
+RENDERED = {("perf-memory.json", "perf-speed.json"): _perf_targets}
+
+
 def unmarked_numbers(path: Path) -> list[tuple[int, list[str]]]:
     """(line, decimals) for each line of a page with decimal numbers outside every results block."""
     def blank(found: re.Match) -> str:  # keeps the newlines, so line numbers stay those of the page
@@ -91,19 +150,32 @@ def check_page(path: Path) -> list[Block]:
     for found in BLOCK.finditer(text):
         files = [f.strip() for f in found["files"].split(",")]
         block = Block(str(path.relative_to(REPO)), text.count("\n", 0, found.start()) + 1, files, found["command"])
-        values = []
+        values, contents = [], []
         for name in files:
             results = REPO / name
             if not results.is_file():
                 block.missing.append(f"results file {name} does not exist")
                 continue
-            values += numbers_in(json.loads(results.read_text()))
+            contents.append(json.loads(results.read_text()))
+            values += numbers_in(contents[-1])
         for quoted in quoted_numbers(found["body"]):
             block.checked += 1
             if not matches(quoted, values):
                 block.missing.append(quoted)
+        if len(contents) == len(files):
+            block.untied_rows = untied_rows(found["body"], files, contents)
         blocks.append(block)
     return blocks
+
+
+def untied_rows(body: str, files: list[str], contents: list) -> list[str]:
+    rows = table_rows(body)
+    rendered = rendered_rows(files, contents)
+    if rendered is not None:
+        return [row for row in rows if row not in rendered]
+    named: dict = {}
+    objects = [o for content in contents for o in records(content, named)]
+    return [row for row in rows if not row_is_tied(row, objects, named)]
 
 
 def check_all() -> list[Block]:
@@ -128,8 +200,10 @@ def main() -> None:
     for b in blocks:
         status = "ok" if not b.missing else f"MISSING {', '.join(b.missing)}"
         print(f"{b.page}:{b.line}  {', '.join(b.files)}  {b.checked} numbers  {status}")
-        bad += bool(b.missing)
-    print(f"{len(blocks)} blocks, {bad} with numbers not in their results files")
+        for row in b.untied_rows:
+            print(f"    row not from one record: {row[:120]}")
+        bad += bool(b.missing or b.untied_rows)
+    print(f"{len(blocks)} blocks, {bad} with numbers not in their results files or rows not from one record")
     sys.exit(1 if bad else 0)
 
 

@@ -18,6 +18,8 @@ def test_every_published_number_is_in_its_results_file():
     assert sum(b.checked for b in blocks) > 0
     bad = {f"{b.page}:{b.line}": b.missing for b in blocks if b.missing}
     assert not bad, f"numbers not in their results files: {bad}"
+    untied = {f"{b.page}:{b.line}": b.untied_rows for b in blocks if b.untied_rows}
+    assert not untied, f"table rows whose numbers no single record of their files holds: {untied}"
 
 
 def test_rounding_rule():
@@ -53,3 +55,36 @@ def test_unmarked_lists_decimals_outside_blocks_by_page_line(tmp_path, monkeypat
     monkeypatch.setattr(published, "REPO", tmp_path)
     # the block's 3.53, the code span's 0.3 and the fenced 0.04 are not listed; line numbers are the page's
     assert published.unmarked_numbers(page) == [(1, ["1.5"]), (8, ["2.25", "7.8"])]
+
+
+def _block_of(tmp_path, monkeypatch, results: dict, body: str):
+    path = tmp_path / "bench" / "results" / "r.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results))
+    page = tmp_path / "README.md"
+    page.write_text(f"<!-- results: bench/results/r.json | python bench/x.py -->\n{body}<!-- /results -->\n")
+    monkeypatch.setattr(published, "REPO", tmp_path)
+    (block,) = published.check_page(page)
+    return block
+
+
+def test_a_table_row_must_come_from_one_record(tmp_path, monkeypatch):
+    runs = {"rows": [{"seed": 4101, "strict": 0.98, "kl": 5.33}, {"seed": 4102, "strict": 0.95, "kl": 3.59}]}
+    body = "| seed | strict | KL |\n|---|---|---|\n| 4101 | 0.98 | 5.33 |\n| 4102 | 0.95 | 5.33 |\n"
+    block = _block_of(tmp_path, monkeypatch, runs, body)
+    # every number is somewhere in the file, but the second row's KL is the other seed's
+    assert block.missing == [] and block.untied_rows == ["| 4102 | 0.95 | 5.33 |"]
+
+
+def test_a_row_may_read_the_keys_its_cells_name(tmp_path, monkeypatch):
+    summary = {"summary": {"reinforce_pp": {"kl": {"mean": 3.71}}, "ppo": {"kl": {"mean": 4.0}}},
+               "runs": {"reinforce_pp": {"minutes": 2.49}}}
+    body = "| REINFORCE++ | 3.71 | 2.49 |\n| PPO | 4.00 |\n| PPO | 3.71 |\n"
+    block = _block_of(tmp_path, monkeypatch, summary, body)
+    assert block.untied_rows == ["| PPO | 3.71 |"]
+
+
+def test_a_rendered_table_must_equal_what_its_script_renders(tmp_path, monkeypatch):
+    monkeypatch.setattr(published, "RENDERED", {("r.json",): lambda r: f"| a | {r['x']:.2f} |\n| b | {r['y']:.1f} |"})
+    block = _block_of(tmp_path, monkeypatch, {"x": 1.234, "y": 5.67}, "| a | 1.23 |\n| b | 5.6 |\n")
+    assert block.untied_rows == ["| b | 5.6 |"]  # 5.6 is not how the script writes 5.67
