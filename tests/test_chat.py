@@ -24,8 +24,8 @@ from conftest import compose
 from marl_exp.config import ConfigError, DataConfig, TinyArchConfig
 from marl_exp.conformance.checks import Probe
 from marl_exp.data import build_task, chat
-from marl_exp.data.reviews import oracle_score
-from marl_exp.data.reviews_chat import as_chat_task
+from marl_exp.data.reviews import oracle_score, well_formed
+from marl_exp.data.reviews_chat import as_chat_task, judged_text, opening_of
 from marl_exp.data.task import _reviews_task
 from marl_exp.modeling.tiny import builtin_model_dir
 from marl_exp.rl.rollout import PerfOptions, Rollout, reward_inputs, sample, score
@@ -170,6 +170,34 @@ def test_reviews_chat_is_the_reviews_task_as_conversations():
     assert task.oracle is oracle_score  # the same oracle, on the assistant turn
     assert as_chat_task(plain, cfg).name == "reviews_chat"
 
+
+
+def test_reviews_chat_adds_pairs_that_contrast_a_reply_with_the_request():
+    cfg = data_cfg(name="reviews_chat", num_sft_train=20, num_sft_eval=4, num_pairs_train=400, num_pairs_eval=40,
+                   pair_request_contrast_prob=0.25)
+    plain, task = _reviews_task(cfg), build_task(cfg)
+    n = len(plain.pairs_train["chosen"])
+    prompts = task.pairs_train["prompt"]
+    chosen = [r[0]["content"] for r in task.pairs_train["chosen"]]
+    rejected = [r[0]["content"] for r in task.pairs_train["rejected"]]
+    assert chosen[:n] == plain.pairs_train["chosen"] and rejected[:n] == plain.pairs_train["rejected"]
+    extra = list(zip(prompts[n:], chosen[n:], rejected[n:]))
+    assert 70 <= len(extra) <= 130  # about a quarter of 400, each kept only where the strict gold orders it
+    training_openings = {opening_of(c) for c in plain.pairs_train["chosen"]}
+    swapped = 0
+    for prompt, good, bad in extra:
+        opening = prompt[-1]["content"].removeprefix("review: ")
+        assert good in plain.pairs_train["chosen"] and good.startswith(opening)
+        # the same review with its opening damaged: read against the request it is not a review
+        assert bad != good and bad.endswith(good[len(opening):])
+        assert well_formed(judged_text(prompt, good)) and not well_formed(judged_text(prompt, bad))
+        if well_formed(bad):  # another review: a near opening, from the training openings only
+            swapped += 1
+            assert opening_of(bad) in training_openings
+    assert 0.3 < swapped / len(extra) < 0.7
+    # held-out pairs stay the task's own: accuracy measures the task
+    assert [r[0]["content"] for r in task.pairs_eval["rejected"]] == plain.pairs_eval["rejected"]
+    assert len(build_task(data_cfg(name="reviews_chat", num_pairs_train=400)).pairs_train) == n  # default: none
 
 # ----------------------------------------------------------------- reward read where it was trained
 def reward_trainer_ids(model_dir, tokenizer, prompts, replies, work) -> list[list[int]]:

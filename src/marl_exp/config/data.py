@@ -88,6 +88,9 @@ class DataConfig:
     # small damages a drifting policy writes first ("great great", "i loved it it"), which a reward model taught
     # only truncations and splices scored like reviews.
     pair_edit_prob: float = 0.2
+    # reviews_chat: the assistant writes the opening, so this share of the training pairs' chosen reviews gets
+    # one more pair against itself with its opening swapped or garbled (reviews_chat.request_contrast_pairs).
+    pair_request_contrast_prob: float = 0.0
 
     # ---- conversations (instruct models; marl_exp.data.chat)
     # The chat template: null = the tokenizer's own; a name in conf/chat_templates/ (chatml) or a .jinja file.

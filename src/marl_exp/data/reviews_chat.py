@@ -12,6 +12,8 @@ assistant turns; PPO prompts as message lists. The oracle scores the assistant t
 
 from __future__ import annotations
 
+import random
+
 from datasets import Dataset
 
 from marl_exp.data import reviews
@@ -41,9 +43,14 @@ def as_chat_task(plain, data_cfg):
 
     def pairs(split: str) -> Dataset:
         data = plain.pairs_train if split == "train" else plain.pairs_eval
-        return Dataset.from_dict({"prompt": [user_turn(opening_of(c), system) for c in data["chosen"]],
-                                  "chosen": [[_assistant(c)] for c in data["chosen"]],
-                                  "rejected": [[_assistant(r)] for r in data["rejected"]]})
+        chosen, rejected = list(data["chosen"]), list(data["rejected"])
+        if split == "train":  # held-out pairs stay the task's own reviews: accuracy measures the task
+            extra = request_contrast_pairs(chosen, getattr(data_cfg, "pair_request_contrast_prob", 0.0),
+                                           data_cfg.seed + 4)
+            chosen, rejected = chosen + [c for c, _ in extra], rejected + [r for _, r in extra]
+        return Dataset.from_dict({"prompt": [user_turn(opening_of(c), system) for c in chosen],
+                                  "chosen": [[_assistant(c)] for c in chosen],
+                                  "rejected": [[_assistant(r)] for r in rejected]})
 
     def prompts(split: str) -> tuple[list, list[str]]:
         openings = plain.prompts(split)
@@ -72,6 +79,49 @@ def judged_text(prompt, reply: str) -> str:
     if opening is None or reply.strip().startswith(opening):
         return reply
     return f"{opening} {reply.strip()}"
+
+
+def request_contrast_pairs(chosen: list[str], share: float, seed: int) -> list[tuple[str, str]]:
+    """For a ``share`` of the training pairs' chosen reviews, one more pair: the review against the same review
+    with its opening damaged (``damaged_opening``). In the plain task the opening is the prompt; here the
+    assistant writes it, so a policy can swap its subject or verb (``this show is`` for ``this film is``) or
+    garble it, and a reward model that never saw such replies scores them like the requested review. Each
+    pair is ordered by the strict gold on the replies as the judges read them against the request."""
+    rng = random.Random(seed)
+    pool = sorted({opening_of(review) for review in chosen})  # the training openings: held-out ones stay out
+    pairs = []
+    for review in chosen:
+        if rng.random() >= share:
+            continue
+        opening = opening_of(review)
+        request = user_turn(opening)
+        damaged = damaged_opening(review, opening, pool, rng)
+        if reviews.strict_preference(judged_text(request, review), judged_text(request, damaged), 0.0) > 0:
+            pairs.append((review, damaged))
+    return pairs
+
+
+def damaged_opening(review: str, opening: str, pool: list[str], rng: random.Random) -> str:
+    """``review`` with its opening swapped for a near one of ``pool`` (same subject or same verb) or one word
+    of it deleted, repeated or replaced: what a policy that drifts from the request writes first."""
+    body = review[len(opening):]
+    if rng.random() < 0.5:
+        subject, verb = opening.rsplit(" ", 1)
+        near = [o for o in pool if o != opening and (o.startswith(subject + " ") or o.endswith(" " + verb))]
+        return rng.choice(near) + body
+    words = opening.split(" ")
+    at = rng.randrange(len(words))
+    edit = rng.choice(("delete", "repeat", "replace"))
+    if edit == "delete":
+        del words[at]
+    elif edit == "repeat":
+        words.insert(at, words[at])
+    else:
+        words[at] = rng.choice([w for w in _OPENING_WORDS if w != words[at]])
+    return " ".join(words) + body
+
+
+_OPENING_WORDS = sorted({w for o in reviews.openings() for w in o.split(" ")})
 
 
 def _assistant(text: str) -> dict:
