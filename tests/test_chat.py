@@ -369,6 +369,23 @@ def test_lora_sft_trains_the_added_template_tokens(tmp_path):
     assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
+def test_chat_sft_does_not_depend_on_what_the_process_drew_before(tmp_path):
+    """The template's new embedding rows are sampled at the resize: an SFT built by the stage cache inside another
+    stage's run (which drew other random numbers first) must equal one run on its own."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for before in (1, 2):
+        torch.manual_seed(before)
+        torch.rand(before)  # another process history
+        cfg = compose("stage=sft", "data=reviews_chat", "logger=none", f"output_dir={tmp_path / str(before)}",
+                      "data.num_sft_train=16", "data.num_sft_eval=4", "stage.max_steps=1", "stage.batch_size=4")
+        run_stage(cfg, tmp_path / str(before) / "run")
+        weights.append(load_file(tmp_path / str(before) / "run" / "model" / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 @pytest.mark.parametrize("reply,judged,well_formed", [
     ("the movie was great . i liked it .", "the movie was great . i liked it .", True),  # the requested review
     (" great . i liked it .", "the movie was great . i liked it .", True),  # the opening continued

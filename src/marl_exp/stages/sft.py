@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, prepare_model_for_kbit_training
+from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
 
@@ -44,6 +45,9 @@ def _run(cfg, run_dir: Path, tracker: Tracker, stop) -> dict:
     # Conversations (TRL's formats) go through the chat template; without one this fails before loading.
     conversational = is_conversational(task.sft_train[0])
     chat.apply_template(tokenizer, cfg.data, conversational)
+    # The chat template's new embedding rows (resize_token_embeddings samples them) and a LoRA (made before
+    # SFTTrainer seeds) draw from the global random state: seed it, or two runs of one config differ.
+    set_seed(cfg.seed)
     model = load_model(base_path, cfg.model, cfg.quant, device)
     added = chat.add_template_tokens(model, tokenizer) if conversational else []
     # Counted with the template's tokens added (each one token) and before training: SFTTrainer cuts long
