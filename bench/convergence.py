@@ -177,9 +177,12 @@ def main() -> None:
     if args.from_json:
         sources = [json.loads(path.read_text()) for path in args.from_json]
         rows = [row for source in sources for row in source["rows"]]
-        write_results(args, rows, {"merged_from": [{"file": str(path), "machine": source.get("machine"),
-                                                    "seeds": source.get("seeds")}
-                                                   for path, source in zip(args.from_json, sources)]})
+        # A collected file's machine is its collecting process's (its rows carry the commit they ran at).
+        write_results(args, rows, {"merged_from": [{"file": str(path), "machine": source.get("machine") or
+                                                    source.get("collected_by"), "seeds": source.get("seeds"),
+                                                    "overrides": source.get("overrides")}
+                                                   for path, source in zip(args.from_json, sources)],
+                                   "targets": TARGETS})
         return
 
     if args.collect:
