@@ -184,7 +184,7 @@ def test_reviews_chat_adds_pairs_that_contrast_a_reply_with_the_request():
     extra = list(zip(prompts[n:], chosen[n:], rejected[n:]))
     assert 70 <= len(extra) <= 130  # about a quarter of 400, each kept only where the strict gold orders it
     training_openings = {opening_of(c) for c in plain.pairs_train["chosen"]}
-    swapped = 0
+    swapped = {"subject": 0, "verb": 0}
     for prompt, good, bad in extra:
         opening = prompt[-1]["content"].removeprefix("review: ")
         assert good in plain.pairs_train["chosen"] and good.startswith(opening)
@@ -192,9 +192,11 @@ def test_reviews_chat_adds_pairs_that_contrast_a_reply_with_the_request():
         assert bad != good and bad.endswith(good[len(opening):])
         assert well_formed(judged_text(prompt, good)) and not well_formed(judged_text(prompt, bad))
         if well_formed(bad):  # another review: a near opening, from the training openings only
-            swapped += 1
             assert opening_of(bad) in training_openings
-    assert 0.3 < swapped / len(extra) < 0.7
+            same_subject = opening_of(bad).rsplit(" ", 1)[0] == opening.rsplit(" ", 1)[0]
+            swapped["verb" if same_subject else "subject"] += 1
+    # a third each: subject swapped, verb swapped, one word of the opening edited
+    assert all(0.2 < count / len(extra) < 0.47 for count in swapped.values()), swapped
     # held-out pairs stay the task's own: accuracy measures the task
     assert [r[0]["content"] for r in task.pairs_eval["rejected"]] == plain.pairs_eval["rejected"]
     assert len(build_task(data_cfg(name="reviews_chat", num_pairs_train=400)).pairs_train) == n  # default: none

@@ -102,13 +102,18 @@ def request_contrast_pairs(chosen: list[str], share: float, seed: int) -> list[t
 
 
 def damaged_opening(review: str, opening: str, pool: list[str], rng: random.Random) -> str:
-    """``review`` with its opening swapped for a near one of ``pool`` (same subject or same verb) or one word
-    of it deleted, repeated or replaced: what a policy that drifts from the request writes first."""
+    """``review`` with its opening damaged, each way a third of the time: its subject swapped (another opening of
+    ``pool`` with the same verb), its verb swapped (same subject), or one word of it deleted, repeated or
+    replaced. What a policy that drifts from the request writes first; a reward model taught subject swaps
+    only still scored ``the story is`` for ``the story was`` like the requested review."""
     body = review[len(opening):]
-    if rng.random() < 0.5:
-        subject, verb = opening.rsplit(" ", 1)
-        near = [o for o in pool if o != opening and (o.startswith(subject + " ") or o.endswith(" " + verb))]
-        return rng.choice(near) + body
+    subject, verb = opening.rsplit(" ", 1)
+    kind = rng.choice(("subject", "verb", "edit"))
+    if kind != "edit":
+        near = [o for o in pool if o != opening and
+                (o.endswith(" " + verb) if kind == "subject" else o.startswith(subject + " "))]
+        if near:
+            return rng.choice(near) + body
     words = opening.split(" ")
     at = rng.randrange(len(words))
     edit = rng.choice(("delete", "repeat", "replace"))
@@ -116,11 +121,13 @@ def damaged_opening(review: str, opening: str, pool: list[str], rng: random.Rand
         del words[at]
     elif edit == "repeat":
         words.insert(at, words[at])
-    else:
-        words[at] = rng.choice([w for w in _OPENING_WORDS if w != words[at]])
+    else:  # never into another opening: that would be a swap, possibly to a held-out one
+        words[at] = rng.choice([w for w in _OPENING_WORDS
+                                if " ".join(words[:at] + [w] + words[at + 1:]) not in _ALL_OPENINGS])
     return " ".join(words) + body
 
 
+_ALL_OPENINGS = frozenset(reviews.openings()) | frozenset(reviews.openings(reviews.UNSEEN_SUBJECTS))
 _OPENING_WORDS = sorted({w for o in reviews.openings() for w in o.split(" ")})
 
 
