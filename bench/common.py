@@ -327,13 +327,22 @@ def _git_commit() -> str:
 
 
 def seeds(name: str) -> tuple[list[int], str]:
-    """A seed list from bench/seeds.json and the commit that last changed that file (a claim names it)."""
+    """A seed list from bench/seeds.json and the commit that gave the list its current seeds (a claim names it):
+    the oldest commit of an unbroken run of commits with this list as it is now, so adding another list later
+    does not move it."""
     lists = json.loads((REPO / "bench" / "seeds.json").read_text())
     if name not in lists or not isinstance(lists[name], list):
         raise SystemExit(f"bench: error: bench/seeds.json has no seed list {name!r}")
-    out = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", "bench/seeds.json"],
-                         capture_output=True, text=True, timeout=10)
-    return [int(s) for s in lists[name]], out.stdout.strip() or "uncommitted"
+    history = subprocess.run(["git", "-C", str(REPO), "log", "--format=%h", "--", "bench/seeds.json"],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+    since = "uncommitted"
+    for commit in history:  # newest first
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:bench/seeds.json"],
+                               capture_output=True, text=True, timeout=10)
+        if shown.returncode != 0 or json.loads(shown.stdout).get(name) != lists[name]:
+            break
+        since = commit
+    return [int(s) for s in lists[name]], since
 
 
 def write_json(path: Path, payload: dict) -> None:

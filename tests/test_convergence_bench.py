@@ -30,3 +30,26 @@ def test_merge_keeps_each_files_machine_and_every_row(tmp_path):
     assert merged["merged_from"][1]["overrides"] == ["threads=1"]
     assert merged["rows"] == rows and merged["targets"]["oracle_strict_min"] == 0.8
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_a_seed_list_is_dated_by_the_commit_that_gave_it_its_seeds(tmp_path, monkeypatch):
+    """Adding another list to bench/seeds.json later must not move the commit a claim names."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import common  # noqa: PLC0415  (bench/ is not a package)
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@t"), git("config", "user.name", "t")
+    seeds = tmp_path / "bench" / "seeds.json"
+    seeds.parent.mkdir()
+    commits = []
+    for lists in ({"a": [1, 2]}, {"a": [3, 4]}, {"a": [3, 4], "b": [5]}):
+        seeds.write_text(json.dumps(lists))
+        git("add", "."), git("commit", "-qm", "seeds")
+        commits.append(git("log", "-1", "--format=%h").strip())
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    assert common.seeds("a") == ([3, 4], commits[1]) and common.seeds("b") == ([5], commits[2])
+    seeds.write_text(json.dumps({"a": [3, 4], "b": [6]}))  # changed, not committed
+    assert common.seeds("b") == ([6], "uncommitted") and common.seeds("a") == ([3, 4], commits[1])
