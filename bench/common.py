@@ -339,7 +339,11 @@ def seeds(name: str) -> tuple[list[int], str]:
     for commit in history:  # newest first
         shown = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:bench/seeds.json"],
                                capture_output=True, text=True, timeout=10)
-        if shown.returncode != 0 or json.loads(shown.stdout).get(name) != lists[name]:
+        try:
+            listed_then = json.loads(shown.stdout).get(name) if shown.returncode == 0 else None
+        except json.JSONDecodeError:
+            listed_then = None
+        if listed_then != lists[name]:
             break
         since = commit
     return [int(s) for s in lists[name]], since

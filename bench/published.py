@@ -10,10 +10,12 @@ The block names its results file(s) (comma-separated) and, after ``|``, the comm
 decimal number in the block (code spans and fenced code left out: they hold commands and settings) must be
 some number of those files rounded to the decimals quoted: `0.995` matches 0.99479, `7.8` matches 7.83.
 
-A table row is held to more: all its decimals must come from one record of the files, so a number cannot
-match an unrelated value elsewhere (another seed's, another phase's). A record is a JSON object inside a list
-(one run's row), or everything under the keys a cell of the row names (`| PPO | …` reads the subtrees of every
-key `ppo`; names compare lower-case, alphanumerics only, `+` read as `p`: REINFORCE++ is `reinforce_pp`). A
+A table row is held to more: all its decimals, and its whole-number cells, must come from one record of the
+files, so a number cannot match an unrelated value elsewhere (another seed's, another phase's). A record is a
+JSON object inside a list (one run's row). A row that names a seed of some record must come from that seed's
+record; another row may instead read everything under a key one of its cells names (`| PPO | …` reads the
+subtrees of every key `ppo`; names compare lower-case, alphanumerics only, `+` read as `p`: REINFORCE++ is
+`reinforce_pp`; structural keys such as `rows` or `summary` name nothing), which is looser: a summary row. A
 table a script renders from its files (docs/performance.md's target tables, ``RENDERED``) must equal, row for
 row, what that script renders from them now.
 
@@ -106,14 +108,26 @@ def table_rows(body: str) -> list[str]:
             if line.startswith("|") and not re.fullmatch(r"[|\-: ]+", line.strip())]
 
 
+# Keys that structure a results file rather than name a run or an algorithm: a cell naming one ties nothing.
+STRUCTURAL_KEYS = {"rows", "summary", "runs", "results", "machine", "mean", "min", "max", "median", "q1", "q3"}
+
+
 def row_is_tied(row: str, objects: list, named: dict) -> bool:
+    """Whether one record holds the row's decimals and its whole-number cells (a seed, a step count). A row
+    that names a run by a whole number found in some record (its seed) must come from such a record; other
+    rows (an algorithm's summary) may read everything under a key one of their cells names."""
     numbers = quoted_numbers(row)
     if not numbers:
         return True
-    cells = {key_name(cell) for cell in row.strip("|").split("|")} - {""}
-    candidates = [numbers_in(o) for o in objects]
-    candidates += [numbers_in(named[c]) for c in cells if c in named]
-    return any(all(matches(q, values) for q in numbers) for values in candidates)
+    cells = [cell.strip().strip("*`") for cell in row.strip().strip("|").split("|")]
+    whole = [float(cell) for cell in cells if re.fullmatch(r"\d+", cell)]
+    if any(all(matches(q, numbers_in(o)) for q in numbers) and all(w in numbers_in(o) for w in whole)
+           for o in objects):
+        return True
+    if any(o.get("seed") in whole for o in objects):
+        return False  # a seed's row: only that run's record may hold its numbers
+    names = {key_name(cell) for cell in cells} - {""} - STRUCTURAL_KEYS
+    return any(all(matches(q, numbers_in(named[n])) for q in numbers) for n in names if n in named)
 
 
 def rendered_rows(files: list[str], contents: list) -> list[str] | None:
@@ -171,8 +185,10 @@ def check_page(path: Path) -> list[Block]:
 def untied_rows(body: str, files: list[str], contents: list) -> list[str]:
     rows = table_rows(body)
     rendered = rendered_rows(files, contents)
-    if rendered is not None:
-        return [row for row in rows if row not in rendered]
+    if rendered is not None and rows:  # row for row: a missing, extra or moved row is named too
+        if rows == rendered:
+            return []
+        return [row for row in rows if row not in rendered] or [f"rows differ from the {len(rendered)} rendered"]
     named: dict = {}
     objects = [o for content in contents for o in records(content, named)]
     return [row for row in rows if not row_is_tied(row, objects, named)]

@@ -199,7 +199,9 @@ def test_reviews_chat_adds_pairs_that_contrast_a_reply_with_the_request():
     assert all(0.2 < count / len(extra) < 0.47 for count in swapped.values()), swapped
     # held-out pairs stay the task's own: accuracy measures the task
     assert [r[0]["content"] for r in task.pairs_eval["rejected"]] == plain.pairs_eval["rejected"]
-    assert len(build_task(data_cfg(name="reviews_chat", num_pairs_train=400)).pairs_train) == n  # default: none
+    # the schema's default adds none; data=reviews_chat (conf/data/reviews_chat.yaml) sets 1.0
+    assert len(build_task(data_cfg(name="reviews_chat", num_pairs_train=400)).pairs_train) == n
+    assert compose("data=reviews_chat").data.pair_request_contrast_prob == 1.0
 
 # ----------------------------------------------------------------- reward read where it was trained
 def reward_trainer_ids(model_dir, tokenizer, prompts, replies, work) -> list[list[int]]:

@@ -117,6 +117,7 @@ BAD_CONFIGS = [
     (["stage.kl.target_kl=0"], "stage.kl.target_kl=0.0 must be > 0"),
     (["stage=sft", "stage.finetune=half"], "stage.finetune='half' is not valid"),
     (["stage=reward", "stage.warmup_ratio=1.0"], "stage.warmup_ratio=1.0 must be in [0, 1)"),
+    (["data=reviews_chat", "data.pair_request_contrast_prob=1.5"], "data.pair_request_contrast_prob=1.5 must be in [0, 1]"),
     (["logger.name=tensorboard"], "logger.name='tensorboard' is not valid"),
     (["model.trust_remote_code=true"], "model.trust_remote_code=true runs code from the hub"),
     (["device=gpu"], "device='gpu' is not valid"),

@@ -76,6 +76,17 @@ def test_a_table_row_must_come_from_one_record(tmp_path, monkeypatch):
     assert block.missing == [] and block.untied_rows == ["| 4102 | 0.95 | 5.33 |"]
 
 
+def test_a_seeds_row_must_be_that_seeds_record(tmp_path, monkeypatch):
+    runs = {"summary": {"ppo": {"strict": {"min": 0.95, "max": 0.98}, "kl": {"min": 3.59, "max": 5.33}}},
+            "rows": [{"algorithm": "ppo", "seed": 4101, "strict": 0.98, "kl": 5.33},
+                     {"algorithm": "ppo", "seed": 4102, "strict": 0.95, "kl": 3.59}]}
+    body = "| ppo | 4101 | 0.98 | 5.33 |\n| ppo | 4102 | 0.98 | 5.33 |\n| ppo | 4102 | 0.98 | 3.59 |\n"
+    block = _block_of(tmp_path, monkeypatch, runs, body)
+    # seed 4101's numbers under seed 4102's label, and a mix of both seeds: the summary under "ppo" holds
+    # both numbers of each, but a row that names a seed must come from that seed's record
+    assert block.untied_rows == ["| ppo | 4102 | 0.98 | 5.33 |", "| ppo | 4102 | 0.98 | 3.59 |"]
+
+
 def test_a_row_may_read_the_keys_its_cells_name(tmp_path, monkeypatch):
     summary = {"summary": {"reinforce_pp": {"kl": {"mean": 3.71}}, "ppo": {"kl": {"mean": 4.0}}},
                "runs": {"reinforce_pp": {"minutes": 2.49}}}
@@ -88,3 +99,5 @@ def test_a_rendered_table_must_equal_what_its_script_renders(tmp_path, monkeypat
     monkeypatch.setattr(published, "RENDERED", {("r.json",): lambda r: f"| a | {r['x']:.2f} |\n| b | {r['y']:.1f} |"})
     block = _block_of(tmp_path, monkeypatch, {"x": 1.234, "y": 5.67}, "| a | 1.23 |\n| b | 5.6 |\n")
     assert block.untied_rows == ["| b | 5.6 |"]  # 5.6 is not how the script writes 5.67
+    swapped = _block_of(tmp_path, monkeypatch, {"x": 1.234, "y": 5.67}, "| b | 5.7 |\n| a | 1.23 |\n")
+    assert swapped.untied_rows == ["rows differ from the 2 rendered"]  # every row is rendered, not in this order

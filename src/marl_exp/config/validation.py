@@ -132,6 +132,8 @@ def _validate_data(data: DictConfig) -> None:
            f"data.pair_negation_prob={data.pair_negation_prob!r} must be in [0, 1]")
     _check(0 <= data.pair_splice_prob < 1, f"data.pair_splice_prob={data.pair_splice_prob!r} must be in [0, 1)")
     _check(0 <= data.pair_edit_prob < 1, f"data.pair_edit_prob={data.pair_edit_prob!r} must be in [0, 1)")
+    _check(0 <= data.pair_request_contrast_prob <= 1,
+           f"data.pair_request_contrast_prob={data.pair_request_contrast_prob!r} must be in [0, 1]")
     _check(0 <= data.pair_truncate_prob < 1,
            f"data.pair_truncate_prob={data.pair_truncate_prob!r} must be in [0, 1)")
 

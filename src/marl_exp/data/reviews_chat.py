@@ -86,7 +86,8 @@ def request_contrast_pairs(chosen: list[str], share: float, seed: int) -> list[t
     with its opening damaged (``damaged_opening``). In the plain task the opening is the prompt; here the
     assistant writes it, so a policy can swap its subject or verb (``this show is`` for ``this film is``) or
     garble it, and a reward model that never saw such replies scores them like the requested review. Each
-    pair is ordered by the strict gold on the replies as the judges read them against the request."""
+    pair is ordered by the strict gold on the replies as the judges read them against the request, also under
+    ``data.pair_gold=plain`` (whose oracle cannot tell a swapped subject from the requested one)."""
     rng = random.Random(seed)
     pool = sorted({opening_of(review) for review in chosen})  # the training openings: held-out ones stay out
     pairs = []
