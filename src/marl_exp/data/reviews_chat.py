@@ -45,8 +45,7 @@ def as_chat_task(plain, data_cfg):
         data = plain.pairs_train if split == "train" else plain.pairs_eval
         chosen, rejected = list(data["chosen"]), list(data["rejected"])
         if split == "train":  # held-out pairs stay the task's own reviews: accuracy measures the task
-            extra = request_contrast_pairs(chosen, getattr(data_cfg, "pair_request_contrast_prob", 0.0),
-                                           data_cfg.seed + 4)
+            extra = request_contrast_pairs(chosen, data_cfg.pair_request_contrast_prob, data_cfg.seed + 4)
             chosen, rejected = chosen + [c for c, _ in extra], rejected + [r for _, r in extra]
         return Dataset.from_dict({"prompt": [user_turn(opening_of(c), system) for c in chosen],
                                   "chosen": [[_assistant(c)] for c in chosen],
