@@ -309,13 +309,20 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+# What benchmarks write (results files, the pages and plots that show them): a change there does not change
+# what is measured, so it does not make the tree dirty. Without this, run_all's second benchmark would record
+# the tree as dirty because its first had just written perf-memory.json.
+OUTPUT_PATHS = ("bench/results/", "docs/")
+
+
 def git_state() -> tuple[str, str]:
-    """(short commit, ``git status --porcelain`` of tracked files: empty when clean)."""
+    """(short commit, ``git status --porcelain`` of tracked files outside OUTPUT_PATHS: empty when clean)."""
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10).stdout.splitlines()
+        dirty = "\n".join(line for line in status if not line[3:].strip('"').startswith(OUTPUT_PATHS))
         return out.stdout.strip() or "unknown", dirty
     except (OSError, subprocess.SubprocessError):
         return "unknown", ""

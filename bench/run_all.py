@@ -136,7 +136,10 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true", help="reuse bench/results/perf-speed.json")
     parser.add_argument("--results", type=Path, default=common.RESULTS,
                         help="folder of perf-memory.json, perf-speed.json and perf.md (default bench/results)")
+    common.add_allow_dirty(parser)
     args = parser.parse_args()
+    if not args.quick:  # a smoke run publishes nothing
+        common.require_clean_tree(args.allow_dirty)
     started = time.perf_counter()
     quick = ["--quick"] if args.quick else []
     memory_json, speed_json = args.results / "perf-memory.json", args.results / "perf-speed.json"

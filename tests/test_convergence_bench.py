@@ -32,6 +32,35 @@ def test_merge_keeps_each_files_machine_and_every_row(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
+def test_a_tree_is_dirty_only_where_the_measured_code_changed(tmp_path, monkeypatch):
+    """A results file or a docs page the benchmark itself wrote leaves the tree clean; a source change does not."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import common  # noqa: PLC0415  (bench/ is not a package)
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@t"), git("config", "user.name", "t")
+    files = {name: tmp_path / name for name in ("bench/results/perf-memory.json", "docs/performance.md",
+                                                 "src/marl_exp/model.py", "conf/stage/ppo.yaml")}
+    for path in files.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("0")
+    git("add", "."), git("commit", "-qm", "tree")
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    assert common.git_state()[1] == ""
+    files["bench/results/perf-memory.json"].write_text("1")
+    files["docs/performance.md"].write_text("1")
+    assert common.git_state()[1] == "" and common.machine()["tree"] == "clean"
+    for code in ("src/marl_exp/model.py", "conf/stage/ppo.yaml"):
+        files[code].write_text("1")
+        assert code in common.git_state()[1]
+        files[code].write_text("0")
+    files["conf/stage/ppo.yaml"].write_text("1")
+    assert common.machine()["tree"] == "dirty" and common.machine()["git"].endswith("+dirty")
+
+
 def test_a_seed_list_is_dated_by_the_commit_that_gave_it_its_seeds(tmp_path, monkeypatch):
     """Adding another list to bench/seeds.json later must not move the commit a claim names."""
     sys.path.insert(0, str(REPO / "bench"))
