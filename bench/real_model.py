@@ -65,14 +65,17 @@ def run(algorithm: str, quant: str, seed: int, out: Path, extra: list[str]) -> d
     return row
 
 
-def run_row(algorithm: str, quant: str, seed: int, run_dir: Path, minutes: float, ok: bool) -> dict:
-    row = {"algorithm": algorithm, "quant": quant, "seed": seed, "minutes": round(minutes, 2)}
+def run_row(algorithm: str, quant: str, seed: int, run_dir: Path, minutes: float | None, ok: bool) -> dict:
+    """``minutes`` is None for a run stopped and resumed outside the benchmark: its wall time spans the stop."""
+    row = {"algorithm": algorithm, "quant": quant, "seed": seed,
+           "minutes": None if minutes is None else round(minutes, 2)}
     if not ok or not (run_dir / "summary.json").exists():
         return {**row, "failed": True, "log": str(run_dir.parent / f"{algorithm}.log")}
     summary = json.loads((run_dir / "summary.json").read_text())
     row.update({f"{when}/{k}": summary.get(f"eval/{when}/{k}") for when in ("before", "after") for k in REPORTED})
     row["reward_stage_ran"] = _reward_stage_ran(run_dir)
     row["reward_heldout_accuracy"] = _reward_accuracy(run_dir)
+    row["resumed_at_step"] = resumed_at(run_dir)
     row["phases_min"] = phases(run_dir)
     row["threads"] = _threads(run_dir / "resolved_config.yaml")
     row["curve"] = curve(run_dir / "metrics.jsonl")
@@ -135,8 +138,16 @@ def phases(run_dir: Path) -> dict:
         rows = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
         steps = sum(row.get("time/step", 0.0) for row in rows)
         out["rl_steps"] = round(steps / 60, 2)
-        out["evaluations"] = round(minutes("rl_start", "end") - steps / 60, 2)
+        if resumed_at(run_dir) is None:  # a resumed run's wall time spans the stop
+            out["evaluations"] = round(minutes("rl_start", "end") - steps / 60, 2)
     return out
+
+
+def resumed_at(run_dir: Path) -> int | None:
+    """The step a run was resumed from (``stage.resume``), or None if it ran in one go."""
+    log = run_dir.parent / f"{run_dir.name}.log"
+    found = re.search(r"resumed from \S+ at step (\d+)", log.read_text(errors="replace")) if log.exists() else None
+    return int(found.group(1)) if found else None
 
 
 def curve(metrics: Path) -> dict:
@@ -176,15 +187,22 @@ def passed(row: dict) -> dict:
 
 
 def collect(stamp_dir: Path) -> list[dict]:
-    """Rows of the runs under ``stamp_dir`` (``<quant>-seed<seed>/<algorithm>/``) that wrote their row.json,
-    rebuilt from their run dirs (so fields added since are filled), keeping the wall time and command the
-    benchmark recorded as each run ended."""
+    """Rows of the runs under ``stamp_dir`` (``<quant>-seed<seed>/<algorithm>/``), rebuilt from their run dirs
+    (so fields added since are filled). A run that wrote its row.json keeps the wall time and command the
+    benchmark recorded as it ended. A run stopped and finished by ``stage.resume=auto`` outside the benchmark
+    has no row.json: its row is built from the run dir, with no wall time."""
     rows = []
-    for path in sorted(stamp_dir.glob("*-seed*/*/row.json")):
-        recorded = json.loads(path.read_text())
-        row = run_row(recorded["algorithm"], recorded["quant"], recorded["seed"], path.parent, recorded["minutes"],
-                      not recorded.get("failed"))
-        rows.append({**row, "command": recorded.get("command")})
+    for run_dir in sorted({p.parent for p in stamp_dir.glob("*-seed*/*/summary.json")}
+                          | {p.parent for p in stamp_dir.glob("*-seed*/*/row.json")}):
+        if (run_dir / "row.json").exists():
+            recorded = json.loads((run_dir / "row.json").read_text())
+            row = run_row(recorded["algorithm"], recorded["quant"], recorded["seed"], run_dir, recorded["minutes"],
+                          not recorded.get("failed"))
+            rows.append({**row, "command": recorded.get("command")})
+        elif (run_dir.name in ALGORITHMS and resumed_at(run_dir) is not None
+              and not (run_dir / "INTERRUPTED").exists()):  # resumed, and this time it ran to the end
+            quant, seed = run_dir.parent.name.split("-seed")
+            rows.append({**run_row(run_dir.name, quant, int(seed), run_dir, None, True), "command": None})
     return rows
 
 
@@ -203,7 +221,8 @@ def table(rows: list[dict]) -> str:
         cell = lambda k, d=2: f"{fmt(r[f'before/{k}'], d)} → {fmt(r[f'after/{k}'], d)}"  # noqa: E731
         missed = [k for k, ok in r["passed"].items() if not ok]
         verdict = "met" if not missed else "missed: " + ", ".join(missed)
-        minutes = f"{r['minutes']:.1f}{'*' if r.get('reward_stage_ran') else ''} ({r.get('threads') or '?'})"
+        spent = "resumed" if r["minutes"] is None else f"{r['minutes']:.1f}"
+        minutes = f"{spent}{'*' if r.get('reward_stage_ran') else ''} ({r.get('threads') or '?'})"
         lines.append(f"| {r['algorithm']} | {r['quant']} | {r['seed']} | {cell('well_formed')} | {cell('ref_nll')} | "
                      f"{cell('distinct_2')} | {cell('kl', 1)} | {cell('reward_score')} | {minutes} | {verdict} |")
     return "\n".join(lines)

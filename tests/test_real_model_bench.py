@@ -73,3 +73,22 @@ def test_collect_rebuilds_rows_from_run_dirs_and_keeps_the_recorded_time_and_com
     assert row["minutes"] == 54.1 and row["command"] == "python train.py seed=4301"
     assert row["phases_min"]["rl_steps"] == 9.0 and row["after/well_formed"] == 0.9 and row["reward_stage_ran"]
     assert row["reward_heldout_accuracy"] == 0.852
+
+
+def test_collect_builds_the_row_of_a_run_resumed_outside_the_benchmark_without_its_wall_time(tmp_path):
+    run_dir = make_run(tmp_path, GOOD)
+    stopped = LOG.split("eval before")[0] + "[2026-12-07 07:25:00,000][marl_exp.stages.rl][INFO] - stopping\n"
+    resumed = ("[2026-12-08 09:00:00,000][marl_exp.stages.rl][INFO] - resumed from "
+               f"{run_dir}/checkpoints/step-000001 at step 1\n[2026-12-08 09:05:00,000][marl_exp][INFO] - run finished: z\n")
+    log = run_dir.parent / "grpo.log"
+    (run_dir / "INTERRUPTED").write_text("stopped at step 1; resume with stage.resume=auto")
+    log.write_text(stopped)
+    assert real_model.collect(tmp_path) == []  # stopped, not resumed: no row
+    log.write_text(stopped + resumed)
+    assert real_model.collect(tmp_path) == []  # resumed but stopped again (the marker is back): no row
+    (run_dir / "INTERRUPTED").unlink()
+    (row,) = real_model.collect(tmp_path)
+    assert row["minutes"] is None and row["resumed_at_step"] == 1 and row["after/well_formed"] == 0.9
+    # the RL stage's wall time spans the day between the two processes: no evaluation minutes from it
+    assert row["phases_min"]["rl_steps"] == 9.0 and "evaluations" not in row["phases_min"]
+    assert "| resumed* (2) | met |" in real_model.table([row])
