@@ -283,6 +283,14 @@ def require_clean_tree(allow_dirty: bool) -> None:
                  "commit them first, or pass --allow-dirty (the result then records the tree as dirty)")
 
 
+def refuse_dirty_publish(path: Path | None, allow_dirty: bool) -> None:
+    """A results file written where published numbers live (bench/results/, docs/) comes from a clean tree;
+    a smoke run writing elsewhere (a test's tmp dir) may measure uncommitted code."""
+    if path is not None and Path(path).resolve().is_relative_to(REPO) and \
+            str(Path(path).resolve().relative_to(REPO)).startswith(OUTPUT_PATHS):
+        require_clean_tree(allow_dirty)
+
+
 def add_allow_dirty(parser) -> None:
     parser.add_argument("--allow-dirty", action="store_true",
                         help="measure a tree with uncommitted changes (recorded as dirty in the results)")

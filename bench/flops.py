@@ -167,7 +167,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    common.add_allow_dirty(parser)
     args = parser.parse_args()
+    common.refuse_dirty_publish(args.json, args.allow_dirty)
     from transformers import AutoConfig
 
     from marl_exp.stages.pipeline import given_input

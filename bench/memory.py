@@ -333,6 +333,7 @@ def main() -> None:
                         help="keep unquantized weights memory-mapped as loaded (see common.materialize_weights)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="glibc's default mmap threshold (RSS then also counts freed heap blocks)")
+    common.add_allow_dirty(parser)
     args = parser.parse_args()
     if args.build:
         for size in args.sizes:
@@ -342,6 +343,7 @@ def main() -> None:
         args.size, args.quant = args.sizes[0], args.quants[0]
         print(json.dumps(worker(args) if args.worker else weights_worker(args)))
         return
+    common.refuse_dirty_publish(args.out, args.allow_dirty)
     if args.quick:
         args.sizes, args.quants, args.no_checkpointing_row = ["tiny"], ["fp32", "4bit"], True
     args.sizes = args.sizes or default_sizes()

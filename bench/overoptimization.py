@@ -50,11 +50,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import common  # noqa: E402  (bench/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 GOLD = "oracle_strict"  # the gold score's metric: eval/<tag>/oracle_strict, rewards/oracle_strict/mean
@@ -261,6 +262,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="default bench/results (--quick: the run's output dir)")
     parser.add_argument("--png", type=Path, help="default docs/overoptimization.png (--quick: the run's output dir)")
     parser.add_argument("--from-json", type=Path, help="no runs: table and plot from this results file")
+    common.add_allow_dirty(parser)
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides (after --), for every run")
     args = parser.parse_args()
     if args.from_json:
@@ -283,19 +285,21 @@ def main() -> None:
 
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
     args.results = args.results or (out if args.quick else REPO / "bench" / "results")  # a smoke run publishes nothing
+    common.refuse_dirty_publish(args.results, args.allow_dirty)
     args.png = args.png or (out if args.quick else REPO / "docs") / "overoptimization.png"
+    # the machine as the runs see it: CPU and flags, torch, commit and tree (each run has 1 thread)
+    machine = {**common.machine(), "torch_threads": 1, "runs_at_once": args.jobs}
     started = time.perf_counter()
     runs = run_all(args, out)
     minutes = (time.perf_counter() - started) / 60
     table = markdown(runs)
     print("\n" + table)
-    machine = f"{os.cpu_count()} CPU cores, {args.jobs} runs at once, 1 torch thread each"
     settings = (f"{args.steps} PPO steps, fixed KL coefficient {args.kl_coef}, evaluation every {args.eval_every} "
                 f"steps; overrides: {' '.join(args.overrides) or 'none'}")
     title = f"Overoptimization on the built-in task: {settings}"
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "overoptimization.md").write_text(
-        f"Machine: {machine}; {minutes:.1f} min in all.\nSettings: {settings}.\n\n{table}\n")
+        f"Machine: {common.machine_line(machine)}, {args.jobs} runs at once; {minutes:.1f} min in all.\nSettings: {settings}.\n\n{table}\n")
     (args.results / "overoptimization.json").write_text(json.dumps(
         {"machine": machine, "minutes": minutes, "settings": settings, "title": title, "sizes": args.sizes,
          "steps": args.steps, "kl_coef": args.kl_coef, "eval_every": args.eval_every, "overrides": args.overrides,

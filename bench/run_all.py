@@ -138,10 +138,9 @@ def main() -> None:
                         help="folder of perf-memory.json, perf-speed.json and perf.md (default bench/results)")
     common.add_allow_dirty(parser)
     args = parser.parse_args()
-    if not args.quick:  # a smoke run publishes nothing
-        common.require_clean_tree(args.allow_dirty)
+    common.refuse_dirty_publish(args.results, args.allow_dirty)
     started = time.perf_counter()
-    quick = ["--quick"] if args.quick else []
+    quick = (["--quick"] if args.quick else []) + (["--allow-dirty"] if args.allow_dirty else [])
     memory_json, speed_json = args.results / "perf-memory.json", args.results / "perf-speed.json"
     if not args.skip_memory:
         run("memory.py", quick + ["--out", str(memory_json)])

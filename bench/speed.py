@@ -326,7 +326,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="tiny only, small batch, 2 steps: a smoke run")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "perf-speed.json")
+    common.add_allow_dirty(parser)
     args = parser.parse_args()
+    common.refuse_dirty_publish(args.out, args.allow_dirty)
     if args.quick:
         args.sizes, args.batch, args.new_tokens, args.steps, args.pairs = ["tiny"], 8, 8, 2, 2
         args.scaling_batches, args.scaling_lengths = [4, 8], [8]

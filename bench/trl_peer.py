@@ -620,7 +620,10 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
+    common.add_allow_dirty(parser)
     args = parser.parse_args(argv)
+    if not args.worker and not args.build:
+        common.refuse_dirty_publish(args.out, args.allow_dirty)
     if args.build:
         for size in args.sizes:
             peer_model_dirs(size)

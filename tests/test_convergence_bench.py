@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -59,6 +61,42 @@ def test_a_tree_is_dirty_only_where_the_measured_code_changed(tmp_path, monkeypa
         files[code].write_text("0")
     files["conf/stage/ppo.yaml"].write_text("1")
     assert common.machine()["tree"] == "dirty" and common.machine()["git"].endswith("+dirty")
+
+
+def test_a_results_file_where_numbers_are_published_needs_a_clean_tree(tmp_path, monkeypatch):
+    """memory, speed, trl_peer, overoptimization, flops and run_all refuse to publish uncommitted code; a smoke
+    run writing elsewhere (a test's tmp dir) may measure it."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import common  # noqa: PLC0415  (bench/ is not a package)
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@t"), git("config", "user.name", "t")
+    code = tmp_path / "src" / "model.py"
+    code.parent.mkdir()
+    code.write_text("0")
+    git("add", "."), git("commit", "-qm", "tree")
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    published = tmp_path / "bench" / "results" / "perf-speed.json"
+    common.refuse_dirty_publish(published, allow_dirty=False)  # clean: fine
+    code.write_text("1")
+    with pytest.raises(SystemExit, match="uncommitted changes .*src/model.py.*--allow-dirty"):
+        common.refuse_dirty_publish(published, allow_dirty=False)
+    with pytest.raises(SystemExit):
+        common.refuse_dirty_publish(tmp_path / "docs" / "real_model.png", allow_dirty=False)
+    common.refuse_dirty_publish(published, allow_dirty=True)
+    common.refuse_dirty_publish(tmp_path / "outputs" / "smoke.json", allow_dirty=False)
+    common.refuse_dirty_publish(None, allow_dirty=False)
+
+
+@pytest.mark.parametrize("script", ["memory.py", "speed.py", "trl_peer.py", "overoptimization.py", "flops.py",
+                                    "run_all.py"])
+def test_every_results_writing_benchmark_takes_allow_dirty(script):
+    done = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--allow-dirty" in done.stdout
 
 
 def test_a_seed_list_is_dated_by_the_commit_that_gave_it_its_seeds(tmp_path, monkeypatch):
