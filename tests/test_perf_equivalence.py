@@ -89,6 +89,29 @@ def one_step(roles, tokenizer, cfg, perf: PerfOptions) -> tuple[dict, list[torch
 
 
 # ------------------------------------------------------------------------------------ whole steps
+def test_switching_the_trainers_speed_ups_reaches_the_algorithms_loss(shared, monkeypatch):
+    """bench/speed.py's ablation flips ``trainer.perf`` on one trainer; PPO's loss reads lazy_entropy, so the
+    switch must reach the algorithm (it did not after the rl/ redesign: the ablation measured the default)."""
+    from marl_exp.rl.algorithms import ppo as ppo_module
+
+    roles, tokenizer, cfg = shared
+    assert cfg.stage.loss.entropy_coef == 0  # the entropy is only logged: the lazy path applies
+    calls = []
+    real = ppo_module.entropy_for_logging
+    monkeypatch.setattr(ppo_module, "entropy_for_logging", lambda logits: calls.append(1) or real(logits))
+    before = trainable_state(roles.model)
+    trainer = RLTrainer(roles, tokenizer, cfg.stage, PROMPTS, seed=0)
+    try:
+        trainer.step()
+        assert calls, "the default (lazy entropy) never computed the logged entropy without autograd"
+        calls.clear()
+        trainer.perf = dataclasses.replace(PerfOptions(), lazy_entropy=False)
+        trainer.step()
+        assert not calls, "lazy_entropy=False set on the trainer did not reach PPO's loss"
+    finally:
+        restore(roles.model, before)
+
+
 @pytest.mark.parametrize("flip", [f.name for f in dataclasses.fields(PerfOptions)] + ["all"])
 def test_a_ppo_step_is_the_same_with_any_speed_up_flipped(shared, flip):
     roles, tokenizer, cfg = shared

@@ -54,11 +54,22 @@ class PolicyState:
 class RLTrainer:
     """The loop every RL algorithm shares; ``stage`` is the RL stage node, whose ``name`` picks the algorithm."""
 
+    @property
+    def perf(self) -> PerfOptions:
+        """Speed-ups only: results are the same with any of them off."""
+        return self._perf
+
+    @perf.setter
+    def perf(self, perf: PerfOptions) -> None:
+        # The algorithm's loss reads them too (lazy entropy): a switch must reach both, or a benchmark that
+        # flips trainer.perf measures the default for that option.
+        self._perf = self.algorithm.perf = perf
+
     def __init__(self, roles: SharedRoles, tokenizer, stage, prompts: list[str], seed: int,
                  perf: PerfOptions = DEFAULT_PERF):
         self.roles, self.model, self.tokenizer, self.stage = roles, roles.model, tokenizer, stage
-        self.perf = perf  # speed-ups only: results are the same with any of them off
         self.algorithm = make_algorithm(stage, perf)
+        self.perf = perf
         self.prompts = prompts
         self.stop_ids = stop_token_ids(tokenizer, self.model)
         self.last_rollouts: dict[str, Rollout] = {}  # the latest step's, for sample logging
