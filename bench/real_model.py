@@ -190,17 +190,21 @@ def collect(stamp_dir: Path) -> list[dict]:
     """Rows of the runs under ``stamp_dir`` (``<quant>-seed<seed>/<algorithm>/``), rebuilt from their run dirs
     (so fields added since are filled). A run that wrote its row.json keeps the wall time and command the
     benchmark recorded as it ended. A run stopped and finished by ``stage.resume=auto`` outside the benchmark
-    has no row.json: its row is built from the run dir, with no wall time."""
+    has no row.json: its row is built from the run dir, with no wall time. A run stopped to be resumed
+    (``INTERRUPTED`` in its dir) has no row, even where the benchmark wrote a failed row.json as it stopped."""
     rows = []
     for run_dir in sorted({p.parent for p in stamp_dir.glob("*-seed*/*/summary.json")}
                           | {p.parent for p in stamp_dir.glob("*-seed*/*/row.json")}):
-        if (run_dir / "row.json").exists():
-            recorded = json.loads((run_dir / "row.json").read_text())
+        if (run_dir / "INTERRUPTED").exists():  # stopped with a checkpoint, to be resumed: not a result yet
+            continue
+        recorded = json.loads((run_dir / "row.json").read_text()) if (run_dir / "row.json").exists() else None
+        if recorded and recorded.get("failed") and resumed_at(run_dir) is not None:
+            recorded = None  # the row its first process wrote as it stopped; the resumed run finished since
+        if recorded:
             row = run_row(recorded["algorithm"], recorded["quant"], recorded["seed"], run_dir, recorded["minutes"],
                           not recorded.get("failed"))
             rows.append({**row, "command": recorded.get("command")})
-        elif (run_dir.name in ALGORITHMS and resumed_at(run_dir) is not None
-              and not (run_dir / "INTERRUPTED").exists()):  # resumed, and this time it ran to the end
+        elif run_dir.name in ALGORITHMS and resumed_at(run_dir) is not None:  # resumed, and ran to the end
             quant, seed = run_dir.parent.name.split("-seed")
             rows.append({**run_row(run_dir.name, quant, int(seed), run_dir, None, True), "command": None})
     return rows

@@ -84,6 +84,9 @@ def test_collect_builds_the_row_of_a_run_resumed_outside_the_benchmark_without_i
     (run_dir / "INTERRUPTED").write_text("stopped at step 1; resume with stage.resume=auto")
     log.write_text(stopped)
     assert real_model.collect(tmp_path) == []  # stopped, not resumed: no row
+    (run_dir / "row.json").write_text(json.dumps({"algorithm": "grpo", "quant": "fp32", "seed": 4301, "minutes": 25.0,
+                                                  "failed": True}))  # what the benchmark writes as it stops
+    assert real_model.collect(tmp_path) == []  # the failed row.json the benchmark wrote as it stopped stays
     log.write_text(stopped + resumed)
     assert real_model.collect(tmp_path) == []  # resumed but stopped again (the marker is back): no row
     (run_dir / "INTERRUPTED").unlink()
