@@ -13,6 +13,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def bench_common_and_repo(path: Path):
+    """bench/common.py, and a ``git`` function on a new repository at ``path``."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import common  # noqa: PLC0415  (bench/ is not a package)
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@t"), git("config", "user.name", "t")
+    return common, git
+
+
 def test_merge_keeps_each_files_machine_and_every_row(tmp_path):
     published = json.loads((REPO / "bench" / "results" / "convergence.json").read_text())
     rows = published["rows"]
@@ -36,14 +49,7 @@ def test_merge_keeps_each_files_machine_and_every_row(tmp_path):
 
 def test_a_tree_is_dirty_only_where_the_measured_code_changed(tmp_path, monkeypatch):
     """A results file or a docs page the benchmark itself wrote leaves the tree clean; a source change does not."""
-    sys.path.insert(0, str(REPO / "bench"))
-    import common  # noqa: PLC0415  (bench/ is not a package)
-
-    def git(*args):
-        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
-
-    git("init", "-q")
-    git("config", "user.email", "t@t"), git("config", "user.name", "t")
+    common, git = bench_common_and_repo(tmp_path)
     files = {name: tmp_path / name for name in ("bench/results/perf-memory.json", "docs/performance.md",
                                                  "src/marl_exp/model.py", "conf/stage/ppo.yaml")}
     for path in files.values():
@@ -66,14 +72,7 @@ def test_a_tree_is_dirty_only_where_the_measured_code_changed(tmp_path, monkeypa
 def test_a_results_file_where_numbers_are_published_needs_a_clean_tree(tmp_path, monkeypatch):
     """memory, speed, trl_peer, overoptimization, flops and run_all refuse to publish uncommitted code; a smoke
     run writing elsewhere (a test's tmp dir) may measure it."""
-    sys.path.insert(0, str(REPO / "bench"))
-    import common  # noqa: PLC0415  (bench/ is not a package)
-
-    def git(*args):
-        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
-
-    git("init", "-q")
-    git("config", "user.email", "t@t"), git("config", "user.name", "t")
+    common, git = bench_common_and_repo(tmp_path)
     code = tmp_path / "src" / "model.py"
     code.parent.mkdir()
     code.write_text("0")
@@ -101,14 +100,7 @@ def test_every_results_writing_benchmark_takes_allow_dirty(script):
 
 def test_a_seed_list_is_dated_by_the_commit_that_gave_it_its_seeds(tmp_path, monkeypatch):
     """Adding another list to bench/seeds.json later must not move the commit a claim names."""
-    sys.path.insert(0, str(REPO / "bench"))
-    import common  # noqa: PLC0415  (bench/ is not a package)
-
-    def git(*args):
-        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
-
-    git("init", "-q")
-    git("config", "user.email", "t@t"), git("config", "user.name", "t")
+    common, git = bench_common_and_repo(tmp_path)
     seeds = tmp_path / "bench" / "seeds.json"
     seeds.parent.mkdir()
     commits = []
