@@ -153,6 +153,7 @@ def sample_replies(model_dir: str | Path, prompts: list[list[dict]], replies_per
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from marl_exp.data import chat
+    from marl_exp.modeling.shared_prefill import shared_prompt_cache
 
     # The reward stage's base, already resolved to a local dir: loaded as the stages load it (pad = EOS if none).
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -169,10 +170,14 @@ def sample_replies(model_dir: str | Path, prompts: list[list[dict]], replies_per
                           unit="batch"):
             batch = prompts[start:start + batch_size]
             enc = chat.encode_prompts(tokenizer, batch)
-            out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                 max_new_tokens=max_new_tokens, num_return_sequences=replies_per_prompt,
-                                 eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            # Each request's replies in a row, as num_return_sequences orders them; its prompt computed once.
+            ids = enc["input_ids"].repeat_interleave(replies_per_prompt, 0)
+            mask = enc["attention_mask"].repeat_interleave(replies_per_prompt, 0)
+            cache = shared_prompt_cache(model, ids, mask, replies_per_prompt)
+            out = model.generate(input_ids=ids, attention_mask=mask, **cache, do_sample=True, temperature=temperature,
+                                 top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                                 pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
             for i, prompt in enumerate(batch):
                 replies = texts[i * replies_per_prompt:(i + 1) * replies_per_prompt]
                 rows.append({"prompt": prompt, "replies": [r.strip() for r in replies]})

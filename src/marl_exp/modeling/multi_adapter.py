@@ -598,17 +598,23 @@ class MultiAdapterModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter: str | None = None,
-                 **generate_kwargs) -> torch.Tensor:
+                 prompt_group: int = 1, **generate_kwargs) -> torch.Tensor:
         """Sample from policy ``adapter`` (default: the active one) with the model's KV cache.
 
         Runs in eval mode with ``adapter`` active, then restores the active policy, every
         ``requires_grad`` and every train/eval mode. Position ids under left padding are generate's
         own (``cumsum(attention_mask) - 1``), the same as ``position_ids_from_mask`` gives every forward.
+        ``prompt_group``: rows come in runs of this many identical prompts (GRPO's ``num_generations``);
+        each run's prompt is computed once (``shared_prefill``). Rows that do not are generated as usual.
         """
+        from marl_exp.modeling.shared_prefill import shared_prompt_cache
+
         adapter = adapter or self._active_policy
         self._check_policy(adapter)
         with self._role(adapter, eval_mode=True), self._only_given_generation_config():
-            return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+            cache = shared_prompt_cache(self.peft_model, input_ids, attention_mask, prompt_group)
+            return self.peft_model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache,
+                                            **generate_kwargs)
 
     @contextlib.contextmanager
     def _only_given_generation_config(self):

@@ -34,6 +34,7 @@ class PerfOptions:
     window_logits: bool = True  # the LM head only at the positions that predict response tokens
     lazy_entropy: bool = True  # entropy without autograd, a few rows at a time, when entropy_coef is 0 (only logged)
     lean_logprobs: bool = True  # the update's backward turns the response logits into their own gradient (in place)
+    shared_prefill: bool = True  # a group's prompt (GRPO's num_generations rows) through the model once, not per row
     # Policy, reference and reward rows in one mixed-adapter forward (shared base only). Off: on a CPU
     # peft's per-row adapter dispatch costs more than the two passes it saves (docs/performance.md).
     fused_scoring: bool = False
@@ -165,18 +166,21 @@ def warn_if_sampling_differs(stage) -> list[str]:
 
 
 def sample(model, tokenizer, prompts: list, adapter: str, stage, perf: PerfOptions = DEFAULT_PERF,
-           stop_ids: list[int] | None = None) -> Rollout:
+           stop_ids: list[int] | None = None, group: int = 1) -> Rollout:
     """Sample one response per prompt from policy ``adapter`` (KV cache, left padding).
 
     ``prompts``: strings, or message lists rendered by the chat template with the generation prompt.
     Responses end at the first of ``stop_ids`` (default: every EOS id of the model, ``stop_token_ids``).
+    ``group``: the prompts come in runs of this many repeats (the trainer's ``algorithm.group_size``); with
+    ``perf.shared_prefill`` each run's prompt is computed once.
     """
     stop_ids = stop_token_ids(tokenizer, model) if stop_ids is None else stop_ids
     warn_if_sampling_differs(stage)
     # padding_side per call: the tokenizer is shared, and its own setting stays as it was.
     enc = chat.encode_prompts(tokenizer, prompts).to(model.device)
     with no_grad_mode(perf.inference_mode):
-        out = model.generate(enc.input_ids, enc.attention_mask, adapter=adapter,
+        shared = {"prompt_group": group} if perf.shared_prefill and group > 1 else {}
+        out = model.generate(enc.input_ids, enc.attention_mask, adapter=adapter, **shared,
                              generation_config=sampling_config(stage, stop_ids, tokenizer.pad_token_id))
     response = detached(out[:, enc.input_ids.shape[1]:])
     response_ids, response_mask, has_eos = truncate_after_eos(response, stop_ids, tokenizer.pad_token_id)

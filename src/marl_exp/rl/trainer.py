@@ -156,7 +156,8 @@ class RLTrainer:
         """Phase 1 for every policy; a sampling error from non-finite logits becomes a skipped step."""
         try:
             return {name: sample(self.model, self.tokenizer, prompts, name, self.stage, perf=self.perf,
-                                 stop_ids=self.stop_ids) for name in self.policies}, None
+                                 stop_ids=self.stop_ids, group=self.algorithm.group_size)
+                    for name in self.policies}, None
         except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
             if not _is_nonfinite_error(err):
                 raise
