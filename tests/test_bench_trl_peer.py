@@ -31,3 +31,21 @@ def test_trl_peer_runs_both_frameworks_on_the_same_work(tmp_path):
     # TRL holds a second model (the reward classifier); marl-exp holds one base.
     assert row["marl-exp"]["model_bytes"] < row["trl"]["model_bytes"]
     assert "| tiny | 0.8M | marl-exp |" in proc.stdout
+
+
+def test_the_real_model_size_is_the_imported_model_with_a_reward_adapter_on_it(tmp_path, monkeypatch):
+    """``--sizes smollm2`` benchmarks the model=smollm2 import itself (a stand-in dir here: the wheel is not needed
+    to check the routing), with a reward adapter built on it in the bench cache."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import common
+    from marl_exp.config import TinyArchConfig
+    from marl_exp.modeling import gguf_import
+    from marl_exp.modeling.tiny import builtin_model_dir
+
+    stand_in = builtin_model_dir(TinyArchConfig())
+    monkeypatch.setattr(gguf_import, "smollm2_dir", lambda: stand_in)
+    monkeypatch.setenv("MARL_EXP_CACHE", str(tmp_path))
+    base, reward = common.model_dirs("smollm2")
+    assert base == stand_in
+    assert json.loads((reward / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    assert not (reward.parent / "base").exists()  # nothing built in place of the real model
