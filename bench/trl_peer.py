@@ -209,13 +209,14 @@ def marl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
     peaks = PhasePeaks(baseline)
     # Phase boundaries for the memory peaks: after sampling; before and after the update's epochs.
     trainer_module.sample = peaks.after("sample", trainer_module.sample)
-    trainer._update = peaks.after("update", peaks.before("score", trainer._update))
     timer = speed.PhaseTimer()
     optimizer = trainer.policies[cfg.stage.policies[0]].optimizer
     for _ in range(steps):
         await_go()
         timer.current = {}
         with timer.installed(trainer):
+            # Inside: the timer installs its own ``_update`` on the trainer (and removes it after the step).
+            trainer._update = peaks.after("update", peaks.before("score", trainer._update))
             started = time.perf_counter()
             stats = trainer.step()
             seconds = time.perf_counter() - started

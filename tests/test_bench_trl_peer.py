@@ -26,6 +26,7 @@ def test_trl_peer_runs_both_frameworks_on_the_same_work(tmp_path):
         assert r["torch_threads"] == 1
         assert r["step"]["seconds"] > 0 and r["step"]["sample"] > 0 and r["step"]["update"] > 0
         assert r["rss_steps_peak_above_baseline_mib"] > 0
+        assert set(r["rss_phase_peak_above_baseline_mib"]) == {"sample", "score", "update"}  # each phase its own
         assert all(kl is not None for kl in r["kl"])  # beta > 0: both computed the reference
     assert row["same_work"]
     # TRL holds a second model (the reward classifier); marl-exp holds one base.
