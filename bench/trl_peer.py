@@ -487,6 +487,29 @@ def summarize_size(size: str, out: dict, work: Work) -> dict:
     return row
 
 
+def model_flop_utilization(size: str, work: Work, row: dict, threads: int) -> dict:
+    """Per phase: the model FLOPs of the step's work (``flops.step_flops``: the same for both frameworks, since the
+    work is), and each framework's achieved FLOP/s and MFU against an fp32 matmul of the model's shapes timed here,
+    with the workers' thread count, after both workers are done. Prompt tokens: the mean over the prompt pool (each
+    side draws its own prompts; the replies' tokens are fixed)."""
+    import flops
+    from transformers import AutoConfig, AutoTokenizer
+
+    base, reward = peer_model_dirs(size)
+    shapes = flops.Shapes.from_config(AutoConfig.from_pretrained(base))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    prompt = sum(len(tokenizer(p).input_ids) for p in common.prompts()) / len(common.prompts())
+    reward_rank = json.loads((reward / "adapter_config.json").read_text())["r"]
+    per_phase = flops.step_flops(shapes, work.batch, prompt, work.new_tokens, work.num_iterations, lora_config().r,
+                                 reward_rank)
+    tokens = work.batch * round(prompt + work.new_tokens)
+    peak = flops.matmul_peak("fp32", threads, m=min(tokens, 2048), k=shapes.hidden, n=max(o for _, o in shapes.linears))
+    out = {"prompt_tokens": prompt, "peak_flops": peak, "model_flops": per_phase}
+    for fw in FRAMEWORKS:
+        out[fw] = {phase: per_phase[phase] / row[fw]["step"][phase] / peak for phase in per_phase}
+    return out
+
+
 # ---------------------------------------------------------------------------------------- report
 def label(size: str, gradient_checkpointing: bool) -> str:
     return size + (" + grad. ckpt" if gradient_checkpointing else "")
@@ -539,6 +562,16 @@ def markdown(result: dict) -> str:
                      f"({p['q1']:.2f}–{p['q3']:.2f}) | {r.get('sample_time', float('nan')):.2f} · "
                      f"{r.get('score_time', float('nan')):.2f} · {r.get('update_time', float('nan')):.2f} | "
                      f"{'yes' if row['same_work'] else '**no**'} | {met} |")
+    lines += ["", "Model FLOP utilization (model FLOPs of the work ÷ phase time ÷ an fp32 matmul of the model's shapes "
+                  "timed after the runs, same threads):", "",
+              "| size | matmul peak | model GFLOP: sample · score · update | MFU marl-exp | MFU TRL |", "|---|---|---|---|---|"]
+    for row in result["sizes"]:
+        if "mfu" not in row:  # results written before MFU was reported
+            continue
+        m, phases = row["mfu"], ("sample", "score", "update")
+        lines.append(f"| {label(row['size'], row['gradient_checkpointing'])} | {m['peak_flops'] / 1e9:.1f} GFLOP/s | "
+                     + " · ".join(f"{m['model_flops'][p] / 1e9:.1f}" for p in phases) + " | "
+                     + " | ".join(" · ".join(f"{m[fw][p]:.2f}" for p in phases) for fw in FRAMEWORKS) + " |")
     return "\n".join(lines)
 
 
@@ -666,6 +699,7 @@ def main(argv=None) -> int:
         print(f"trl_peer: {label(size, run_work.gradient_checkpointing)}: {warmup} warm-up + {steps} timed steps per "
               "framework, in lock step", flush=True)
         rows.append(measure_size(size, run_work, warmup, steps, args.threads))
+        rows[-1]["mfu"] = model_flop_utilization(size, run_work, rows[-1], args.threads)
     machine = {**common.machine(), "torch_threads": args.threads}  # the workers' (the driver runs no model)
     result = {"work": asdict(work), "threads": args.threads, "sizes": rows, "versions": versions(),
               "machine": machine, "minutes": (time.perf_counter() - started) / 60}

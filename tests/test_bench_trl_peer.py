@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -29,6 +31,14 @@ def test_trl_peer_runs_both_frameworks_on_the_same_work(tmp_path):
         assert set(r["rss_phase_peak_above_baseline_mib"]) == {"sample", "score", "update"}  # each phase its own
         assert all(kl is not None for kl in r["kl"])  # beta > 0: both computed the reference
     assert row["same_work"]
+    # MFU per phase: one count of the work's model FLOPs, each framework's own times.
+    mfu = row["mfu"]
+    for fw in ("marl-exp", "trl"):
+        for phase in ("sample", "score", "update"):
+            assert mfu[fw][phase] == pytest.approx(
+                mfu["model_flops"][phase] / row[fw]["step"][phase] / mfu["peak_flops"])
+    assert mfu["model_flops"]["update"] > mfu["model_flops"]["score"] > 0
+    assert "| tiny | " in proc.stdout.split("Model FLOP utilization")[1]
     # TRL holds a second model (the reward classifier); marl-exp holds one base.
     assert row["marl-exp"]["model_bytes"] < row["trl"]["model_bytes"]
     assert "| tiny | 0.8M | marl-exp |" in proc.stdout
