@@ -504,7 +504,7 @@ def model_flop_utilization(size: str, work: Work, row: dict, threads: int) -> di
                                  reward_rank)
     tokens = work.batch * round(prompt + work.new_tokens)
     peak = flops.matmul_peak("fp32", threads, m=min(tokens, 2048), k=shapes.hidden, n=max(o for _, o in shapes.linears))
-    out = {"prompt_tokens": prompt, "peak_flops": peak, "model_flops": per_phase}
+    out = {"prompt_tokens": prompt, "peak_flops": peak, "peak_gflop_per_s": peak / 1e9, "model_flops": per_phase}
     for fw in FRAMEWORKS:
         out[fw] = {phase: per_phase[phase] / row[fw]["step"][phase] / peak for phase in per_phase}
     return out
