@@ -314,14 +314,10 @@ def _cpu_name() -> str:
 
 
 def _cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return [flag for flag in ISA_FLAGS if flag in present]
-    except OSError:
-        pass
-    return []
+    from marl_exp.run.hardware import cpu_flags
+
+    present = cpu_flags()
+    return [flag for flag in ISA_FLAGS if flag in present]
 
 
 # What benchmarks write (results files, the pages and plots that show them): a change there does not change

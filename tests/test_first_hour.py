@@ -516,6 +516,35 @@ def test_plan_names_roles_sources_and_upstream_settings(tmp_path):
     assert f"run dir    {tmp_path / 'run'}" in text
 
 
+@pytest.mark.parametrize("mode, native, device, expected, hint", [
+    ("fp32", "this CPU has avx512_bf16", "cpu", "fp32 weights, adapters and compute (quant=fp32)",
+     "this CPU has avx512_bf16, for bf16 matmuls in hardware (quant=bf16)"),
+    ("fp32", None, "cpu", "fp32 weights, adapters and compute (quant=fp32)", None),
+    ("bf16", None, "cpu", "bf16 base weights and matmuls; adapters, heads, optimizer state and losses in fp32",
+     "this CPU has no bf16 matmul instructions (amx_bf16, avx512_bf16): bf16 may be slower than fp32"),
+    ("bf16", "this CPU has amx_bf16", "cpu", "bf16 base weights and matmuls", None),
+    ("bf16", None, "cuda", "bf16 base weights and matmuls", None),  # an old GPU: no CPU instruction to name
+    ("4bit", "this CPU has avx512_bf16", "cpu", "4-bit base weights (nf4, compute float32); adapters, heads and "
+     "losses in fp32 (quant=4bit)", None),
+])
+def test_the_plan_says_which_precision_the_run_uses_and_what_the_device_offers(mode, native, device, expected, hint):
+    cfg = compose(f"quant={mode}")
+    line = console.precision(cfg.quant, native, device)
+    assert line.startswith(expected)
+    assert (hint in line) if hint else ("; " not in line.split(f"(quant={mode})")[1])
+    text = console.plan(cfg, Path("/r"), {"sft": ("/s", "given"), "reward": ("/w", "given")}, "1 thread", line)
+    assert text.splitlines()[1] == f"  precision  {line}"
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch):
+    from marl_exp.run import hardware
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    assert hardware.native_bf16("cpu") == "this CPU has amx_bf16"  # AMX named first: the faster of the two
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert hardware.native_bf16("cpu") is None
+
+
 def test_upstream_adapter_and_quant_are_explicit_and_keep_old_cache_hashes(tmp_path):
     from omegaconf import OmegaConf
 
@@ -568,7 +597,8 @@ def test_a_run_prints_its_plan_evaluations_and_result(ppo_run):
     run_dir, text, chain = ppo_run
     lines = text.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("marl-exp: stage=ppo")))
-    assert lines[start + 1] == f"  base       {chain['sft_model']} (stage.sft_model)"
+    assert lines[start + 1].startswith("  precision  fp32 weights, adapters and compute (quant=fp32)")
+    assert lines[start + 2] == f"  base       {chain['sft_model']} (stage.sft_model)"
     assert [line for line in lines if line.startswith("memory: base weights ")]
     evals = [line for line in lines if line.startswith("eval ")]
     assert [line.split(":")[0] for line in evals] == ["eval before step 0/2", "eval during step 1/2",

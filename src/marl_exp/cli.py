@@ -158,6 +158,15 @@ def _input_error(err: BaseException, run_dir: Path) -> float | None:
     sys.exit(INPUT_ERROR_EXIT)
 
 
+def _precision(cfg: DictConfig) -> str:
+    """The plan's precision line for the device the run will use."""
+    from marl_exp.modeling.loading import resolve_device
+    from marl_exp.run.hardware import native_bf16
+
+    device = resolve_device(cfg.device).type
+    return console.precision(cfg.quant, native_bf16(device), device)
+
+
 def _run(cfg: DictConfig, run_dir: Path, choice: threads.ThreadChoice) -> float | None:
     from marl_exp.modeling.loading import ModelLoadError
     from marl_exp.provenance import BaseMismatchError
@@ -175,7 +184,7 @@ def _run(cfg: DictConfig, run_dir: Path, choice: threads.ThreadChoice) -> float 
 
         upstream = upstream_sources(cfg)
         if distributed.is_main():
-            console.say(console.plan(cfg, run_dir, upstream, choice.short()))
+            console.say(console.plan(cfg, run_dir, upstream, choice.short(), _precision(cfg)))
         summary = run_stage(cfg, run_dir)
     except (ConfigError, ModelLoadError, BaseMismatchError, RewardFunctionError) as err:  # the user's input
         return _input_error(err, run_dir)

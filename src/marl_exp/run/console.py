@@ -195,13 +195,34 @@ def _upstream(node: DictConfig, quant: DictConfig, name: str) -> str:
     return f"upstream.{name}: {how}, {weights}, {schedule}, lr {node.learning_rate:g}"
 
 
-def plan(cfg: DictConfig, run_dir: Path, upstream: dict[str, tuple[str, str]], threads: str) -> str:
+def precision(quant: DictConfig, native_bf16: str | None, device: str) -> str:
+    """The plan's precision line: what is stored and computed in which dtype, the key that chose it, and what the
+    device says about bf16 (``run.hardware.native_bf16``: why it computes bf16 natively, or None)."""
+    text = {
+        "fp32": "fp32 weights, adapters and compute",
+        "bf16": "bf16 base weights and matmuls; adapters, heads, optimizer state and losses in fp32 (autocast)",
+        "8bit": "8-bit base weights (bitsandbytes LLM.int8); adapters, heads and losses in fp32",
+        "4bit": f"4-bit base weights ({quant.bnb_4bit_quant_type}, compute {quant.bnb_4bit_compute_dtype}); adapters, "
+                "heads and losses in fp32",
+    }[quant.mode] + f" (quant={quant.mode})"
+    if quant.mode == "fp32" and native_bf16:
+        text += f"; {native_bf16}, for bf16 matmuls in hardware (quant=bf16)"
+    if quant.mode == "bf16" and device == "cpu" and not native_bf16:
+        text += "; this CPU has no bf16 matmul instructions (amx_bf16, avx512_bf16): bf16 may be slower than fp32"
+    return text
+
+
+def plan(cfg: DictConfig, run_dir: Path, upstream: dict[str, tuple[str, str]], threads: str,
+         precision_line: str | None = None) -> str:
     """The start block: what plays which role, where inputs come from, where outputs go.
 
-    ``upstream`` maps an upstream stage to (path, status): status is "given", "cached" or "to build".
+    ``upstream`` maps an upstream stage to (path, status): status is "given", "cached" or "to build";
+    ``precision_line``: ``precision(...)`` for the run's device.
     """
     stage = cfg.stage
     lines = [f"marl-exp: stage={stage.name} | model {cfg.model.path} | quant {_quant(cfg.quant)} | {threads}"]
+    if precision_line:
+        lines.append(f"  precision  {precision_line}")
 
     def source(name: str) -> str:
         path, status = upstream[name]
