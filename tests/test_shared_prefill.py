@@ -3,6 +3,8 @@ as a full prefill within fp32 rounding, the same samples, the adapter applied in
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
@@ -24,11 +26,15 @@ def grouped(tokenizer, prompts=PROMPTS, group=GROUP):
     return enc.input_ids, enc.attention_mask
 
 
-def count_embedded_tokens(model) -> list[int]:
-    """Tokens each forward embeds, by a hook on the input embeddings."""
+@contextlib.contextmanager
+def embedded_tokens(model):
+    """Tokens each forward embeds, by a hook on the input embeddings (removed on exit)."""
     seen = []
-    model.get_input_embeddings().register_forward_hook(lambda _m, args, _o: seen.append(args[0].numel()))
-    return seen
+    hook = model.get_input_embeddings().register_forward_hook(lambda _m, args, _o: seen.append(args[0].numel()))
+    try:
+        yield seen
+    finally:
+        hook.remove()
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +47,9 @@ def test_a_groups_prompt_runs_once_and_generation_is_unchanged(plain):
     ids, mask = grouped(tokenizer)
     rows, width = ids.shape
     kwargs = dict(attention_mask=mask, generation_config=GREEDY, pad_token_id=tokenizer.pad_token_id)
-    with torch.inference_mode():
+    with torch.inference_mode(), embedded_tokens(model) as embedded:
         full = model.generate(ids, **kwargs)
-        embedded = count_embedded_tokens(model)
+        embedded.clear()
         cache = shared_prompt_cache(model, ids, mask, GROUP)
         shared = model.generate(ids, **cache, **kwargs)
     # The shared pass embeds each distinct prompt but its last token once; generate then starts at the last token.
@@ -71,6 +77,26 @@ def test_rows_that_are_not_groups_generate_as_usual(plain, case):
     assert shared_prompt_cache(model, ids, mask, group) == {}
 
 
+def test_a_cache_that_is_not_plain_keys_and_values_is_not_shared(plain):
+    """A convolution layer's state (LFM2) would not be repeated per row; a fixed cache implementation makes
+    generate refuse a cache passed in: both generate as usual."""
+    from transformers import AutoModelForCausalLM, Lfm2Config
+
+    model, tokenizer = plain
+    ids, mask = grouped(tokenizer)
+    hybrid = AutoModelForCausalLM.from_config(Lfm2Config(
+        vocab_size=model.config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, layer_types=["conv", "full_attention"])).eval()
+    assert shared_prompt_cache(hybrid, ids, mask, GROUP) == {}
+    saved = model.generation_config.cache_implementation
+    model.generation_config.cache_implementation = "static"
+    try:
+        assert shared_prompt_cache(model, ids, mask, GROUP) == {}
+    finally:
+        model.generation_config.cache_implementation = saved
+    assert shared_prompt_cache(model, ids, mask, GROUP)  # the plain model itself shares
+
+
 @pytest.fixture(scope="module")
 def grpo_roles(trained_chain, tmp_path_factory):
     roles, tokenizer, _ = build(trained_chain, tmp_path_factory.mktemp("shared-prefill"))
@@ -83,11 +109,14 @@ def test_the_policy_adapter_is_active_in_the_shared_pass(grpo_roles):
     roles, tokenizer, _ = grpo_roles
     model = roles.model
     ids, mask = grouped(tokenizer)
+    rows, width = ids.shape
     with torch.inference_mode():
         full = model.generate(ids, mask, adapter="policy", generation_config=GREEDY)
-        shared = model.generate(ids, mask, adapter="policy", prompt_group=GROUP, generation_config=GREEDY)
+        with embedded_tokens(model.peft_model) as embedded:
+            shared = model.generate(ids, mask, adapter="policy", prompt_group=GROUP, generation_config=GREEDY)
         with model.peft_model.disable_adapter():
             base = model.generate(ids, mask, adapter="policy", generation_config=GREEDY)
+    assert embedded[:2] == [(rows // GROUP) * (width - 1), rows]  # the multi-adapter path shares the prompt too
     torch.testing.assert_close(full.logits[0], shared.logits[0], atol=ATOL, rtol=0)
     assert (shared.logits[0] - base.logits[0]).abs().max() > 100 * ATOL
 

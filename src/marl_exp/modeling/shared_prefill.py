@@ -14,8 +14,13 @@ import inspect
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from marl_exp.modeling.multi_adapter import position_ids_from_mask
+
+
+# The cache layers whose whole state is keys and values (transformers' DynamicLayer and its sliding-window form).
+PLAIN_KV_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
 def prompt_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, group: int) -> bool:
@@ -27,17 +32,28 @@ def prompt_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, group: 
                 and torch.equal(attention_mask, attention_mask[::group].repeat_interleave(group, 0)))
 
 
-def cache_keyword(model) -> str:
+def cache_keyword(base) -> str:
     """The forward's and generate's name for the KV cache: ``cache`` in recent transformers 5, before that
     ``past_key_values``."""
-    params = inspect.signature(model.get_base_model().forward if hasattr(model, "get_base_model")
-                               else model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def plain_kv_cache(base) -> DynamicCache | None:
+    """An empty cache for ``base`` when its whole state is keys and values that ``generate`` would keep in a
+    ``DynamicCache`` too; None for anything else: a linear-attention or SSM layer (LFM2's convolutions, Qwen3-Next,
+    Falcon-H1), whose state ``batch_repeat_interleave`` does not repeat, a model with its own cache class, or a
+    generation config that fixes a cache implementation (``generate`` then refuses a cache passed in)."""
+    supports_dynamic = getattr(base, "_supports_default_dynamic_cache", lambda: True)
+    if not supports_dynamic() or getattr(base.generation_config, "cache_implementation", None):
+        return None
+    cache = DynamicCache(config=base.config)
+    return cache if all(type(layer) in PLAIN_KV_LAYERS for layer in cache.layers) else None
 
 
 def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group: int) -> dict:
     """``generate`` keyword arguments holding each group's prompt cache, computed once and repeated per row;
-    empty when the rows do not come in groups of ``group`` (then ``generate`` runs as usual).
+    empty when the rows do not come in groups of ``group`` or the model's cache is not plain keys and values
+    (``plain_kv_cache``): then ``generate`` runs as usual.
 
     ``model``: what ``generate`` is called on (a plain causal LM or a peft model, with its adapter active);
     it runs under the caller's no-grad / inference mode. The cached part is the prompt but its last token:
@@ -45,10 +61,12 @@ def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Te
     """
     if not prompt_groups(input_ids, attention_mask, group):
         return {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache = plain_kv_cache(base)
+    if cache is None:
+        return {}
     ids, mask = input_ids[::group, :-1], attention_mask[::group, :-1]
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    key = cache_keyword(model)
-    cache = DynamicCache(config=config)
+    key = cache_keyword(base)
     model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
           logits_to_keep=1, **{key: cache})
     cache.batch_repeat_interleave(group)
