@@ -516,20 +516,24 @@ def test_plan_names_roles_sources_and_upstream_settings(tmp_path):
     assert f"run dir    {tmp_path / 'run'}" in text
 
 
-@pytest.mark.parametrize("mode, native, device, expected, hint", [
-    ("fp32", "this CPU has avx512_bf16", "cpu", "fp32 weights, adapters and compute (quant=fp32)",
+@pytest.mark.parametrize("mode, native, device, full, expected, hint", [
+    ("fp32", (True, "this CPU has avx512_bf16"), "cpu", False, "fp32 weights, adapters and compute (quant=fp32)",
      "this CPU has avx512_bf16, for bf16 matmuls in hardware (quant=bf16)"),
-    ("fp32", None, "cpu", "fp32 weights, adapters and compute (quant=fp32)", None),
-    ("bf16", None, "cpu", "bf16 base weights and matmuls; adapters, heads, optimizer state and losses in fp32",
-     "this CPU has no bf16 matmul instructions (amx_bf16, avx512_bf16): bf16 may be slower than fp32"),
-    ("bf16", "this CPU has amx_bf16", "cpu", "bf16 base weights and matmuls", None),
-    ("bf16", None, "cuda", "bf16 base weights and matmuls", None),  # an old GPU: no CPU instruction to name
-    ("4bit", "this CPU has avx512_bf16", "cpu", "4-bit base weights (nf4, compute float32); adapters, heads and "
-     "losses in fp32 (quant=4bit)", None),
+    ("fp32", (False, ""), "cpu", False, "fp32 weights, adapters and compute (quant=fp32)", None),
+    ("bf16", (False, ""), "cpu", False, "bf16 base weights and base matmuls; adapters, heads and optimizer state in "
+     "fp32", "this CPU has no bf16 matmul instructions (amx_bf16, avx512_bf16): bf16 may be slower than fp32"),
+    ("bf16", (None, ""), "cpu", False, "bf16 base weights", None),  # flags unreadable (macOS, ARM): no claim
+    ("bf16", (True, "this CPU has amx_bf16"), "cpu", False, "bf16 base weights and base matmuls", None),
+    ("bf16", (False, ""), "cuda", False, "bf16 base weights and base matmuls", None),  # no CPU instruction to name
+    ("bf16", (True, "this CPU has avx512_bf16"), "cpu", True,
+     "fp32 weights (every one is trained), bf16 matmuls under autocast (quant=bf16)", None),  # a full-weight SFT
+    ("4bit", (True, "this CPU has avx512_bf16"), "cpu", False, "4-bit base weights (nf4, compute float32); adapters, "
+     "heads and optimizer state in fp32 (quant=4bit)", None),
 ])
-def test_the_plan_says_which_precision_the_run_uses_and_what_the_device_offers(mode, native, device, expected, hint):
+def test_the_plan_says_which_precision_the_run_uses_and_what_the_device_offers(mode, native, device, full, expected,
+                                                                                hint):
     cfg = compose(f"quant={mode}")
-    line = console.precision(cfg.quant, native, device)
+    line = console.precision(cfg.quant, native, device, full_finetune=full)
     assert line.startswith(expected)
     assert (hint in line) if hint else ("; " not in line.split(f"(quant={mode})")[1])
     text = console.plan(cfg, Path("/r"), {"sft": ("/s", "given"), "reward": ("/w", "given")}, "1 thread", line)
@@ -540,9 +544,22 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch):
     from marl_exp.run import hardware
 
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
-    assert hardware.native_bf16("cpu") == "this CPU has amx_bf16"  # AMX named first: the faster of the two
+    assert hardware.native_bf16("cpu") == (True, "this CPU has amx_bf16")  # AMX named first: the faster one
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512f"})
-    assert hardware.native_bf16("cpu") is None
+    assert hardware.native_bf16("cpu") == (False, "")
+    monkeypatch.setattr(hardware, "cpu_flags", set)  # no flags to read: it cannot tell
+    assert hardware.native_bf16("cpu") == (None, "")
+
+
+def test_a_gpu_that_only_emulates_bf16_is_not_called_native(monkeypatch):
+    import torch
+
+    from marl_exp.run import hardware
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or including_emulation)  # a pre-Ampere GPU: bf16 by emulation only
+    assert hardware.native_bf16("cuda") == (False, "") and asked == [False]
 
 
 def test_upstream_adapter_and_quant_are_explicit_and_keep_old_cache_hashes(tmp_path):

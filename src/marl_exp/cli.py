@@ -161,10 +161,12 @@ def _input_error(err: BaseException, run_dir: Path) -> float | None:
 def _precision(cfg: DictConfig) -> str:
     """The plan's precision line for the device the run will use."""
     from marl_exp.modeling.loading import resolve_device
+    from marl_exp.config import sft_finetune_mode
     from marl_exp.run.hardware import native_bf16
 
     device = resolve_device(cfg.device).type
-    return console.precision(cfg.quant, native_bf16(device), device)
+    full = cfg.stage.name == "sft" and sft_finetune_mode(cfg) == "full"
+    return console.precision(cfg.quant, native_bf16(device), device, full_finetune=full)
 
 
 def _run(cfg: DictConfig, run_dir: Path, choice: threads.ThreadChoice) -> float | None:

@@ -195,19 +195,22 @@ def _upstream(node: DictConfig, quant: DictConfig, name: str) -> str:
     return f"upstream.{name}: {how}, {weights}, {schedule}, lr {node.learning_rate:g}"
 
 
-def precision(quant: DictConfig, native_bf16: str | None, device: str) -> str:
+def precision(quant: DictConfig, bf16: tuple[bool | None, str], device: str, full_finetune: bool = False) -> str:
     """The plan's precision line: what is stored and computed in which dtype, the key that chose it, and what the
-    device says about bf16 (``run.hardware.native_bf16``: why it computes bf16 natively, or None)."""
+    device offers for bf16 (``run.hardware.native_bf16``: (native?, why), native None where it cannot tell).
+    ``full_finetune``: an SFT stage training every weight (which it keeps in fp32 over any base dtype)."""
     text = {
         "fp32": "fp32 weights, adapters and compute",
-        "bf16": "bf16 base weights and matmuls; adapters, heads, optimizer state and losses in fp32 (autocast)",
-        "8bit": "8-bit base weights (bitsandbytes LLM.int8); adapters, heads and losses in fp32",
+        "bf16": "fp32 weights (every one is trained), bf16 matmuls under autocast" if full_finetune else
+                "bf16 base weights and base matmuls; adapters, heads and optimizer state in fp32",
+        "8bit": "8-bit base weights (bitsandbytes LLM.int8); adapters, heads and optimizer state in fp32",
         "4bit": f"4-bit base weights ({quant.bnb_4bit_quant_type}, compute {quant.bnb_4bit_compute_dtype}); adapters, "
-                "heads and losses in fp32",
+                "heads and optimizer state in fp32",
     }[quant.mode] + f" (quant={quant.mode})"
-    if quant.mode == "fp32" and native_bf16:
-        text += f"; {native_bf16}, for bf16 matmuls in hardware (quant=bf16)"
-    if quant.mode == "bf16" and device == "cpu" and not native_bf16:
+    native, why = bf16
+    if quant.mode == "fp32" and native:
+        text += f"; {why}, for bf16 matmuls in hardware (quant=bf16)"
+    if quant.mode == "bf16" and device == "cpu" and native is False:
         text += "; this CPU has no bf16 matmul instructions (amx_bf16, avx512_bf16): bf16 may be slower than fp32"
     return text
 
@@ -233,9 +236,10 @@ def plan(cfg: DictConfig, run_dir: Path, upstream: dict[str, tuple[str, str]], t
         return f"{path} ({verb}; {_upstream(node, cfg.quant, name)})"
 
     if stage.name == "sft":
-        finetune = stage.finetune if stage.finetune != "auto" else (
-            "lora" if cfg.quant.mode in ("8bit", "4bit") else "full")
-        lines.append(f"  train      {'full fine-tune' if finetune == 'full' else _lora(cfg.adapter)} of {cfg.model.path}")
+        from marl_exp.config import sft_finetune_mode
+
+        full = sft_finetune_mode(cfg) == "full"
+        lines.append(f"  train      {'full fine-tune' if full else _lora(cfg.adapter)} of {cfg.model.path}")
     else:
         lines.append(f"  base       {source('sft')}")
     if stage.name == "reward":

@@ -11,7 +11,7 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (``/proc/cpuinfo``); empty where that file does not exist."""
+    """The CPU's feature flags (``/proc/cpuinfo`` on x86 Linux); empty where they cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -21,11 +21,18 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def native_bf16(device: str) -> str | None:
-    """Why ``device`` ("cpu" or "cuda") computes bf16 matmuls natively, or None when it does not (or cannot say)."""
+def native_bf16(device: str) -> tuple[bool | None, str]:
+    """Whether ``device`` ("cpu" or "cuda") computes bf16 matmuls natively, and why: (True, reason), (False, ""),
+    or (None, "") where it cannot tell (a CPU whose flags cannot be read: macOS, ARM Linux)."""
     if device == "cuda":
         import torch
 
-        return "this GPU computes bf16 natively" if torch.cuda.is_bf16_supported() else None
-    found = [flag for flag in BF16_CPU_FLAGS if flag in cpu_flags()]
-    return f"this CPU has {found[0]}" if found else None
+        # Without emulation: a pre-Ampere GPU "supports" bf16 only by emulating it, slower than fp16 or fp32.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, "this GPU computes bf16 natively"
+        return False, ""
+    flags = cpu_flags()
+    if not flags:
+        return None, ""
+    found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
+    return (True, f"this CPU has {found[0]}") if found else (False, "")
