@@ -12,7 +12,9 @@ plus the LoRA weight gradients; the base's weight gradients are never computed.
 Per phase (one policy; ``P`` prompt tokens, ``R`` response tokens per reply, ``B`` replies):
 - sample: prefill of the prompt (logits only at its last token), then one forward per response token;
 - score: the policy (old log-probs; with values for PPO's value head), the reference and the reward model,
-  each one forward over prompt + response (PPO's ``critic=adapter``: one more forward, its own adapter);
+  each one forward over prompt + response (PPO's ``critic=adapter``: one more forward, its own adapter). No
+  policy pass where the update's first forward gave the old log-probs (the step's
+  ``perf/old_logprobs_from_update`` metric);
 - update: per update of the batch (``ppo_epochs`` or ``num_iterations``), a forward and a backward over
   prompt + response (PPO's ``critic=adapter``: the critic's too).
 
@@ -87,8 +89,9 @@ def backward_flops(shapes: Shapes, tokens: int, lora_rank: int) -> float:
 
 
 def step_flops(shapes: Shapes, replies: int, prompt: float, response: float, updates: int, lora_rank: int,
-               reward_rank: int, critic_adapter: bool = False) -> dict[str, float]:
-    """Model FLOPs of one step's phases for ``replies`` replies of mean ``prompt`` + ``response`` tokens."""
+               reward_rank: int, critic_adapter: bool = False, policy_scoring: bool = True) -> dict[str, float]:
+    """Model FLOPs of one step's phases for ``replies`` replies of mean ``prompt`` + ``response`` tokens.
+    ``policy_scoring=False``: scoring has no policy pass (the update's first forward gave the old log-probs)."""
     p, r = round(prompt), round(response)
     sample = forward_flops(shapes, p, lm_head_tokens=1, lora_rank=lora_rank) \
         + sum(forward_flops(shapes, 1, start=p + i, lora_rank=lora_rank) for i in range(r - 1))
@@ -97,7 +100,7 @@ def step_flops(shapes: Shapes, replies: int, prompt: float, response: float, upd
     reference = forward_flops(shapes, whole)
     reward = forward_flops(shapes, whole, lm_head_tokens=0, lora_rank=reward_rank)
     critic = forward_flops(shapes, whole, lm_head_tokens=0, lora_rank=lora_rank) if critic_adapter else 0.0
-    score = policy + reference + reward + critic
+    score = (policy if policy_scoring else 0.0) + reference + reward + critic
     update = updates * (policy + backward_flops(shapes, whole, lora_rank)
                         + (critic + backward_flops(shapes, whole, lora_rank) if critic_adapter else 0.0))
     return {"sample": replies * sample, "score": replies * score, "update": replies * update}
@@ -136,6 +139,8 @@ def run_counts(run_dir: Path) -> dict:
     return {"cfg": cfg, "replies": stage.batch_size, "prompt_tokens": mean_prompt_tokens(cfg),
             "response_tokens": statistics.mean(_response_length(r) for r in steps),
             "updates": updates,  # passes over the whole batch, however it is split into mini-batches
+            # Scoring ran the policy unless the update's first forward gave the old log-probs (not logged: it did).
+            "policy_scoring": not steps[0].get("perf/old_logprobs_from_update", 0.0),
             "times": {phase: statistics.median(r[f"time/{key}"] for r in steps)
                       for phase, key in (("sample", "rollout"), ("score", "score"), ("update", "optimize"))},
             "steps": len(steps)}
@@ -183,7 +188,8 @@ def main() -> None:
     peak = matmul_peak(dtype, threads, m=min(tokens, 2048), k=shapes.hidden, n=max(o for _, o in shapes.linears))
     flops = step_flops(shapes, counts["replies"], counts["prompt_tokens"], counts["response_tokens"],
                        counts["updates"], cfg.adapter.r, cfg.upstream.reward.adapter.r,
-                       critic_adapter=cfg.stage.name == "ppo" and cfg.stage.critic == "adapter")
+                       critic_adapter=cfg.stage.name == "ppo" and cfg.stage.critic == "adapter",
+                       policy_scoring=counts["policy_scoring"])
     machine = common.machine()
     print(common.machine_line(machine))
     print(f"{args.run_dir}: {counts['steps']} steps of {counts['replies']} replies, prompt {counts['prompt_tokens']:.1f} "

@@ -227,7 +227,9 @@ def marl_worker(base: Path, reward: Path, work: Work, steps: int) -> None:
               "tokens": stats["completions/mean_length"] * work.batch,
               "skipped_updates": stats.get("skipped_batches", 0.0) * work.num_iterations,
               "optimizer_steps": work.num_iterations * (cfg.stage.batch_size // cfg.stage.optim.mini_batch_size),
-              "kl": stats.get("kl"), "scoring_logprob_passes": 2})  # policy and reference (score_many)
+              "kl": stats.get("kl"),
+              # The reference's, and the policy's unless the update's first forward gives the old log-probs.
+              "scoring_logprob_passes": 1 if trainer._old_logprobs_from_update(trainer.last_rollouts) else 2})
     await_go("finish")
     finish(peaks, optimizer_state_bytes(optimizer))
 
@@ -480,10 +482,12 @@ def summarize_size(size: str, out: dict, work: Work) -> dict:
         **{f"{phase}_time": marl["step"][phase] / trl["step"][phase] for phase in ("sample", "score", "update")
            if trl["step"][phase] > 0},
     }
+    # The scoring passes may differ: marl-exp takes the old log-probs from the update's first forward (the same
+    # numbers, tests/test_perf_equivalence.py), TRL computes them in a pass of their own; the FLOPs count each's.
     row["same_work"] = (marl["tokens_per_step"] == trl["tokens_per_step"] == [float(work.batch * work.new_tokens)]
                         and marl["optimizer_steps_per_step"] == trl["optimizer_steps_per_step"]
-                        and marl["scoring_logprob_passes"] == trl["scoring_logprob_passes"]
-                        and marl["skipped_updates"] == 0)
+                        and marl["skipped_updates"] == 0
+                        and all(kl is not None for fw in (marl, trl) for kl in fw["kl"]))  # both computed the reference
     return row
 
 
@@ -500,12 +504,13 @@ def model_flop_utilization(size: str, work: Work, row: dict, threads: int) -> di
     tokenizer = AutoTokenizer.from_pretrained(base)
     prompt = sum(len(tokenizer(p).input_ids) for p in common.prompts()) / len(common.prompts())
     reward_rank = json.loads((reward / "adapter_config.json").read_text())["r"]
-    per_phase = flops.step_flops(shapes, work.batch, prompt, work.new_tokens, work.num_iterations, lora_config().r,
-                                 reward_rank)
     tokens = work.batch * round(prompt + work.new_tokens)
     peak = flops.matmul_peak("fp32", threads, m=min(tokens, 2048), k=shapes.hidden, n=max(o for _, o in shapes.linears))
-    out = {"prompt_tokens": prompt, "peak_flops": peak, "peak_gflop_per_s": peak / 1e9, "model_flops": per_phase}
+    out = {"prompt_tokens": prompt, "peak_flops": peak, "peak_gflop_per_s": peak / 1e9, "model_flops": {}}
     for fw in FRAMEWORKS:
+        per_phase = flops.step_flops(shapes, work.batch, prompt, work.new_tokens, work.num_iterations, lora_config().r,
+                                     reward_rank, policy_scoring=row[fw]["scoring_logprob_passes"] == [2])
+        out["model_flops"][fw] = per_phase
         out[fw] = {phase: per_phase[phase] / row[fw]["step"][phase] / peak for phase in per_phase}
     return out
 
@@ -564,13 +569,16 @@ def markdown(result: dict) -> str:
                      f"{'yes' if row['same_work'] else '**no**'} | {met} |")
     lines += ["", "Model FLOP utilization (model FLOPs of the work ÷ phase time ÷ an fp32 matmul of the model's shapes "
                   "timed after the runs, same threads):", "",
-              "| size | matmul peak | model GFLOP: sample · score · update | MFU marl-exp | MFU TRL |", "|---|---|---|---|---|"]
+              "| size | matmul peak | model GFLOP: sample · score · update (marl-exp / TRL where they differ) "
+              "| MFU marl-exp | MFU TRL |", "|---|---|---|---|---|"]
     for row in result["sizes"]:
         if "mfu" not in row:  # results written before MFU was reported
             continue
         m, phases = row["mfu"], ("sample", "score", "update")
+        # One count for both (results before marl-exp skipped a scoring pass), or each framework's own.
+        counts = [m["model_flops"][fw] for fw in FRAMEWORKS] if "trl" in m["model_flops"] else [m["model_flops"]]
         lines.append(f"| {label(row['size'], row['gradient_checkpointing'])} | {m['peak_flops'] / 1e9:.1f} GFLOP/s | "
-                     + " · ".join(f"{m['model_flops'][p] / 1e9:.1f}" for p in phases) + " | "
+                     + " / ".join(" · ".join(f"{c[p] / 1e9:.1f}" for p in phases) for c in counts) + " | "
                      + " | ".join(" · ".join(f"{m[fw][p]:.2f}" for p in phases) for fw in FRAMEWORKS) + " |")
     return "\n".join(lines)
 

@@ -24,20 +24,25 @@ def test_trl_peer_runs_both_frameworks_on_the_same_work(tmp_path):
         r = row[fw]
         assert r["tokens_per_step"] == [16.0]
         assert r["optimizer_steps_per_step"] == 2
-        assert r["scoring_logprob_passes"] == [2]
         assert r["torch_threads"] == 1
         assert r["step"]["seconds"] > 0 and r["step"]["sample"] > 0 and r["step"]["update"] > 0
         assert r["rss_steps_peak_above_baseline_mib"] > 0
         assert set(r["rss_phase_peak_above_baseline_mib"]) == {"sample", "score", "update"}  # each phase its own
         assert all(kl is not None for kl in r["kl"])  # beta > 0: both computed the reference
+    # TRL scores the old policy and the reference; marl-exp the reference only: its update's first forward (one
+    # mini-batch, KL in the loss) gives the old log-probs.
+    assert row["trl"]["scoring_logprob_passes"] == [2] and row["marl-exp"]["scoring_logprob_passes"] == [1]
     assert row["same_work"]
-    # MFU per phase: one count of the work's model FLOPs, each framework's own times.
+    # MFU per phase: each framework's model FLOPs (the same but for that pass) and its own times.
     mfu = row["mfu"]
     for fw in ("marl-exp", "trl"):
+        flops = mfu["model_flops"][fw]
         for phase in ("sample", "score", "update"):
-            assert mfu[fw][phase] == pytest.approx(
-                mfu["model_flops"][phase] / row[fw]["step"][phase] / mfu["peak_flops"])
-    assert mfu["model_flops"]["update"] > mfu["model_flops"]["score"] > 0
+            assert mfu[fw][phase] == pytest.approx(flops[phase] / row[fw]["step"][phase] / mfu["peak_flops"])
+        assert flops["update"] > flops["score"] > 0
+    marl_flops, trl_flops = mfu["model_flops"]["marl-exp"], mfu["model_flops"]["trl"]
+    assert marl_flops["score"] < trl_flops["score"]
+    assert (marl_flops["sample"], marl_flops["update"]) == (trl_flops["sample"], trl_flops["update"])
     assert "| tiny | " in proc.stdout.split("Model FLOP utilization")[1]
     # TRL holds a second model (the reward classifier); marl-exp holds one base.
     assert row["marl-exp"]["model_bytes"] < row["trl"]["model_bytes"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,6 +40,10 @@ def test_step_phases_by_hand():
     assert whole == 208
     assert got["score"] == whole + whole + (208 - 80)  # policy, reference, reward (no LM head)
     assert got["update"] == whole + flops.backward_flops(TOY, 4, 0)
+    # The update's first forward gave the old log-probs: scoring is the reference and the reward only.
+    without = flops.step_flops(TOY, replies=1, prompt=2, response=2, updates=1, lora_rank=0, reward_rank=0,
+                               policy_scoring=False)
+    assert without == {**got, "score": whole + (208 - 80)}
 
 
 def test_block_weights_match_the_models_own_linear_layers():
@@ -72,3 +78,19 @@ def test_mean_prompt_tokens_is_over_every_training_prompt(tmp_path):
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
     assert len(set(lengths)) > 1  # prompts differ in length, so the first one alone would not do
     assert abs(flops.mean_prompt_tokens(cfg) - sum(lengths) / len(lengths)) < 1e-6  # a float32 mean
+
+
+@pytest.mark.parametrize("logged, scored", [({"perf/old_logprobs_from_update": 1.0}, False),
+                                            ({"perf/old_logprobs_from_update": 0.0}, True),
+                                            ({}, True)])  # a run from before the metric: scoring ran the policy
+def test_a_runs_counts_say_whether_scoring_ran_the_policy(tmp_path, logged, scored):
+    from omegaconf import OmegaConf
+
+    from conftest import compose
+
+    cfg = compose("stage=grpo", "stage.sft_model=builtin:tiny", f"output_dir={tmp_path}")
+    (tmp_path / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    step = {"time/step": 3.0, "time/rollout": 1.0, "time/score": 1.0, "time/optimize": 1.0,
+            "completions/mean_length": 4.0, **logged}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(step) + "\n")
+    assert flops.run_counts(tmp_path)["policy_scoring"] is scored

@@ -126,6 +126,90 @@ def test_a_ppo_step_is_the_same_with_any_speed_up_flipped(shared, flip):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
+# GRPO's defaults here: KL in the loss, 2 iterations, one mini-batch a step: the first forward is on-policy.
+GRPO_ONE_MINI_BATCH = ("stage.steps=2", "stage.batch_size=8", "stage.optim.mini_batch_size=8",
+                       "stage.sampling.num_generations=4", "stage.sampling.max_new_tokens=8",
+                       "stage.eval.eval_every=0", "stage.save_every=0")
+
+
+def grpo_build(chain, out, *overrides):
+    cfg = compose("stage=grpo", "logger=none", f"output_dir={out}", f"stage.sft_model={chain['sft_model']}",
+                  f"stage.reward_adapter={chain['reward_adapter']}", *GRPO_ONE_MINI_BATCH, *overrides)
+    roles = build_roles(cfg, str(chain["sft_model"]), str(chain["reward_adapter"]), resolve_device("cpu"))
+    perturb(roles.model, "policy", seed=6)
+    roles.model.train(not cfg.stage.runtime.disable_dropout)
+    return roles, load_tokenizer(str(chain["sft_model"])), cfg
+
+
+@pytest.fixture(scope="module")
+def grpo_shared(trained_chain, tmp_path_factory):
+    return grpo_build(trained_chain, tmp_path_factory.mktemp("perf_grpo"))
+
+
+def test_a_grpo_step_is_the_same_with_the_old_log_probs_from_the_first_update_forward(grpo_shared, monkeypatch):
+    """The scoring pass leaves the policy out and the update's first forward gives the old log-probs: the same
+    loss, KL, clip ratio and weights as with the scoring pass, one policy forward fewer a step."""
+    roles, tokenizer, cfg = grpo_shared
+    calls = []
+    real = roles.model.policy_forward
+    monkeypatch.setattr(roles.model, "policy_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = {}
+    for on in (True, False):
+        calls.clear()
+        results[on] = one_step(roles, tokenizer, cfg, PerfOptions(old_logprobs_from_update=on)) + (len(calls),)
+    (stats_on, weights_on, forwards_on), (stats_off, weights_off, forwards_off) = results[True], results[False]
+    epochs = cfg.stage.optim.num_iterations
+    assert (forwards_on, forwards_off) == (epochs, epochs + 1)
+    for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "reward", "objective/kl", "grad_norm"):
+        assert stats_on[key] == pytest.approx(stats_off[key], abs=ATOL, rel=1e-5), key
+    for a, b in zip(weights_on, weights_off):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_the_first_forward_fills_the_rollouts_old_log_probs_with_the_scoring_passs_values(grpo_shared):
+    roles, tokenizer, cfg = grpo_shared
+    trainer = RLTrainer(roles, tokenizer, cfg.stage, PROMPTS, seed=0)
+    before = trainable_state(roles.model)
+    try:
+        torch.manual_seed(5)
+        rollout = sample(roles.model, tokenizer, PROMPTS, "policy", cfg.stage, group=4)
+        scored = score_many(roles, {"policy": unscored(rollout)}, "none", cfg.stage, tokenizer)["policy"]
+        deferred = score_many(roles, {"policy": unscored(rollout)}, "none", cfg.stage, tokenizer,
+                              policy=False)["policy"]
+        assert deferred.logprobs is None and deferred.kl is None
+        torch.testing.assert_close(deferred.ref_logprobs, scored.ref_logprobs, atol=0, rtol=0)
+        torch.testing.assert_close(deferred.raw_scores, scored.raw_scores, atol=0, rtol=0)
+        deferred.scores = deferred.raw_scores.clone()
+        trainer._update(trainer.policies["policy"], deferred)
+        mask = scored.response_mask.bool()
+        torch.testing.assert_close(deferred.logprobs[mask], scored.logprobs[mask], atol=ATOL, rtol=0)
+    finally:
+        restore(roles.model, before)
+
+
+@pytest.mark.parametrize("case, overrides, expected", [
+    ("grpo, KL in the loss, one mini-batch", (), True),
+    ("two mini-batches: the second runs updated weights", ("stage.optim.mini_batch_size=4",), False),
+    ("KL in the reward: the advantages read it", ("stage.kl.kl_in_reward=true", "stage.kl.beta=0.05"), False),
+    ("dropout on: the forward differs from sampling's", ("stage.runtime.disable_dropout=false",), False),
+])
+def test_the_old_log_probs_come_from_the_update_only_where_its_first_forward_is_the_sampling_policy(
+        trained_chain, tmp_path, case, overrides, expected):
+    roles, tokenizer, cfg = grpo_build(trained_chain, tmp_path, *overrides)
+    trainer = RLTrainer(roles, tokenizer, cfg.stage, PROMPTS, seed=0)
+    rollout = {"policy": Rollout(*(torch.ones(8, 3, dtype=torch.long),) * 4)}
+    assert trainer._old_logprobs_from_update(rollout) is expected, case
+    trainer.perf = PerfOptions(old_logprobs_from_update=False)
+    assert trainer._old_logprobs_from_update(rollout) is False
+
+
+def test_ppo_always_scores_the_policy_first(shared):
+    roles, tokenizer, cfg = shared
+    trainer = RLTrainer(roles, tokenizer, cfg.stage, PROMPTS, seed=0)
+    rollout = {"policy": Rollout(*(torch.ones(4, 3, dtype=torch.long),) * 4)}  # one mini-batch, eval mode
+    assert not roles.model.training and not trainer._old_logprobs_from_update(rollout)
+
+
 def test_inference_mode_gives_bit_identical_rollouts_and_scores(shared):
     roles, tokenizer, cfg = shared
     rollouts = []

@@ -48,8 +48,8 @@ class PolicyOutput:
 class RoleScores:
     """What scoring a rollout needs from every role, for the same rows and positions."""
 
-    policy_logits: torch.Tensor  # [B, W, V] each row under its own policy
-    values: torch.Tensor  # [B, W] each row's critic
+    policy_logits: torch.Tensor | None  # [B, W, V] each row under its own policy (None: not asked)
+    values: torch.Tensor | None  # [B, W] each row's critic (None with the policy logits)
     reference_logits: torch.Tensor  # [B, W, V] adapters disabled
     reward_scores: torch.Tensor | None  # [B] reward adapter + score head at the last real token (None: not asked)
 

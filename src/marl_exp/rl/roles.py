@@ -51,19 +51,21 @@ class SharedRoles:
                                                reward_adapter_name=adapter)
 
     def score(self, input_ids, attention_mask, row_policies: list[str], critic: str, logits_positions: slice,
-              fused: bool = True, reward_input_ids=None, reward_attention_mask=None, reward: bool = True) -> RoleScores:
+              fused: bool = True, reward_input_ids=None, reward_attention_mask=None, reward: bool = True,
+              policy: bool = True) -> RoleScores:
         """Everything scoring needs for rows grouped by policy (``row_policies[i]`` sampled row ``i``).
 
         ``fused``: one mixed-adapter forward for every role (``MultiAdapterModel.score_roles``);
         otherwise one pass per role, as ``SeparateRoles`` must do. The reward reads ``reward_input_ids``
         (the text as the reward trainer saw it, see ``rollout.reward_inputs``) when given; ``reward=False``:
-        no reward adapter pass (``reward_scores`` is None), for a reward from other sources.
+        no reward adapter pass (``reward_scores`` is None), for a reward from other sources; ``policy=False``:
+        no policy pass (``policy_logits`` and ``values`` are None), when the update's first forward gives them.
         """
         reward_ids = input_ids if reward_input_ids is None else reward_input_ids
         reward_mask = attention_mask if reward_attention_mask is None else reward_attention_mask
-        if not fused:
+        if not fused or not policy:  # without policy rows, the fused pass would only join reference and reward
             return score_role_by_role(self, input_ids, attention_mask, row_policies, critic, logits_positions,
-                                      reward_ids, reward_mask, reward)
+                                      reward_ids, reward_mask, reward, policy)
         critics = [critic_name(p) for p in row_policies] if critic == "adapter" else None
         return self.model.score_roles(input_ids, attention_mask, row_policies, critics, logits_positions,
                                       reward_ids, reward_mask, reward=reward)
@@ -95,25 +97,29 @@ class SeparateRoles(SharedRoles):
         return logits[:, self.model.reward_label_index].float()
 
     def score(self, input_ids, attention_mask, row_policies: list[str], critic: str, logits_positions: slice,
-              fused: bool = True, reward_input_ids=None, reward_attention_mask=None, reward: bool = True) -> RoleScores:
+              fused: bool = True, reward_input_ids=None, reward_attention_mask=None, reward: bool = True,
+              policy: bool = True) -> RoleScores:
         # Separate models cannot share a forward: always one pass per role.
         return super().score(input_ids, attention_mask, row_policies, critic, logits_positions, fused=False,
                              reward_input_ids=reward_input_ids, reward_attention_mask=reward_attention_mask,
-                             reward=reward)
+                             reward=reward, policy=policy)
 
 
 def score_role_by_role(roles: SharedRoles, input_ids, attention_mask, row_policies: list[str], critic: str,
-                       logits_positions: slice, reward_input_ids, reward_attention_mask, reward: bool = True) -> RoleScores:
-    """One reference and one reward pass over all rows, then one policy pass per block of rows of a policy. All in
-    eval mode, as the fused pass: the old log-probs and values are those of the policy that sampled the responses
-    (``generate`` runs in eval mode), whatever mode the update trains in."""
+                       logits_positions: slice, reward_input_ids, reward_attention_mask, reward: bool = True,
+                       policy: bool = True) -> RoleScores:
+    """One reference and one reward pass over all rows, then (``policy``) one policy pass per block of rows of a
+    policy. All in eval mode, as the fused pass: the old log-probs and values are those of the policy that sampled
+    the responses (``generate`` runs in eval mode), whatever mode the update trains in."""
     reference = roles.reference_logits(input_ids, attention_mask, logits_positions)
     rewards = roles.reward_scores(reward_input_ids, reward_attention_mask, row_policies[0]) if reward else None
+    if not policy:
+        return RoleScores(None, None, reference, rewards)
     positions = slice(None) if logits_positions is None else logits_positions
     logits, values = [], []
     with roles.model._eval_mode():
-        for policy, rows in _blocks(row_policies):
-            out = roles.policy_outputs(input_ids[rows], attention_mask[rows], policy, critic, logits_positions)
+        for name, rows in _blocks(row_policies):
+            out = roles.policy_outputs(input_ids[rows], attention_mask[rows], name, critic, logits_positions)
             logits.append(out.logits)
             values.append(out.values[:, positions].float())
     return RoleScores(torch.cat(logits), torch.cat(values), reference, rewards)

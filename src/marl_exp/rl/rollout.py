@@ -35,6 +35,9 @@ class PerfOptions:
     lazy_entropy: bool = True  # entropy without autograd, a few rows at a time, when entropy_coef is 0 (only logged)
     lean_logprobs: bool = True  # the update's backward turns the response logits into their own gradient (in place)
     shared_prefill: bool = True  # a group's prompt (GRPO's num_generations rows) through the model once, not per row
+    # The old log-probs from the first update's forward, not a scoring pass, where that forward runs the sampling
+    # weights and nothing reads them before it (GRPO's KL in the loss, one mini-batch a step: RLTrainer).
+    old_logprobs_from_update: bool = True
     # Policy, reference and reward rows in one mixed-adapter forward (shared base only). Off: on a CPU
     # peft's per-row adapter dispatch costs more than the two passes it saves (docs/performance.md).
     fused_scoring: bool = False
@@ -250,7 +253,8 @@ def score(roles, rollout: Rollout, adapter: str, critic: str, stage, tokenizer,
 
 
 def score_many(roles, rollouts: dict[str, Rollout], critic: str, stage, tokenizer,
-               perf: PerfOptions = DEFAULT_PERF, stop_ids: list[int] | None = None) -> dict[str, Rollout]:
+               perf: PerfOptions = DEFAULT_PERF, stop_ids: list[int] | None = None,
+               policy: bool = True) -> dict[str, Rollout]:
     """Score the rollouts of several policies on the same prompts.
 
     The reference and reward passes do not depend on the policy, so they run once over all
@@ -260,7 +264,8 @@ def score_many(roles, rollouts: dict[str, Rollout], critic: str, stage, tokenize
     the other roles, each further adapter in a pass of its own, each function on the decoded texts. An
     adapter reads each sequence as the reward trainer saw its texts (``reward_inputs``,
     ``chat_reward_inputs`` for conversations); ``stop_ids``: the ids that ended the responses (default
-    ``stop_token_ids``).
+    ``stop_token_ids``). ``policy=False`` leaves out the policy pass: old log-probs, values and KL stay None, for
+    the update's first forward to fill in (``RLTrainer``, ``perf.old_logprobs_from_update``).
     """
     sources = getattr(roles, "reward_sources", None) or RewardSources.default()
     length = max(r.response_ids.shape[1] for r in rollouts.values())
@@ -281,16 +286,18 @@ def score_many(roles, rollouts: dict[str, Rollout], critic: str, stage, tokenize
     with no_grad_mode(perf.inference_mode):
         out = roles.score(ids, mask, row_policies, critic, window if perf.window_logits else None,
                           fused=perf.fused_scoring, reward_input_ids=reward_ids, reward_attention_mask=reward_mask,
-                          reward=sources.primary is not None)
+                          reward=sources.primary is not None, policy=policy)
         crop = slice(None) if perf.window_logits else window
-        logits = temperature_scaled(out.policy_logits[:, crop], stage.sampling.temperature)
         ref_logits = temperature_scaled(out.reference_logits[:, crop], stage.sampling.temperature)
-        logprobs = logprobs_from_logits(logits, responses)
         ref_logprobs = logprobs_from_logits(ref_logits, responses)
-        # The critic-free stages have no kl_penalty option: their KL in the reward is the plain estimate.
-        kl = kl_per_token(logprobs, ref_logprobs, getattr(stage.kl, "kl_penalty", "kl"), stage.kl.kl_estimator,
-                          logits=logits, ref_logits=ref_logits)
-        values = out.values[:, crop].float()
+        logprobs = kl = values = None
+        if policy:
+            logits = temperature_scaled(out.policy_logits[:, crop], stage.sampling.temperature)
+            logprobs = logprobs_from_logits(logits, responses)
+            # The critic-free stages have no kl_penalty option: their KL in the reward is the plain estimate.
+            kl = kl_per_token(logprobs, ref_logprobs, getattr(stage.kl, "kl_penalty", "kl"), stage.kl.kl_estimator,
+                              logits=logits, ref_logits=ref_logits)
+            values = out.values[:, crop].float()
         if sources.primary is not None:
             source_scores[sources.primary] = out.reward_scores.float()
         for name, adapter in sources.extra_adapters.items():  # the active policy stays active
@@ -302,7 +309,8 @@ def score_many(roles, rollouts: dict[str, Rollout], critic: str, stage, tokenize
     raw_scores = sources.combine(source_scores)
 
     sizes = [r.query_ids.shape[0] for r in rollouts.values()]
-    parts = [t.split(sizes) for t in (logprobs, ref_logprobs, values, kl, raw_scores)]
+    parts = [t.split(sizes) if t is not None else [None] * len(sizes)
+             for t in (logprobs, ref_logprobs, values, kl, raw_scores)]
     per_source = {name: scores.split(sizes) for name, scores in source_scores.items()}
     for i, (rollout, (lp, ref_lp, v, k, raw)) in enumerate(zip(rollouts.values(), zip(*parts))):
         rollout.logprobs, rollout.ref_logprobs, rollout.values = detached(lp), detached(ref_lp), detached(v)

@@ -118,8 +118,9 @@ class RLTrainer:
 
         t0 = time.perf_counter()
         if problem is None:
+            deferred = self._old_logprobs_from_update(rollouts)
             score_many(self.roles, rollouts, self.critic, self.stage, self.tokenizer, perf=self.perf,
-                       stop_ids=self.stop_ids)
+                       stop_ids=self.stop_ids, policy=not deferred)
             # Checked before the scores are shaped: NaN must not reach the running score statistics.
             problem = _nonfinite_rollout(rollouts)
         problem = _agreed(problem)  # in a data-parallel run every rank skips, or none does
@@ -139,12 +140,22 @@ class RLTrainer:
                       for name, rollout in rollouts.items()}
         timings["time/optimize"] = time.perf_counter() - t0
 
-        stats = {}
+        stats = {"perf/old_logprobs_from_update": float(deferred)}  # which passes the step ran (bench/flops.py)
         for name, policy_stats in per_policy.items():
             stats.update(self._prefixed(name, policy_stats))
         for name, policy_stats in per_policy.items():  # after every update: controllers follow the step
             stats.update(self._prefixed(name, algorithm.after_update(name, policy_stats)))
         return self._finish_step(rollouts, stats, timings)
+
+    def _old_logprobs_from_update(self, rollouts: dict[str, Rollout]) -> bool:
+        """Whether scoring leaves out the policy pass, the update's first forward giving the old log-probs (as
+        TRL's GRPOTrainer does when its first iteration is on-policy). That forward must run the weights that
+        sampled every row: one mini-batch per epoch, so no optimizer step comes before any row's first forward,
+        and eval mode, so no dropout (``generate`` and scoring run in eval mode). And the algorithm must not read
+        the old log-probs before the update: PPO's rewards and GRPO's KL in the reward do."""
+        return (self.perf.old_logprobs_from_update and not self.algorithm.reads_old_logprobs_before_update
+                and not self.model.training
+                and all(r.query_ids.shape[0] <= self.stage.optim.mini_batch_size for r in rollouts.values()))
 
     def _next_prompts(self) -> list[str]:
         """Each prompt ``algorithm.group_size`` times in a row: one group per prompt (PPO: groups of one)."""
@@ -190,6 +201,11 @@ class RLTrainer:
         algorithm = self.algorithm
         if rollout.advantages is None:  # called on its own (tests, benchmarks), not from ``step``
             rollout.advantages, rollout.returns = algorithm.advantages(policy.name, rollout)
+        # Scoring left the old log-probs to this first forward (``_old_logprobs_from_update``): it runs the
+        # sampling weights on every row. NaN marks a row it has not reached.
+        fill_old = rollout.logprobs is None
+        if fill_old:
+            rollout.logprobs = torch.full(rollout.response_mask.shape, math.nan, device=rollout.response_mask.device)
         all_stats: list[dict] = []
         stopped_early, nonfinite_updates = False, 0
         for _ in range(algorithm.epochs):
@@ -201,6 +217,9 @@ class RLTrainer:
                     weight, tokens = algorithm.loss_weight(rollout, rows, mini_batch)
                     mb = rollout.select(rows)
                     forward = self._policy_forward(policy.name, mb)
+                    if fill_old:
+                        mb.logprobs = forward.logprobs.detach().clone()
+                        rollout.logprobs[rows] = mb.logprobs
                     stats = self._guard(forward, mb)
                     if stats is None:
                         loss, stats = algorithm.loss(forward, mb, tokens)
@@ -211,6 +230,7 @@ class RLTrainer:
                             vf_loss, vf_stats = algorithm.critic_loss(self._critic_values(policy.name, mb), mb, stats)
                             stats = self._backward(vf_loss, weight, {**stats, **vf_stats})
                     batch_stats.append(stats)
+                fill_old = False  # the next mini-batch runs updated weights
                 skipped, nonfinite = self._optimizer_step(policy, batch_stats)
                 nonfinite_updates += int(nonfinite)
                 all_stats.extend(batch_stats)

@@ -8,6 +8,7 @@ the object ``make_algorithm`` picks for a stage.
 - ``groups``: the group layout, settings and registry of the critic-free advantage estimators.
 
 An algorithm object gives the loop: ``metric_prefix``, ``critic``, ``group_size``, ``epochs``,
+``reads_old_logprobs_before_update`` (phases 3-4 read the sampling policy's log-probs, values or KL),
 ``trained_parameters``, ``shape_scores`` (phase 3), ``advantages`` (phase 4), ``loss_mask``, ``loss_weight``,
 ``loss`` -> ``(loss, stats)`` (phase 5; PPO with a critic adapter also ``critic_loss``), ``stop_epochs``,
 ``step_stats``, ``after_update``, ``skip_stats``, ``state_dict`` / ``load_state_dict``.

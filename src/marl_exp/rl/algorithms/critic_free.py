@@ -42,6 +42,8 @@ class CriticFree:
         self.stage = stage
         self.group_size = stage.sampling.num_generations
         self.epochs = stage.optim.num_iterations
+        # The KL in the reward enters the advantages; in the loss (GRPO), nothing reads the old log-probs before it.
+        self.reads_old_logprobs_before_update = bool(stage.kl.kl_in_reward)
         self.estimator = get_advantage_estimator(stage.advantage_estimator)
         self.settings = AdvantageSettings(
             num_generations=stage.sampling.num_generations, beta=stage.kl.beta,

@@ -36,6 +36,7 @@ class PPO:
 
     metric_prefix = "ppo/"  # the loop's own counters (guards, grad norm, learning rate) are PPO's here
     group_size = 1  # one response per prompt
+    reads_old_logprobs_before_update = True  # the KL in the reward and GAE's values come from scoring
 
     def __init__(self, stage, perf):
         self.stage, self.perf = stage, perf
