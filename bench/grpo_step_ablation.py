@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 from pathlib import Path
 
@@ -95,16 +94,11 @@ def measure(rounds: int, seed: int, progress=print) -> dict:
             if abs(losses[name] - losses["default"]) > LOSS_TOLERANCE:
                 raise SystemExit(f"bench: error: '{name}' gave loss {losses[name]!r}, the default {losses['default']!r}")
         progress(f"round {i}: " + ", ".join(f"{n} {times[n]['time/step'][-1]:.2f} s" if i else n for n in order))
-    out = {name: {phase: quartiles(values) for phase, values in phases.items()} for name, phases in times.items()}
+    out = {name: {phase: common.quartiles(values) for phase, values in phases.items()} for name, phases in times.items()}
     for name in names:
         out[name]["default_over_this"] = out["default"]["time/step"]["median"] / out[name]["time/step"]["median"]
     return {"variants": out, "replies": cfg.stage.batch_size, "max_new_tokens": cfg.stage.sampling.max_new_tokens,
             "num_generations": cfg.stage.sampling.num_generations, "num_iterations": cfg.stage.optim.num_iterations}
-
-
-def quartiles(values: list[float]) -> dict:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "q1": q[0], "q3": q[2], "runs": values}
 
 
 def markdown(result: dict) -> str:

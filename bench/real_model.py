@@ -114,19 +114,15 @@ PHASE_MARKS = {"start": "] - threads:", "reward_stage": "running the reward stag
                "reward_done": "reward adapter saved", "rl_start": "RL stops responses", "end": "run finished"}
 
 
-def phases(run_dir: Path) -> dict:
+def phases(run_dir: Path, log: Path | None = None) -> dict:
     """Minutes per phase from the run's log (line timestamps) and metrics (``time/step``): ``pairs`` (sampling
     the pairs' replies; ~0 when cached), ``reward_training``, ``rl_steps`` (the sum of the steps' own times) and
     ``evaluations`` (the rest of the RL stage), plus ``start`` (launch to the first stage: model import, loads).
     Phases a run did not have (the reward stage of a later algorithm on a seed) are absent."""
-    log = run_dir.parent / f"{run_dir.name}.log"
+    log = log or run_dir.parent / f"{run_dir.name}.log"
     if not log.exists():
         return {}
-    stamps = {}
-    for line in log.read_text(errors="replace").splitlines():
-        for name, mark in PHASE_MARKS.items():
-            if mark in line and name not in stamps and line.startswith("[20"):
-                stamps[name] = time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")) + float(line[21:24]) / 1e3
+    stamps = log_stamps(log)
     minutes = lambda a, b: round((stamps[b] - stamps[a]) / 60, 2)  # noqa: E731
     out = {}
     if "start" in stamps:
@@ -141,6 +137,40 @@ def phases(run_dir: Path) -> dict:
         if resumed_at(run_dir) is None:  # a resumed run's wall time spans the stop
             out["evaluations"] = round(minutes("rl_start", "end") - steps / 60, 2)
     return out
+
+
+def log_stamps(log: Path) -> dict[str, float]:
+    """The time (epoch seconds) of the first log line carrying each of ``PHASE_MARKS``."""
+    stamps = {}
+    for line in log.read_text(errors="replace").splitlines():
+        for name, mark in PHASE_MARKS.items():
+            if mark in line and name not in stamps and line.startswith("[20"):
+                stamps[name] = time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")) + float(line[21:24]) / 1e3
+    return stamps
+
+
+def chain_row(log: Path) -> dict:
+    """The default chain as a user runs it (``python train.py experiment=smollm2_sentiment > <log> 2>&1``, fresh
+    cache): its minutes from the log's first line to "run finished" (the interpreter's start-up before the first
+    line, seconds, is not in them), the phases, before -> after, and whether it met the time target."""
+    found = re.search(r"run finished: (\S+)", log.read_text(errors="replace"))
+    if not found:
+        raise SystemExit(f"bench: error: {log} has no 'run finished: <run dir>' line; was the run complete?")
+    run_dir = Path(found.group(1))
+    stamps = log_stamps(log)
+    minutes = (stamps["end"] - stamps["start"]) / 60
+    row = run_row("grpo", "fp32", _seed(run_dir / "resolved_config.yaml"), run_dir, minutes, True)
+    row["phases_min"] = phases(run_dir, log)
+    row["reward_stage_ran"] = "reward_stage" in stamps
+    found = re.search(r"held-out pairwise accuracy ([0-9.]+)", log.read_text(errors="replace"))
+    row["reward_heldout_accuracy"] = float(found.group(1)) if found else None
+    row["passed"]["default_chain_minutes"] = minutes <= TARGETS["default_chain_minutes_max"]
+    return row
+
+
+def _seed(resolved_config: Path) -> int | None:
+    line = next((ln for ln in resolved_config.read_text().splitlines() if ln.startswith("seed:")), None)
+    return int(line.split(":", 1)[1]) if line else None
 
 
 def resumed_at(run_dir: Path) -> int | None:
@@ -287,21 +317,33 @@ def main() -> None:
     parser.add_argument("--quants", nargs="+", default=["fp32"], choices=["fp32", "bf16", "8bit", "4bit"])
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: bench/seeds.json's real_model")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "real_model")
-    parser.add_argument("--results", type=Path, default=common.RESULTS / "real_model.json")
+    parser.add_argument("--results", type=Path, help="default: bench/results/real_model.json (--chain-log: "
+                        "default_chain.json)")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "real_model.png")
     parser.add_argument("--collect", type=Path, help="rebuild the rows of a stopped benchmark's finished runs")
     parser.add_argument("--stamp", type=Path, help="run under this dir instead of a new <out>/<time>: processes "
                         "running other seeds side by side, or a later process adding algorithms to a seed, share "
                         "it (and so the seed's reward adapter, through its stage cache)")
     parser.add_argument("--from-json", nargs="+", type=Path, help="merge results files written by this script")
+    parser.add_argument("--chain-log", type=Path, help="record the default chain run by hand with its output in this "
+                        "log (python train.py experiment=smollm2_sentiment > <log> 2>&1, from a fresh cache) into "
+                        "--results: its minutes against the 45-minute target, phases and before -> after")
     common.add_allow_dirty(parser)
     parser.add_argument("extra", nargs="*", help="overrides for every run, after --")
     args = parser.parse_args()
+    args.results = args.results or common.RESULTS / ("default_chain.json" if args.chain_log else "real_model.json")
 
     if args.from_json:
         parts = [json.loads(p.read_text()) for p in args.from_json]
         rows = [r for p in parts for r in p["rows"]]
         write_results(rows, parts[0]["seeds"], args, [m for p in parts for m in p["machines"]])
+        return
+    if args.chain_log:
+        row = chain_row(args.chain_log)
+        common.write_json(args.results, {"machines": [{**common.machine(), "role": "recorded by"}], "targets": TARGETS,
+                                         "rows": [row]})
+        print(table([row]) + f"\n\nminutes {row['minutes']} (target <= {TARGETS['default_chain_minutes_max']}); "
+              f"phases {row['phases_min']}; wrote {args.results}")
         return
     common.require_clean_tree(args.allow_dirty)
     if args.seeds is None:

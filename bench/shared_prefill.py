@@ -13,7 +13,6 @@ Reported: median wall time with quartiles, the ratio on ÷ off, and the prompt a
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,11 +59,6 @@ def one_sample(model, tokenizer, cfg, prompts, group: int, shared: bool, seed: i
     return time.perf_counter() - started, rollout
 
 
-def quartiles(values: list[float]) -> dict:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "q1": q[0], "q3": q[2], "runs": values}
-
-
 def measure(reps: int, seed: int, progress=print) -> dict:
     import torch
 
@@ -89,7 +83,7 @@ def measure(reps: int, seed: int, progress=print) -> dict:
             if not torch.equal(responses[True], responses[False]):
                 raise SystemExit(f"bench: error: {name} sampled different replies with the shared prefill on and off")
             progress(f"{name} round {i}: on {times[True][-1] if i else 0:.2f} s, off {times[False][-1] if i else 0:.2f} s")
-        on, off = quartiles(times[True]), quartiles(times[False])
+        on, off = common.quartiles(times[True]), common.quartiles(times[False])
         out[name] = {"requests": count, "replies_per_request": group, "prompt_tokens_padded": lengths[0],
                      "mean_reply_tokens": lengths[1], "shared": on, "per_row": off,
                      "on_over_off": on["median"] / off["median"],

@@ -95,3 +95,19 @@ def test_collect_builds_the_row_of_a_run_resumed_outside_the_benchmark_without_i
     # the RL stage's wall time spans the day between the two processes: no evaluation minutes from it
     assert row["phases_min"]["rl_steps"] == 9.0 and "evaluations" not in row["phases_min"]
     assert "| resumed* (2) | met |" in real_model.table([row])
+
+
+def test_the_default_chain_is_timed_from_its_log_and_held_to_the_45_minute_target(tmp_path):
+    run_dir = make_run(tmp_path, GOOD)
+    log = tmp_path / "chain.log"
+    log.write_text(LOG.replace("run finished: z", f"run finished: {run_dir}"))
+    row = real_model.chain_row(log)
+    assert row["minutes"] == 31.0  # 07:00 -> 07:31
+    assert row["phases_min"]["pairs"] == 11.5 and row["reward_stage_ran"] and row["reward_heldout_accuracy"] == 0.852
+    assert row["passed"]["default_chain_minutes"] is True and row["seed"] == 4301
+    log.write_text(LOG.replace("07:31:00,000][marl_exp][INFO] - run finished: z",
+                               f"07:45:01,000][marl_exp][INFO] - run finished: {run_dir}"))
+    assert real_model.chain_row(log)["passed"]["default_chain_minutes"] is False  # 45.02 min
+    log.write_text(LOG.replace("run finished: z", ""))
+    with pytest.raises(SystemExit, match="no 'run finished"):
+        real_model.chain_row(log)
