@@ -165,6 +165,10 @@ def chain_row(log: Path) -> dict:
     found = re.search(r"held-out pairwise accuracy ([0-9.]+)", log.read_text(errors="replace"))
     row["reward_heldout_accuracy"] = float(found.group(1)) if found else None
     row["passed"]["default_chain_minutes"] = minutes <= TARGETS["default_chain_minutes_max"]
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [step for step in steps if "time/step" in step]
+    row["step_median_s"] = {key: common.median([step[key] for step in steps])
+                            for key in ("time/rollout", "time/score", "time/optimize", "time/step") if key in steps[0]}
     return row
 
 

@@ -105,6 +105,7 @@ def test_the_default_chain_is_timed_from_its_log_and_held_to_the_45_minute_targe
     assert row["minutes"] == 31.0  # 07:00 -> 07:31
     assert row["phases_min"]["pairs"] == 11.5 and row["reward_stage_ran"] and row["reward_heldout_accuracy"] == 0.852
     assert row["passed"]["default_chain_minutes"] is True and row["seed"] == 4301
+    assert row["step_median_s"] == {"time/step": 270.0}  # the median of the steps' own 240 and 300 s
     log.write_text(LOG.replace("07:31:00,000][marl_exp][INFO] - run finished: z",
                                f"07:45:01,000][marl_exp][INFO] - run finished: {run_dir}"))
     assert real_model.chain_row(log)["passed"]["default_chain_minutes"] is False  # 45.02 min
