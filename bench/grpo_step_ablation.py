@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def measure(rounds: int, seed: int, progress=print) -> dict:
 
 def markdown(result: dict) -> str:
     m = result["measured"]
-    lines = [f"Machine: {common.machine_line(result['machine'])}; {result['rounds']} rounds after a warm-up; "
+    lines = [f"Machine: {common.machine_line(result['machine'])}; OMP_WAIT_POLICY "
+             f"{result.get('omp_wait_policy', 'unset')}; {result['rounds']} rounds after a warm-up; "
              f"{m['replies']} replies of <= {m['max_new_tokens']} tokens, {m['num_iterations']} iterations.", "",
              "| variant | rollout | score | update | step | default ÷ this |", "|---|---|---|---|---|---|"]
     for name, r in m["variants"].items():
@@ -126,8 +128,9 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    # OpenMP's wait policy moves the decoding's speed (train.py sets PASSIVE: marl_exp.run.threads).
     result = {"machine": common.machine(), "rounds": args.rounds, "seed": args.seed,
-              "measured": measure(args.rounds, args.seed)}
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "measured": measure(args.rounds, args.seed)}
     print(markdown(result))
     if args.out:
         common.write_json(args.out, result)
