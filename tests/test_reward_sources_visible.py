@@ -158,7 +158,8 @@ SAME_PROMPT = ("--prompts", "the movie was", "the movie was", "--max-new-tokens"
 def hf_kl(base: str, policy_dir: Path, prompt_ids: list[int], response_ids: list[int], temperature: float,
           dtype: torch.dtype) -> float:
     """Independent reference: Σ over the response of log π(token) − log π_ref(token), through HF's causal LM
-    with the policy adapter through plain peft (π) and the same model with the adapter disabled (π_ref)."""
+    with the policy adapter through plain peft (π) and the same model with the adapter disabled (π_ref), all in
+    ``dtype``: at fp32 its difference from fp64 is the noise of the whole fp32 computation, log-softmax included."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -167,8 +168,8 @@ def hf_kl(base: str, policy_dir: Path, prompt_ids: list[int], response_ids: list
     targets = torch.tensor(response_ids)
     window = slice(len(prompt_ids) - 1, ids.shape[1] - 1)  # the logits that predict the response tokens
 
-    def logprobs(logits):
-        return torch.log_softmax(logits[0, window].double() / temperature, -1).gather(-1, targets[:, None]).sum()
+    def logprobs(logits):  # in the model's precision, as the trainer's (fp32 log-softmax of fp32 logits)
+        return torch.log_softmax(logits[0, window] / temperature, -1).gather(-1, targets[:, None]).sum()
 
     with torch.no_grad():
         policy = logprobs(model(input_ids=ids).logits)
@@ -177,9 +178,35 @@ def hf_kl(base: str, policy_dir: Path, prompt_ids: list[int], response_ids: list
     return (policy - reference).item()
 
 
+def hf_kl_batch(base: str, policy_dir: Path, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                pad_id: int) -> list[float]:
+    """``hf_kl`` of the rows as one right-padded fp32 batch: the same sums, other matmul shapes (a batch is how
+    ``marl-exp sample`` scores them), so its difference from the row-by-row reference is fp32 batching noise."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                      str(policy_dir)).eval()
+    rows = [p + r for p, r in zip(prompt_ids, response_ids)]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+
+    def logprobs(logits):
+        return [torch.log_softmax(logits[i, len(p) - 1:len(p) + len(r) - 1], -1)
+                .gather(-1, torch.tensor(r)[:, None]).sum() for i, (p, r) in enumerate(zip(prompt_ids, response_ids))]
+
+    with torch.no_grad():
+        policy = logprobs(model(input_ids=ids, attention_mask=mask).logits)
+        with model.disable_adapter():
+            reference = logprobs(model(input_ids=ids, attention_mask=mask).logits)
+    return [(a - b).item() for a, b in zip(policy, reference)]
+
+
 def kl_references(run_dir: Path, rows: list[dict]) -> tuple[list[float], float]:
-    """HF + peft KLs of the policy rows in fp32, and the fp32 reference's own noise floor (its largest
-    difference from the same computation in fp64)."""
+    """HF + peft KLs of the policy rows in fp32, and the fp32 reference's own noise floor: its largest
+    difference from the same computation in fp64, or from the same rows computed as one padded batch
+    (kernels pick other blockings for other shapes, differently on different CPUs)."""
     from transformers import AutoTokenizer
 
     record = json.loads((run_dir / "run_record.json").read_text())
@@ -191,7 +218,9 @@ def kl_references(run_dir: Path, rows: list[dict]) -> tuple[list[float], float]:
         prompt_ids = tokenizer(row["prompt"]).input_ids
         fp32.append(hf_kl(base, policy_dir, prompt_ids, row["response_ids"], 1.0, torch.float32))
         fp64.append(hf_kl(base, policy_dir, prompt_ids, row["response_ids"], 1.0, torch.float64))
-    return fp32, max(abs(a - b) for a, b in zip(fp32, fp64))
+    batched = hf_kl_batch(base, policy_dir, [tokenizer(row["prompt"]).input_ids for row in rows],
+                          [row["response_ids"] for row in rows], tokenizer.pad_token_id or 0)
+    return fp32, max(abs(a - b) for other in (fp64, batched) for a, b in zip(fp32, other))
 
 
 def reward_references(run_dir: Path, rows: list[dict]) -> tuple[list[float], float]:
@@ -231,7 +260,7 @@ def test_sample_scores_with_the_runs_own_sources_and_shows_kl(runs):
         assert (row["kl"] is None) == (row["role"] == "reference")
     policy = [row for row in rows if row["role"] == "policy"]
     expected, noise = kl_references(run_dir, policy)
-    assert [row["kl"] for row in policy] == pytest.approx(expected, abs=2 * noise)  # two fp32 results, each ± noise
+    assert [row["kl"] for row in policy] == pytest.approx(expected, abs=2 * noise), noise  # two fp32 results, each ± noise
     assert "reward = 1 × reward + 0.5 × words" in table.splitlines()[0]
     first_policy = next(line for line in table.splitlines() if line.startswith("    policy "))
     row = policy[0]
@@ -247,7 +276,7 @@ def test_sample_of_a_function_only_run_shows_its_reward_and_kl(runs):
     policy = [row for row in rows if row["role"] == "policy"]
     assert all(isinstance(row["kl"], float) for row in policy)
     expected, noise = kl_references(run_dir, policy)
-    assert [row["kl"] for row in policy] == pytest.approx(expected, abs=2 * noise)  # two fp32 results, each ± noise
+    assert [row["kl"] for row in policy] == pytest.approx(expected, abs=2 * noise), noise  # two fp32 results, each ± noise
     assert "reward = 1 × words" in table.splitlines()[0]
     assert "KL" in table.splitlines()[-1].split("| policy:")[1]  # the means line has the policy's KL
 
