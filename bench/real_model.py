@@ -46,9 +46,15 @@ TARGETS = {
     "distinct_2_ratio_min": 0.75,  # diversity: distinct-2 after >= 0.75 x before
     "kl_max": 10.0,  # nats per reply, held-out
     "default_chain_minutes_max": 45.0,  # experiment=smollm2_sentiment from a fresh cache, 2 quiet cores, fp32
+    # Added after the seed runs above (session 14), before any run that reports it: the on-task check
+    # (marl_exp.data.sentiment.on_task) came in when one chain's training replies were found upbeat non-reviews.
+    # The share of on-task replies may fall at most 2 standard errors of the difference of two 64-reply shares
+    # near 0.9 (sqrt(2 x 0.9 x 0.1 / 64) = 0.053): no drift off the task beyond the evaluation's noise.
+    "on_task_drop_max": 0.10,
 }
-REPORTED = ("well_formed", "ref_nll", "distinct_2", "kl", "reward_score", "response_length")
-CURVE = ("well_formed", "reward_score", "kl", "ref_nll", "distinct_2")
+REPORTED = ("well_formed", "on_task", "well_formed_on_task", "ref_nll", "distinct_2", "kl", "reward_score",
+            "response_length")
+CURVE = ("well_formed", "on_task", "well_formed_on_task", "reward_score", "kl", "ref_nll", "distinct_2")
 
 
 def run(algorithm: str, quant: str, seed: int, out: Path, extra: list[str]) -> dict:
@@ -205,19 +211,23 @@ def held_out_samples(path: Path, per_tag: int = 4) -> dict:
     for line in path.read_text().splitlines():
         sample = json.loads(line)
         if sample.get("eval") in out and sample.get("split") == "eval" and len(out[sample["eval"]]) < per_tag:
-            out[sample["eval"]].append({k: sample.get(k) for k in ("query", "response", "reward", "well_formed")})
+            out[sample["eval"]].append({k: sample.get(k) for k in ("query", "response", "reward", "well_formed",
+                                                                   "on_task")})
     return out
 
 
 def passed(row: dict) -> dict:
     b, a = (lambda k: row[f"before/{k}"]), (lambda k: row[f"after/{k}"])
-    return {
+    verdicts = {
         "judge_after": a("well_formed") >= TARGETS["judge_after_min"],
         "judge_rise": a("well_formed") - b("well_formed") >= TARGETS["judge_rise_min"],
         "fluency": a("ref_nll") - b("ref_nll") <= TARGETS["ref_nll_rise_max"],
         "diversity": a("distinct_2") >= TARGETS["distinct_2_ratio_min"] * b("distinct_2"),
         "kl": a("kl") <= TARGETS["kl_max"],
     }
+    if row.get("after/on_task") is not None:  # runs before the on-task check have none
+        verdicts["on_task"] = a("on_task") >= b("on_task") - TARGETS["on_task_drop_max"]
+    return verdicts
 
 
 def collect(stamp_dir: Path) -> list[dict]:
@@ -250,19 +260,21 @@ def fmt(x, digits=2) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| algorithm | quant | seed | judge (AFINN+) | NLL nat/tok | distinct-2 | KL | reward | min (threads) "
-             "| targets |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| algorithm | quant | seed | judge (AFINN+) | on task | NLL nat/tok | distinct-2 | KL | reward "
+             "| min (threads) | targets |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["quant"], list(ALGORITHMS).index(r["algorithm"]), r["seed"])):
         if r.get("failed"):
-            lines.append(f"| {r['algorithm']} | {r['quant']} | {r['seed']} | failed: {r['log']} |||||||")
+            lines.append(f"| {r['algorithm']} | {r['quant']} | {r['seed']} | failed: {r['log']} ||||||||")
             continue
-        cell = lambda k, d=2: f"{fmt(r[f'before/{k}'], d)} → {fmt(r[f'after/{k}'], d)}"  # noqa: E731
+        cell = lambda k, d=2: f"{fmt(r.get(f'before/{k}'), d)} → {fmt(r.get(f'after/{k}'), d)}"  # noqa: E731
         missed = [k for k, ok in r["passed"].items() if not ok]
         verdict = "met" if not missed else "missed: " + ", ".join(missed)
         spent = "resumed" if r["minutes"] is None else f"{r['minutes']:.1f}"
         minutes = f"{spent}{'*' if r.get('reward_stage_ran') else ''} ({r.get('threads') or '?'})"
-        lines.append(f"| {r['algorithm']} | {r['quant']} | {r['seed']} | {cell('well_formed')} | {cell('ref_nll')} | "
-                     f"{cell('distinct_2')} | {cell('kl', 1)} | {cell('reward_score')} | {minutes} | {verdict} |")
+        on_task = cell("on_task") if r.get("after/on_task") is not None else "not checked"
+        lines.append(f"| {r['algorithm']} | {r['quant']} | {r['seed']} | {cell('well_formed')} | {on_task} | "
+                     f"{cell('ref_nll')} | {cell('distinct_2')} | {cell('kl', 1)} | {cell('reward_score')} | {minutes} "
+                     f"| {verdict} |")
     return "\n".join(lines)
 
 

@@ -65,6 +65,19 @@ def test_each_target_fails_just_past_its_committed_bound(tmp_path, change, misse
     assert line.endswith("| 50.0* (2) | " + ("met |" if not missed else f"missed: {', '.join(missed)} |")), line
 
 
+@pytest.mark.parametrize("after_on_task, met", [(0.81, True), (0.79, False)])
+def test_the_on_task_share_may_fall_at_most_its_committed_bound(tmp_path, monkeypatch, after_on_task, met):
+    monkeypatch.setitem(BEFORE, "on_task", 0.9)
+    row = real_model.run_row("grpo", "fp32", 4301, make_run(tmp_path, {**GOOD, "on_task": after_on_task}), 50.0, True)
+    assert row["passed"]["on_task"] is met  # 0.9 - 0.10 = 0.80
+    assert f"| 0.50 → 0.90 | 0.90 → {after_on_task:.2f} |" in real_model.table([row])
+
+
+def test_a_run_before_the_on_task_check_is_not_held_to_it(tmp_path):
+    row = real_model.run_row("grpo", "fp32", 4301, make_run(tmp_path, GOOD), 50.0, True)
+    assert "on_task" not in row["passed"] and "| 0.50 → 0.90 | not checked |" in real_model.table([row])
+
+
 def test_collect_rebuilds_rows_from_run_dirs_and_keeps_the_recorded_time_and_command(tmp_path):
     run_dir = make_run(tmp_path, GOOD)
     (run_dir / "row.json").write_text(json.dumps({"algorithm": "grpo", "quant": "fp32", "seed": 4301, "minutes": 54.1,

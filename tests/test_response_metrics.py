@@ -42,6 +42,19 @@ def test_response_metrics_by_hand_with_the_reviews_judges():
     assert metrics["oracle_strict"] == pytest.approx(sum(map(oracle_strict, texts)) / 4)
 
 
+def test_on_task_share_and_judge_and_on_task_share_by_hand():
+    texts = responses = ["good", "good", "bad", "bad", "good"]
+    judge = lambda text: text == "good"  # noqa: E731
+    on_task = [True, False, True, False, True]
+    metrics = response_metrics(texts, responses, [True] * 5, judge=judge, on_task=on_task)
+    assert metrics["well_formed"] == pytest.approx(3 / 5)
+    assert metrics["on_task"] == pytest.approx(3 / 5)
+    assert metrics["well_formed_on_task"] == pytest.approx(2 / 5)  # rows 0 and 4: judged good and on task
+    assert "well_formed_on_task" not in response_metrics(texts, responses, [True] * 5, on_task=on_task)
+    with pytest.raises(ValueError, match="on-task verdicts"):
+        response_metrics(texts, responses, [True] * 5, judge=judge, on_task=on_task[:4])
+
+
 def test_response_metrics_without_judges_has_only_the_text_metrics():
     metrics = response_metrics(["q a"], [" a"], [False])
     assert metrics == {"eos_fraction": 0.0, "distinct_1": 1.0, "distinct_2": 0.0}
@@ -55,9 +68,22 @@ def test_response_metrics_refuses_mismatched_or_empty_inputs(texts, responses, e
         response_metrics(texts, responses, eos)
 
 
-def test_ppo_stage_reports_the_metrics_on_both_evaluation_splits(trained_chain, tmp_path):
+def test_ppo_stage_reports_the_metrics_on_both_evaluation_splits(trained_chain, tmp_path, monkeypatch):
     from conftest import compose
+    from marl_exp.stages import rl
     from marl_exp.stages.pipeline import run_stage
+
+    def with_on_task(data_cfg, **kwargs):  # a task's on-task check reads (prompt, response), like movie_sentiment's
+        task = build_task(data_cfg, **kwargs)
+        task.on_task = on_task
+        return task
+
+    def on_task(prompt, response: str) -> bool:
+        assert isinstance(prompt, str) and isinstance(response, str)
+        return "great" in response
+
+    build_task = rl.build_task
+    monkeypatch.setattr(rl, "build_task", with_on_task)
 
     cfg = compose("stage=ppo", "logger=none", f"output_dir={tmp_path}", f"stage.sft_model={trained_chain['sft_model']}",
                   f"stage.reward_adapter={trained_chain['reward_adapter']}", "stage.steps=1", "stage.batch_size=4",
@@ -65,7 +91,7 @@ def test_ppo_stage_reports_the_metrics_on_both_evaluation_splits(trained_chain, 
                   "stage.save_every=0")
     summary = run_stage(cfg, tmp_path / "run")
     names = ("reward_score", "kl", "response_length", "oracle_score", "oracle_strict", "well_formed", "eos_fraction",
-             "distinct_1", "distinct_2")
+             "distinct_1", "distinct_2", "on_task", "well_formed_on_task")
     for tag in ("before", "after"):
         for split in ("", "unseen_subjects/"):
             for name in names:
@@ -83,4 +109,8 @@ def test_ppo_stage_reports_the_metrics_on_both_evaluation_splits(trained_chain, 
             assert summary[f"eval/{tag}/{infix}well_formed"] == pytest.approx(sum(map(well_formed, texts)) / 8)
             assert summary[f"eval/{tag}/{infix}oracle_strict"] == pytest.approx(sum(map(oracle_strict, texts)) / 8)
             assert summary[f"eval/{tag}/{infix}oracle_score"] == pytest.approx(sum(s["oracle"] for s in rows) / 8)
+            assert [s["on_task"] for s in rows] == [on_task(s["query"], s["response"]) for s in rows]
+            assert summary[f"eval/{tag}/{infix}on_task"] == pytest.approx(sum(s["on_task"] for s in rows) / 8)
+            assert summary[f"eval/{tag}/{infix}well_formed_on_task"] == pytest.approx(
+                sum(s["on_task"] and s["well_formed"] for s in rows) / 8)
     assert summary["eval/before/well_formed"] >= 0.5  # the SFT policy writes reviews

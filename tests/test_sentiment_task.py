@@ -85,6 +85,41 @@ def test_best_vs_worst_pairs_the_extremes_only_past_the_margin():
     assert sentiment.best_vs_worst(prompt, replies, margin=gap + 0.01) is None
 
 
+# ------------------------------------------------------------------------------------- on-task check
+REQUEST = [{"role": "user", "content": 'Write a review of "The Velvet Bridge", a western movie.'}]
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("The Velvet Bridge is a slow ride, but I liked it.", True),  # names the film
+    ("A bridge too far: I adored every minute.", True),  # a title word, any case
+    ("The plot drags and the acting is wooden.", True),  # film talk, no title
+    ("A fine western with a big heart.", True),  # the genre is film talk
+    ("Great science fiction, clever and warm.", True),  # a two-word genre
+    ("I'd be happy to help you write a great review of this movie!", False),  # a service, about a movie
+    ("Thank you! Let me know if our team can do anything else.", False),
+    ("What a wonderful, sunny day. Everything is great.", False),  # cheerful, about nothing
+    ("The Velvet Underground's new album is great.", True),  # a title word: the check is coarse, not a reader
+])
+def test_on_task_asks_for_the_film_and_no_service_talk(reply, expected):
+    assert sentiment.on_task(REQUEST, reply) is expected
+
+
+def test_on_task_reads_the_title_of_every_request():
+    for split in sentiment.SPLITS:
+        for request in sentiment.requests(split, seed=3)[:40]:
+            title = sentiment.requested_title(request)
+            assert title in sentiment.titles(split)
+            assert sentiment.on_task(request, f"I loved {title.split()[-1].lower()}.")  # the title's last word
+            assert not sentiment.on_task(request, "I loved it.")
+
+
+def test_the_task_reports_the_on_task_check():
+    from marl_exp.data import build_task
+
+    cfg = compose("data=movie_sentiment")
+    assert build_task(cfg.data).on_task is sentiment.on_task
+
+
 # ------------------------------------------------------------------------------ pairs from own replies
 @pytest.fixture
 def tiny_task_parts(tmp_path, monkeypatch):

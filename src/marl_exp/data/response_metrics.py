@@ -29,17 +29,21 @@ def distinct_n(responses: Sequence[str], n: int) -> float:
 
 def response_metrics(texts: Sequence[str], responses: Sequence[str], has_eos: Sequence[bool],
                      oracle: Callable[[str], float] | None = None,
-                     judge: Callable[[str], bool] | None = None) -> dict[str, float]:
+                     judge: Callable[[str], bool] | None = None,
+                     on_task: Sequence[bool] | None = None) -> dict[str, float]:
     """Means over the samples, for the metrics ``evaluate`` reports beside reward, KL and length.
 
     ``texts``: prompt + response, as the judges read them; ``responses``: the responses alone;
     ``has_eos``: whether each response ended with EOS (not cut at ``max_new_tokens``).
     Keys: ``eos_fraction``, ``distinct_1``, ``distinct_2``; with an oracle ``oracle_score``; with a judge
-    ``well_formed``; with both ``oracle_strict`` (the oracle where the judge accepts, 0 where not).
+    ``well_formed``; with both ``oracle_strict`` (the oracle where the judge accepts, 0 where not). With
+    ``on_task`` (the task's verdict on each response, read with its prompt) ``on_task``, and with a judge too
+    ``well_formed_on_task`` (the share the judge accepts that are on task).
     """
-    if not len(texts) == len(responses) == len(has_eos) or not texts:
-        raise ValueError(f"response_metrics needs as many texts ({len(texts)}), responses ({len(responses)}) "
-                         f"and EOS flags ({len(has_eos)}), at least one")
+    if not len(texts) == len(responses) == len(has_eos) or not texts or (on_task is not None
+                                                                        and len(on_task) != len(texts)):
+        raise ValueError(f"response_metrics needs as many texts ({len(texts)}), responses ({len(responses)}), "
+                         f"EOS flags ({len(has_eos)}) and on-task verdicts (where given), at least one")
     count = len(texts)
     metrics = {"eos_fraction": sum(map(bool, has_eos)) / count,
                "distinct_1": distinct_n(responses, 1), "distinct_2": distinct_n(responses, 2)}
@@ -51,4 +55,8 @@ def response_metrics(texts: Sequence[str], responses: Sequence[str], has_eos: Se
         metrics["well_formed"] = sum(verdicts) / count
     if scores is not None and verdicts is not None:
         metrics["oracle_strict"] = sum(s for s, ok in zip(scores, verdicts) if ok) / count
+    if on_task is not None:
+        metrics["on_task"] = sum(map(bool, on_task)) / count
+        if verdicts is not None:
+            metrics["well_formed_on_task"] = sum(ok and bool(t) for ok, t in zip(verdicts, on_task)) / count
     return metrics

@@ -11,6 +11,10 @@ A user asks for a review of an invented film; the policy should write a positive
   cached under the model cache, keyed by the model's weights and the generation settings.
 - The judge is another lexicon, AFINN: a reply is positive when its AFINN score is > 0. The lexicon-gold
   reward (``+rewards=vader_gold``) is VADER itself: the ceiling for a reward adapter trained on its labels.
+- A lexicon cannot tell a review from any cheerful text, and the reward adapter (trained on VADER's labels)
+  cannot either: a policy may drift to upbeat text that is no review ("I'd be happy to assist you…"). So
+  beside the judge an on-task check (``on_task``) asks whether the reply talks about the film and does not
+  speak as a service; ``eval/*/well_formed_on_task`` is the share that is both positive and on task.
 
 Every word the task writes into a request scores 0 in both lexicons (tests/test_sentiment_task.py), so the
 sentiment the judges read is the reply's own.
@@ -22,6 +26,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from functools import lru_cache
 from itertools import product
 from pathlib import Path
@@ -96,6 +101,40 @@ def afinn_score(text: str) -> float:
 def afinn_positive(text: str) -> bool:
     """The judge: the reply reads positive to AFINN."""
     return afinn_score(text) > 0
+
+
+# ---------------------------------------------------------------------------------------- on-task check
+# A reply is about the film when it names a word of its title or uses a word of film talk (the genres included).
+FILM_WORDS = frozenset("""
+film films movie movies cinema cinematic cinematography story stories storyline storytelling plot plots plotline
+character characters characterization cast casting actor actors actress actresses acting performance performances
+director directed directing direction screenplay script scene scenes soundtrack visuals ending narrative dialogue
+pacing premise sequel protagonist protagonists villain villains hero heroine twist twists climax viewers audience
+audiences screen footage filmmaker filmmakers genre documentary musical western mystery drama fantasy heist sci-fi
+""".split())
+# Phrases of an assistant offering a service instead of writing the review it was asked for.
+SERVICE_TALK = re.compile(r"\b(?:(?:happy|glad|delighted|here) to (?:help|assist|offer|provide)|assist you|"
+                          r"help you|how (?:can|may) i (?:help|assist)|let me know|feel free|as an ai|"
+                          r"our (?:service|team|customers?)|(?:my|our) services|contact us)\b", re.IGNORECASE)
+_WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
+
+
+def requested_title(request) -> str | None:
+    """The quoted film title of a request (a message list or its text), or None."""
+    text = request[-1]["content"] if isinstance(request, list) else str(request)
+    found = re.search(r'"([^"]+)"', text)
+    return found.group(1) if found else None
+
+
+def on_task(request, reply: str) -> bool:
+    """Whether ``reply`` reads as a review of the requested film: it names a word of the title (not "The")
+    or talks film (``FILM_WORDS``), and it does not speak as a service (``SERVICE_TALK``)."""
+    lowered = reply.lower()
+    words = set(_WORD.findall(lowered))
+    title = requested_title(request) or ""
+    title_words = {w.lower() for w in title.split()} - {"the", "a", "an"}
+    about_the_film = bool(words & (title_words | FILM_WORDS)) or "science fiction" in lowered
+    return about_the_film and not SERVICE_TALK.search(reply)
 
 
 # ------------------------------------------------------------------------------------ preference pairs
@@ -225,7 +264,7 @@ def sentiment_task(data_cfg, model_dir: str | None = None, replies_per_request: 
         raise ConfigError("data=movie_sentiment has no SFT texts: the instruct model is the policy's start; set "
                           "stage.sft_model=${model.path} (experiment=smollm2_sentiment does)")
 
-    return Task("movie_sentiment", sft=no_sft, pairs=pairs, prompts=prompts, judge=afinn_positive)
+    return Task("movie_sentiment", sft=no_sft, pairs=pairs, prompts=prompts, judge=afinn_positive, on_task=on_task)
 
 
 def _assistant(text: str) -> dict:

@@ -18,7 +18,7 @@ class Task:
     def __init__(self, name: str, sft: Callable[[str], Dataset], pairs: Callable[[str], Dataset],
                  prompts: Callable[[str], tuple[list[str], list[str]]], oracle: Callable[[str], float] | None = None,
                  judge: Callable[[str], bool] | None = None, extra_eval_splits: tuple[str, ...] = (),
-                 judged_text: Callable | None = None):
+                 judged_text: Callable | None = None, on_task: Callable[[object, str], bool] | None = None):
         self.name = name
         self._sft, self._pairs, self._prompts = sft, pairs, prompts
         # Ground-truth scorer of a full text in [0, 1]; None for real datasets that have none.
@@ -28,6 +28,9 @@ class Task:
         self.judge = judge
         # The text the judges read for (prompt, response): prompt + response, or a conversation's reply.
         self.judged_text = judged_text or generic_judged_text
+        # Whether a response does what its prompt asks, read from (prompt, response): a check beside the judge
+        # for tasks whose judge reads the response alone (a lexicon cannot tell a review from cheerful text).
+        self.on_task = on_task
         # Prompt splits evaluated beside "eval" (reported as eval/<tag>/<split>/<metric>).
         self.extra_eval_splits = tuple(extra_eval_splits)
         self.prompt_origins: dict[str, list[str]] = {}

@@ -17,17 +17,21 @@ from marl_exp.data.response_metrics import judged_text, response_metrics
 from marl_exp.rl.rollout import response_texts, sample, score
 
 EVAL_SEED = 12345
+# Responses of each evaluation kept as samples (samples.jsonl, the W&B table): enough to read a whole evaluation
+# of the real task (64 held-out requests), since a judge's share says nothing of what the replies are.
+SAMPLES_KEPT = 64
 
 
 @torch.no_grad()
 def evaluate(roles, tokenizer, prompts: list[str], policy: str, stage, oracle=None, num_samples: int | None = None,
-             batch_size: int = 64, judge=None, judged_text=judged_text) -> tuple[dict, list[dict]]:
-    """Metrics over ``num_samples`` sampled responses to ``prompts`` (cycled), and a few samples."""
+             batch_size: int = 64, judge=None, judged_text=judged_text, on_task=None) -> tuple[dict, list[dict]]:
+    """Metrics over ``num_samples`` sampled responses to ``prompts`` (cycled), and the first ``SAMPLES_KEPT``
+    as samples."""
     num_samples = num_samples or stage.eval.eval_samples
     queries = [prompts[i % len(prompts)] for i in range(num_samples)]
     rewards, kls, nlls, lengths, samples = [], [], [], [], []
     per_source: dict[str, list[torch.Tensor]] = {}
-    texts, all_responses, has_eos = [], [], []
+    texts, all_responses, has_eos, verdicts = [], [], [], []
     devices = [roles.model.device] if roles.model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(EVAL_SEED)
@@ -52,11 +56,14 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, stage, oracle=No
             for row, (query, response) in enumerate(zip(batch, responses)):
                 text = judged_text(query, response)
                 texts.append(text)
-                if len(samples) < 8:
+                if on_task is not None:
+                    verdicts.append(on_task(query, response))
+                if len(samples) < SAMPLES_KEPT:
                     samples.append({"query": chat.prompt_text(tokenizer, query), "response": response,
                                     "reward": rollout.raw_scores[row].item(), **source_columns(rollout, row),
                                     "oracle": oracle(text) if oracle is not None else None,
-                                    "well_formed": judge(text) if judge is not None else None})
+                                    "well_formed": judge(text) if judge is not None else None,
+                                    **({"on_task": verdicts[-1]} if on_task is not None else {})})
     metrics = {
         "reward_score": torch.cat(rewards).mean().item(),
         "kl": torch.cat(kls).mean().item(),
@@ -65,7 +72,8 @@ def evaluate(roles, tokenizer, prompts: list[str], policy: str, stage, oracle=No
         # Each reward source's mean score, unweighted (TRL's name for a reward function's: rewards/<name>/mean).
         **{f"rewards/{name}/mean": torch.cat(scores).mean().item() for name, scores in per_source.items()},
     }
-    metrics.update(response_metrics(texts, all_responses, has_eos, oracle=oracle, judge=judge))
+    metrics.update(response_metrics(texts, all_responses, has_eos, oracle=oracle, judge=judge,
+                                    on_task=verdicts if on_task is not None else None))
     return metrics, samples
 
 

@@ -297,7 +297,7 @@ def eval_line(tag: str, step: int, steps: int, values: dict[str, Any], policy: s
     0.5 × great 0.000`` (each source's mean score, unweighted). ``judge`` names the share the task's judge accepts
     (``config.judge_label``)."""
     names = {"reward_score": "reward", "oracle_strict": "strict gold", "well_formed": judge,
-             "oracle_score": "oracle", "kl": "KL", "response_length": "length"}
+             "on_task": "on task", "well_formed_on_task": f"{judge} and on task", "oracle_score": "oracle", "kl": "KL", "response_length": "length"}
     shown = [f"{label} {_number(values[key])}" for key, label in names.items() if key in values]
     if weights and shown and shown[0].startswith("reward "):
         shown[0] += " = " + _weighted_sum({name: (weight, values.get(f"rewards/{name}/mean"))
@@ -358,6 +358,7 @@ def _ppo_table(cfg: DictConfig, summary: dict[str, Any]) -> list[str]:
 
     labels = {"reward_score": "reward", "oracle_strict": "strict gold (oracle_strict)",
               "well_formed": judge_label(cfg.data.name).replace(" ", "-") + " share",  # well-formed share
+              "on_task": "on-task share", "well_formed_on_task": "both (judge and on task)",
               "oracle_score": "oracle score", "kl": "KL to reference (nats)",
               "response_length": "response length"}
     lines = [f"  {'':<26} {'before':>9}    {'after':>9}"]

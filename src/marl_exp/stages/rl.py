@@ -180,7 +180,8 @@ class RLRecipe:
         for i, name in enumerate(stage.policies):
             for split in ("eval", *task.extra_eval_splits):
                 values, samples = evaluate(self.roles, self.tokenizer, task.prompts(split), name, stage,
-                                           oracle=task.oracle, judge=task.judge, judged_text=task.judged_text)
+                                           oracle=task.oracle, judge=task.judge, judged_text=task.judged_text,
+                                           on_task=task.on_task)
                 if split == "eval":
                     console.say(console.eval_line(tag, step, stage.steps, values, name if several else None,
                                                   console.source_weights(stage), judge_label(self.cfg.data.name)))
@@ -191,7 +192,7 @@ class RLRecipe:
         return metrics
 
     def _log_samples(self, step: int, tag: str, policy: str, samples: list[dict], split: str = "eval") -> None:
-        """A few sampled responses: appended to samples.jsonl, and a W&B table when W&B is on."""
+        """Sampled responses: appended to samples.jsonl, and a W&B table when W&B is on."""
         with (self.run_dir / "samples.jsonl").open("a") as handle:
             for sample in samples:
                 handle.write(json.dumps({"step": step, "eval": tag, "split": split, "policy": policy, **sample}) + "\n")
@@ -212,8 +213,9 @@ def rollout_samples(rollout, tokenizer, task, limit: int = 8) -> list[dict]:
     judged = [task.judged_text(p, r) for p, r in zip(prompts, responses)]
     return [{"query": q, "response": r, "reward": w, **source_columns(rollout, i),
              "oracle": oracle(t) if oracle is not None else None,
-             "well_formed": judge(t) if judge is not None else None}
-            for i, (q, r, w, t) in enumerate(zip(queries, responses, rewards, judged))]
+             "well_formed": judge(t) if judge is not None else None,
+             **({"on_task": task.on_task(p, r)} if task.on_task is not None else {})}
+            for i, (q, r, w, t, p) in enumerate(zip(queries, responses, rewards, judged, prompts))]
 
 
 def _weight_divergence(model, adapters: list[str]) -> float:
