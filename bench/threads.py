@@ -16,7 +16,9 @@ model, the default of every stage) with batch 8 and 16 new tokens.
 
 Settings: "marl-exp auto" = what ``threads=auto`` picks (``marl_exp.run.threads``: ``min(cores, CPUs-1) // jobs``
 threads, ``OMP_WAIT_POLICY=PASSIVE``); "torch default" = one thread per physical core, OpenMP's default wait
-policy (what any script gets that sets nothing). The goal: busy ÷ quiet ≤ 2.5 with marl-exp's choice.
+policy (what any script gets that sets nothing); "marl-exp threads=N" = what an explicit ``threads=<cores>``
+gets: every core, a short spin before sleeping (``GOMP_SPINCOUNT``). The goal: busy ÷ quiet ≤ 2.5 with
+marl-exp's choice.
 """
 
 from __future__ import annotations
@@ -50,15 +52,23 @@ def child(size: str, steps: int) -> None:
         started = time.perf_counter()
         trainer.step()
         times.append(time.perf_counter() - started)
-    print(json.dumps({"threads": torch.get_num_threads(), "wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+    from marl_exp.run.threads import wait_setting
+
+    print(json.dumps({"threads": torch.get_num_threads(), "wait_policy": wait_setting(),
                       "median_s": common.median(times), "times_s": times}), flush=True)
 
 
-def start_child(size: str, steps: int, threads: int, passive: bool) -> subprocess.Popen:
+# How each setting's threads wait: the environment marl_exp.run.threads sets (or nothing: OpenMP's default).
+WAITS = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "default": {}, "short spin": {"GOMP_SPINCOUNT": "SHORT_SPIN"}}
+
+
+def start_child(size: str, steps: int, threads: int, wait: str) -> subprocess.Popen:
+    from marl_exp.run.threads import SHORT_SPIN
+
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.pop("OMP_WAIT_POLICY", None)
-    if passive:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env.pop("GOMP_SPINCOUNT", None)
+    env.update({var: SHORT_SPIN if value == "SHORT_SPIN" else value for var, value in WAITS[wait].items()})
     return subprocess.Popen([sys.executable, __file__, "--child", "--size", size, "--steps", str(steps)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -70,8 +80,8 @@ def finish(proc: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure(size: str, steps: int, threads: int, passive: bool) -> dict:
-    return finish(start_child(size, steps, threads, passive))
+def measure(size: str, steps: int, threads: int, wait: str) -> dict:
+    return finish(start_child(size, steps, threads, wait))
 
 
 def busy_process() -> subprocess.Popen:
@@ -87,23 +97,24 @@ def run(size: str, steps: int) -> dict:
     auto_one, _ = marl_threads.auto_threads(cpus, cores, 1)
     auto_two, _ = marl_threads.auto_threads(cpus, cores, 2, "2 parallel launcher jobs")
     # "all cores, passive wait" separates the two parts of the rule: the thread count and the wait policy.
-    settings = {"marl-exp auto": (auto_one, True), "torch default": (cores, False),
-                "all cores, passive wait": (cores, True)}
+    settings = {"marl-exp auto": (auto_one, "passive"), "torch default": (cores, "default"),
+                "all cores, passive wait": (cores, "passive"), "marl-exp threads=N": (cores, "short spin")}
     results = {"machine": common.machine(), "cpus": cpus, "physical_cores": cores, "size": size, "steps": steps,
                "runs": {}}
-    for name, (threads, passive) in settings.items():
-        quiet = measure(size, steps, threads, passive)
+    for name, (threads, wait) in settings.items():
+        quiet = measure(size, steps, threads, wait)
         spinner = busy_process()
         try:
             time.sleep(0.5)
-            busy = measure(size, steps, threads, passive)
+            busy = measure(size, steps, threads, wait)
         finally:
             spinner.kill()
             spinner.wait()
-        results["runs"][name] = {"threads": threads, "passive": passive, "quiet": quiet, "busy": busy}
-    parallel = {"marl-exp auto": (auto_two, True), "torch default": (cores, False), "all cores, passive wait": (cores, True)}
-    for name, (threads, passive) in parallel.items():
-        jobs = [start_child(size, steps, threads, passive) for _ in range(2)]
+        results["runs"][name] = {"threads": threads, "passive": wait == "passive", "wait": wait, "quiet": quiet,
+                                 "busy": busy}
+    parallel = {**settings, "marl-exp auto": (auto_two, "passive")}
+    for name, (threads, wait) in parallel.items():
+        jobs = [start_child(size, steps, threads, wait) for _ in range(2)]
         results["runs"][name]["parallel"] = {"threads": threads, "jobs": [finish(job) for job in jobs]}
     return results
 
@@ -143,6 +154,16 @@ def report(results: dict) -> str:
     ratio = auto["busy"]["median_s"] / auto["quiet"]["median_s"]
     lines += ["", f"goal: marl-exp auto busy ÷ quiet ≤ {TARGET_BUSY_OVER_QUIET}: "
                   f"{ratio:.2f} -> {'met' if ratio <= TARGET_BUSY_OVER_QUIET else 'NOT met'}"]
+    if "marl-exp threads=N" in runs:  # the short spin against the passive wait explicit threads=N had before
+        spin, passive = runs["marl-exp threads=N"], runs["all cores, passive wait"]
+
+        def parallel(run: dict) -> float:
+            return common.median([job["median_s"] for job in run["parallel"]["jobs"]])
+
+        lines.append("explicit threads=N, short spin ÷ passive wait: quiet "
+                     f"{spin['quiet']['median_s'] / passive['quiet']['median_s']:.2f}, busy "
+                     f"{spin['busy']['median_s'] / passive['busy']['median_s']:.2f}, parallel "
+                     f"{parallel(spin) / parallel(passive):.2f}")
     return "\n".join(lines)
 
 

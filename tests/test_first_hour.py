@@ -459,16 +459,30 @@ def test_parallel_launcher_jobs_split_the_cores(monkeypatch):
 
 
 def test_configure_sets_openmp_before_torch_and_logs_once(monkeypatch, caplog):
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", threads.OURS):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", threads.OURS):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(threads, "_applied", None)
     monkeypatch.setattr(threads, "apply_to_torch", lambda n: None)  # this test process's torch stays as it is
     with caplog.at_level(logging.INFO, logger="marl_exp"):
         first = threads.configure("2")
         threads.configure("2")
-    assert first.threads == 2 and os.environ["OMP_NUM_THREADS"] == "2" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert first.threads == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+    # An explicit threads=N owns its cores: a short spin, not a sleep at every barrier.
+    assert os.environ["GOMP_SPINCOUNT"] == threads.SHORT_SPIN and "OMP_WAIT_POLICY" not in os.environ
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("threads:")] == [
-        "threads: 2 torch/OpenMP threads (threads=2; OMP_WAIT_POLICY=PASSIVE); override with threads=N"]
+        f"threads: 2 torch/OpenMP threads (threads=2; GOMP_SPINCOUNT={threads.SHORT_SPIN}); override with threads=N"]
+
+
+@pytest.mark.parametrize("setting, env, expected", [
+    ("auto", {}, {"OMP_WAIT_POLICY": "PASSIVE"}),  # auto assumes a shared machine: sleep while waiting
+    ("1", {}, {"OMP_WAIT_POLICY": "PASSIVE"}),  # one thread has no one to wait for
+    ("2", {}, {"GOMP_SPINCOUNT": threads.SHORT_SPIN}),
+    ("auto", {"OMP_NUM_THREADS": "4"}, {"OMP_WAIT_POLICY": "PASSIVE"}),  # the environment's count: maybe shared
+    ("2", {"OMP_WAIT_POLICY": "ACTIVE"}, {}),  # the user's own wait setting is kept
+    ("2", {"GOMP_SPINCOUNT": "0"}, {}),
+])
+def test_wait_policy_follows_the_thread_choice(setting, env, expected):
+    assert threads.wait_policy(threads.choose(setting, env=env), env) == expected
 
 
 # ------------------------------------------------------------------------------------------- console

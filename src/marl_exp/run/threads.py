@@ -13,6 +13,13 @@ steps on 2 cores). The rule (``threads=auto``):
 
 ``threads=N`` overrides the rule; with ``threads=auto`` an ``OMP_NUM_THREADS`` set in the environment (by
 you, SLURM or a launcher) is respected. The choice is logged once per process.
+
+The wait follows the choice. ``threads=auto`` assumes a shared machine, so PASSIVE. An explicit ``threads=N``
+of 2 or more says the cores are the run's own: there a thread spins a short while before it sleeps
+(``GOMP_SPINCOUNT``, libgomp's, which torch's CPU wheels use). Sleeping at every barrier costs decoding, which
+is hundreds of small parallel regions a token, about a quarter of its speed on a quiet machine
+(docs/performance.md); a short spin keeps most of that and, unlike OpenMP's default spin, is bounded beside a
+busy process. A wait policy or spin count set in the environment is always respected.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ _applied: "ThreadChoice | None" = None
 # so that it is not taken for the user's own setting.
 OURS = "MARL_EXP_THREADS_CHOSEN"
 FROM_ENV = "OMP_NUM_THREADS from the environment"
+# Spin iterations before a waiting libgomp thread sleeps, for an explicit threads=N (N >= 2): tens of
+# microseconds, long enough to span the gap between a decoding step's parallel regions (bench/threads.py).
+SHORT_SPIN = "10000"
 
 
 @dataclass(frozen=True)
@@ -41,9 +51,26 @@ class ThreadChoice:
         return f"{self.threads} thread{'s' if self.threads != 1 else ''}"
 
     def describe(self) -> str:
-        policy = os.environ.get("OMP_WAIT_POLICY", "default")
         return (f"threads: {self.threads} torch/OpenMP thread{'s' if self.threads != 1 else ''} ({self.reason}; "
-                f"OMP_WAIT_POLICY={policy}); override with threads=N")
+                f"{wait_setting()}); override with threads=N")
+
+
+def wait_setting(env: dict | None = None) -> str:
+    """How OpenMP's threads wait, as set in the environment: ``OMP_WAIT_POLICY=...`` and/or
+    ``GOMP_SPINCOUNT=...``, else ``OMP_WAIT_POLICY=default``."""
+    env = os.environ if env is None else env
+    parts = [f"{var}={env[var]}" for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if env.get(var)]
+    return ", ".join(parts) or "OMP_WAIT_POLICY=default"
+
+
+def wait_policy(choice: "ThreadChoice", env: dict) -> dict[str, str]:
+    """The variables to set for ``choice`` (none where the environment already says how threads wait)."""
+    if env.get("OMP_WAIT_POLICY") or env.get("GOMP_SPINCOUNT"):
+        return {}
+    explicit = choice.reason.startswith("threads=")
+    if explicit and choice.threads >= 2:
+        return {"GOMP_SPINCOUNT": SHORT_SPIN}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 # ------------------------------------------------------------------------------------------- machine
@@ -143,7 +170,7 @@ def configure(setting: str | int = "auto") -> ThreadChoice:
     already loaded. Logged once per process."""
     global _applied
     choice = choose(setting)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when OpenMP starts
+    os.environ.update(wait_policy(choice, os.environ))  # read once, when OpenMP starts
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(choice.threads)  # torch reads it at import; child processes inherit it
     if choice.reason == FROM_ENV:
