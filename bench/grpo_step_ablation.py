@@ -10,6 +10,7 @@ variant: the median and quartiles of the step and of its phases (the trainer's o
 the default's step to the variant's.
 
     python bench/grpo_step_ablation.py --out bench/results/grpo_step_ablation.json   # ~5 min on 2 quiet EPYC cores
+    python bench/grpo_step_ablation.py --quant bf16 --out bench/results/grpo_step_ablation-bf16.json  # bf16 compute
     python bench/grpo_step_ablation.py --rounds 1 --threads 1                         # smoke run, not published
 """
 
@@ -30,7 +31,7 @@ PHASES = ("time/rollout", "time/score", "time/optimize", "time/step")
 LOSS_TOLERANCE = 1e-5  # the variants differ only by fp32 rounding of the same forwards
 
 
-def build(seed: int):
+def build(seed: int, quant: str = "fp32"):
     import torch
 
     from marl_exp.data import chat, sentiment
@@ -39,7 +40,7 @@ def build(seed: int):
 
     common.quiet()
     base, reward = common.model_dirs("smollm2")
-    cfg = common.compose("experiment=smollm2_sentiment", "logger=none", "device=cpu", f"seed={seed}",
+    cfg = common.compose("experiment=smollm2_sentiment", "logger=none", "device=cpu", f"seed={seed}", f"quant={quant}",
                          f"stage.sft_model={base}", f"stage.reward_adapter={reward}", f"model.path={base}")
     tokenizer = load_tokenizer(str(base), cfg.model)
     chat.apply_template(tokenizer, cfg.data, conversational=True)
@@ -60,12 +61,12 @@ def variants() -> dict:
     return {"default": default, **{f"{name} off": dataclasses.replace(default, **{name: False}) for name in ABLATED}}
 
 
-def measure(rounds: int, seed: int, progress=print) -> dict:
+def measure(rounds: int, seed: int, progress=print, quant: str = "fp32") -> dict:
     import torch
 
     from marl_exp.stages.rl_models import make_trainer
 
-    roles, tokenizer, cfg, requests = build(seed)
+    roles, tokenizer, cfg, requests = build(seed, quant)
     trainable = [p for p in roles.model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in trainable]
     perfs = variants()
@@ -104,8 +105,9 @@ def measure(rounds: int, seed: int, progress=print) -> dict:
 
 def markdown(result: dict) -> str:
     m = result["measured"]
-    lines = [f"Machine: {common.machine_line(result['machine'])}; OMP_WAIT_POLICY "
-             f"{result.get('omp_wait_policy', 'unset')}; {result['rounds']} rounds after a warm-up; "
+    lines = [f"Machine: {common.machine_line(result['machine'])}; quant {result.get('quant', 'fp32')}; "
+             f"{result.get('wait_setting') or 'OMP_WAIT_POLICY ' + result.get('omp_wait_policy', 'unset')}; "
+             f"{result['rounds']} rounds after a warm-up; "
              f"{m['replies']} replies of <= {m['max_new_tokens']} tokens, {m['num_iterations']} iterations.", "",
              "| variant | rollout | score | update | step | default ÷ this |", "|---|---|---|---|---|---|"]
     for name, r in m["variants"].items():
@@ -121,6 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quant", default="fp32", choices=("fp32", "bf16"),
+                        help="the preset's quant mode (bf16: bf16 weights and compute, the reward adapter's too)")
     parser.add_argument("--out", type=Path)
     common.add_allow_dirty(parser)
     args = parser.parse_args(argv)
@@ -128,9 +132,13 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    # OpenMP's wait policy moves the decoding's speed (train.py sets PASSIVE: marl_exp.run.threads).
-    result = {"machine": common.machine(), "rounds": args.rounds, "seed": args.seed,
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "measured": measure(args.rounds, args.seed)}
+    # OpenMP's wait setting moves the decoding's speed (train.py sets one: marl_exp.run.threads); this script sets
+    # none, so the environment's is recorded.
+    from marl_exp.run.threads import wait_setting
+
+    result = {"machine": common.machine(), "rounds": args.rounds, "seed": args.seed, "quant": args.quant,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "wait_setting": wait_setting(),
+              "measured": measure(args.rounds, args.seed, quant=args.quant)}
     print(markdown(result))
     if args.out:
         common.write_json(args.out, result)

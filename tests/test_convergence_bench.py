@@ -91,7 +91,8 @@ def test_a_results_file_where_numbers_are_published_needs_a_clean_tree(tmp_path,
 
 
 @pytest.mark.parametrize("script", ["memory.py", "speed.py", "trl_peer.py", "overoptimization.py", "flops.py",
-                                    "run_all.py", "shared_prefill.py", "grpo_step_ablation.py", "trl_ppo_peer.py", "update_profile.py"])
+                                    "run_all.py", "shared_prefill.py", "grpo_step_ablation.py", "trl_ppo_peer.py", "update_profile.py",
+                                    "wait_policy.py", "threads.py"])
 def test_every_results_writing_benchmark_takes_allow_dirty(script):
     done = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
