@@ -86,6 +86,7 @@ def run_row(algorithm: str, quant: str, seed: int, run_dir: Path, minutes: float
     row["threads"] = _threads(run_dir / "resolved_config.yaml")
     row["curve"] = curve(run_dir / "metrics.jsonl")
     row["samples"] = held_out_samples(run_dir / "samples.jsonl")
+    row.update(top_openings(run_dir / "samples.jsonl"))
     row["passed"] = passed(row)
     row["git"] = json.loads((run_dir / "run_record.json").read_text()).get("git") \
         if (run_dir / "run_record.json").exists() else None
@@ -213,6 +214,27 @@ def held_out_samples(path: Path, per_tag: int = 4) -> dict:
         if sample.get("eval") in out and sample.get("split") == "eval" and len(out[sample["eval"]]) < per_tag:
             out[sample["eval"]].append({k: sample.get(k) for k in ("query", "response", "reward", "well_formed",
                                                                    "on_task")})
+    return out
+
+
+def top_openings(path: Path, words: int = 3) -> dict:
+    """The most common opening (first ``words`` words) of the held-out replies before and after, and how many of
+    the evaluation's kept replies begin with it: a policy that finds the reward's favourite voice repeats it, which
+    distinct-2 over whole replies barely shows. Empty where the run kept no held-out samples."""
+    from collections import Counter
+
+    if not path.exists():
+        return {}
+    openings: dict[str, Counter] = {"before": Counter(), "after": Counter()}
+    for line in path.read_text().splitlines():
+        sample = json.loads(line)
+        if sample.get("eval") in openings and sample.get("split") == "eval":
+            openings[sample["eval"]][" ".join(sample["response"].split()[:words])] += 1
+    out = {}
+    for when, counts in openings.items():
+        if counts:
+            text, count = counts.most_common(1)[0]
+            out[f"{when}/top_opening"] = {"text": text, "count": count, "of": sum(counts.values())}
     return out
 
 

@@ -125,3 +125,15 @@ def test_the_default_chain_is_timed_from_its_log_and_held_to_the_45_minute_targe
     log.write_text(LOG.replace("run finished: z", ""))
     with pytest.raises(SystemExit, match="no 'run finished"):
         real_model.chain_row(log)
+
+
+def test_the_top_opening_counts_the_held_out_replies_that_begin_alike(tmp_path):
+    run_dir = make_run(tmp_path, GOOD)
+    replies = {"before": ["A fine film here.", "Slow and dull.", "A fine film indeed."],
+               "after": ["I'm thrilled to share it.", "I'm thrilled to say yes.", "Great film.", "I'm thrilled, really."]}
+    rows = [{"eval": when, "split": "eval", "step": 0, "response": text} for when, texts in replies.items()
+            for text in texts] + [{"eval": "train", "split": "train", "step": 1, "response": "I'm thrilled to a"}]
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    row = real_model.run_row("grpo", "fp32", 4301, run_dir, 50.0, True)
+    assert row["before/top_opening"] == {"text": "A fine film", "count": 2, "of": 3}
+    assert row["after/top_opening"] == {"text": "I'm thrilled to", "count": 2, "of": 4}  # training replies not counted
