@@ -84,6 +84,7 @@ def run_row(algorithm: str, quant: str, seed: int, run_dir: Path, minutes: float
     row["resumed_at_step"] = resumed_at(run_dir)
     row["phases_min"] = phases(run_dir)
     row["threads"] = _threads(run_dir / "resolved_config.yaml")
+    row["reward"] = _reward(run_dir / "resolved_config.yaml")
     row["curve"] = curve(run_dir / "metrics.jsonl")
     row["samples"] = held_out_samples(run_dir / "samples.jsonl")
     row.update(top_openings(run_dir / "samples.jsonl"))
@@ -105,6 +106,20 @@ def _reward_accuracy(run_dir: Path) -> float | None:
         return None
     found = re.search(r"held-out pairwise accuracy ([0-9.]+)", log.read_text(errors="replace"))
     return float(found.group(1)) if found else None
+
+
+def _reward(resolved_config: Path) -> str | None:
+    """What the run was trained on: "reward adapter", or the reward functions of ``stage.rewards`` (the
+    lexicon-gold ceiling: ``vader_compound``)."""
+    if not resolved_config.exists():
+        return None
+    from omegaconf import OmegaConf
+
+    stage = OmegaConf.load(resolved_config).get("stage", {})
+    sources = stage.get("rewards") or {}
+    if not sources:
+        return "reward adapter"
+    return " + ".join(name if source.get("function") else f"{name} (adapter)" for name, source in sources.items())
 
 
 def _threads(resolved_config: Path) -> str | None:
@@ -294,7 +309,8 @@ def table(rows: list[dict]) -> str:
         spent = "resumed" if r["minutes"] is None else f"{r['minutes']:.1f}"
         minutes = f"{spent}{'*' if r.get('reward_stage_ran') else ''} ({r.get('threads') or '?'})"
         on_task = cell("on_task") if r.get("after/on_task") is not None else "not checked"
-        lines.append(f"| {r['algorithm']} | {r['quant']} | {r['seed']} | {cell('well_formed')} | {on_task} | "
+        gold = f" ({r['reward']})" if r.get("reward") not in (None, "reward adapter") else ""
+        lines.append(f"| {r['algorithm']}{gold} | {r['quant']} | {r['seed']} | {cell('well_formed')} | {on_task} | "
                      f"{cell('ref_nll')} | {cell('distinct_2')} | {cell('kl', 1)} | {cell('reward_score')} | {minutes} "
                      f"| {verdict} |")
     return "\n".join(lines)

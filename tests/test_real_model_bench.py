@@ -137,3 +137,15 @@ def test_the_top_opening_counts_the_held_out_replies_that_begin_alike(tmp_path):
     row = real_model.run_row("grpo", "fp32", 4301, run_dir, 50.0, True)
     assert row["before/top_opening"] == {"text": "A fine film", "count": 2, "of": 3}
     assert row["after/top_opening"] == {"text": "I'm thrilled to", "count": 2, "of": 4}  # training replies not counted
+
+
+def test_a_gold_reward_run_is_named_by_its_reward_function(tmp_path):
+    run_dir = make_run(tmp_path, GOOD)
+    adapter = real_model.run_row("grpo", "fp32", 4301, run_dir, 50.0, True)
+    assert adapter["reward"] == "reward adapter" and real_model.table([adapter]).splitlines()[-1].startswith("| grpo |")
+    (run_dir / "resolved_config.yaml").write_text(
+        "seed: 4301\nthreads: '2'\nstage:\n  rewards:\n    vader_compound:\n      adapter: null\n"
+        "      function: marl_exp.rewards:vader_compound\n      weight: 1.0\n")
+    gold = real_model.run_row("grpo", "fp32", 4301, run_dir, 50.0, True)
+    assert gold["reward"] == "vader_compound"
+    assert real_model.table([gold]).splitlines()[-1].startswith("| grpo (vader_compound) | fp32 | 4301 |")
