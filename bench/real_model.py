@@ -3,8 +3,10 @@
 Each (quant, seed) gets one output dir, so its algorithms share the seed's reward adapter through the stage
 cache (the reward stage runs once, inside the first algorithm's run); the pairs' replies are cached under
 the model cache (they depend on the task, not the run's seed). Each run evaluates every 10 steps for the
-curves. Prints a markdown table, writes bench/results/real_model.{json,md} and docs/real_model.png (curves)
-and docs/real_model_overoptimization.png (the reward trained on against the judge, over sqrt(KL)).
+curves. Prints a markdown table and writes it with the rows and plots under the run's stamp dir
+(<stamp>/real_model.{json,md,png}); ``--collect <stamp>`` publishes them as bench/results/real_model.{json,md},
+docs/real_model.png (curves) and docs/real_model_overoptimization.png (the reward trained on against the judge,
+over sqrt(KL)), or where ``--results`` says.
 
 Judged by AFINN on held-out requests (titles and phrasings no training request uses): the share of replies
 AFINN scores > 0 (``eval/*/well_formed``). Beside it: fluency (the reference model's NLL of the reply,
@@ -352,6 +354,15 @@ def plot(rows: list[dict], curves_png: Path, overopt_png: Path) -> None:
     plt.close(fig)
 
 
+def plot_path(results: Path, plot: Path | None) -> Path:
+    """The curves' image: ``plot`` if given; the docs' image only with the published results file (a partial
+    results file must not replace the published plots); else beside ``results``."""
+    if plot is not None:
+        return plot
+    published = (common.RESULTS / "real_model.json").resolve()
+    return REPO / "docs" / "real_model.png" if results.resolve() == published else results.with_suffix(".png")
+
+
 def write_results(rows: list[dict], seeds_info: dict, args, machines: list[dict]) -> None:
     results = {"machines": machines, "seeds": seeds_info, "targets": TARGETS, "eval_every": EVAL_EVERY,
                "algorithms": ALGORITHMS, "rows": rows}
@@ -371,9 +382,11 @@ def main() -> None:
     parser.add_argument("--quants", nargs="+", default=["fp32"], choices=["fp32", "bf16", "8bit", "4bit"])
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: bench/seeds.json's real_model")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "real_model")
-    parser.add_argument("--results", type=Path, help="default: bench/results/real_model.json (--chain-log: "
-                        "default_chain.json)")
-    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "real_model.png")
+    parser.add_argument("--results", type=Path, help="default: <stamp>/real_model.json for runs (a run never "
+                        "replaces the published rows), bench/results/real_model.json for --collect and --from-json, "
+                        "bench/results/default_chain.json for --chain-log")
+    parser.add_argument("--plot", type=Path, help="default: docs/real_model.png with the published results file, "
+                        "else beside --results")
     parser.add_argument("--collect", type=Path, help="rebuild the rows of a stopped benchmark's finished runs")
     parser.add_argument("--stamp", type=Path, help="run under this dir instead of a new <out>/<time>: processes "
                         "running other seeds side by side, or a later process adding algorithms to a seed, share "
@@ -385,9 +398,11 @@ def main() -> None:
     common.add_allow_dirty(parser)
     parser.add_argument("extra", nargs="*", help="overrides for every run, after --")
     args = parser.parse_args()
-    args.results = args.results or common.RESULTS / ("default_chain.json" if args.chain_log else "real_model.json")
+    if args.results is None and (args.chain_log or args.collect or args.from_json):
+        args.results = common.RESULTS / ("default_chain.json" if args.chain_log else "real_model.json")
 
     if args.from_json:
+        args.plot = plot_path(args.results, args.plot)
         parts = [json.loads(p.read_text()) for p in args.from_json]
         rows = [r for p in parts for r in p["rows"]]
         write_results(rows, parts[0]["seeds"], args, [m for p in parts for m in p["machines"]])
@@ -407,9 +422,12 @@ def main() -> None:
         seeds, seeds_info = args.seeds, {"seeds": args.seeds, "seeds_commit": "given on the command line"}
     machine = common.machine()
     if args.collect:
+        args.plot = plot_path(args.results, args.plot)
         write_results(collect(args.collect), seeds_info, args, [{**machine, "role": "collected by"}])
         return
     stamp = args.stamp or args.out / time.strftime("%Y%m%d-%H%M%S")
+    args.results = args.results or stamp / "real_model.json"  # publish with --collect <stamp> (or --from-json)
+    args.plot = plot_path(args.results, args.plot)
     print(f"{common.machine_line(machine)}\nruns under {stamp}", flush=True)
     rows = []
     for quant in args.quants:

@@ -149,3 +149,10 @@ def test_a_gold_reward_run_is_named_by_its_reward_function(tmp_path):
     gold = real_model.run_row("grpo", "fp32", 4301, run_dir, 50.0, True)
     assert gold["reward"] == "vader_compound"
     assert real_model.table([gold]).splitlines()[-1].startswith("| grpo (vader_compound) | fp32 | 4301 |")
+
+
+def test_only_the_published_results_file_draws_the_docs_plots(tmp_path):
+    published = real_model.common.RESULTS / "real_model.json"
+    assert real_model.plot_path(published, None) == REPO / "docs" / "real_model.png"
+    assert real_model.plot_path(tmp_path / "stamp" / "real_model.json", None) == tmp_path / "stamp" / "real_model.png"
+    assert real_model.plot_path(published, tmp_path / "mine.png") == tmp_path / "mine.png"
