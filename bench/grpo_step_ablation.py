@@ -10,7 +10,7 @@ variant: the median and quartiles of the step and of its phases (the trainer's o
 the default's step to the variant's.
 
     python bench/grpo_step_ablation.py --out bench/results/grpo_step_ablation.json   # ~5 min on 2 quiet EPYC cores
-    python bench/grpo_step_ablation.py --quant bf16 --out bench/results/grpo_step_ablation-bf16.json  # bf16 compute
+    python bench/grpo_step_ablation.py --quant bf16 --only-default --out bench/results/grpo_step_ablation-bf16.json
     python bench/grpo_step_ablation.py --rounds 1 --threads 1                         # smoke run, not published
 """
 
@@ -61,7 +61,7 @@ def variants() -> dict:
     return {"default": default, **{f"{name} off": dataclasses.replace(default, **{name: False}) for name in ABLATED}}
 
 
-def measure(rounds: int, seed: int, progress=print, quant: str = "fp32") -> dict:
+def measure(rounds: int, seed: int, progress=print, quant: str = "fp32", only_default: bool = False) -> dict:
     import torch
 
     from marl_exp.stages.rl_models import make_trainer
@@ -69,7 +69,7 @@ def measure(rounds: int, seed: int, progress=print, quant: str = "fp32") -> dict
     roles, tokenizer, cfg, requests = build(seed, quant)
     trainable = [p for p in roles.model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in trainable]
-    perfs = variants()
+    perfs = {"default": variants()["default"]} if only_default else variants()
     trainers = {name: make_trainer(cfg.stage, roles, tokenizer, requests, seed=seed) for name in perfs}
     for name, trainer in trainers.items():
         trainer.perf = perfs[name]
@@ -125,6 +125,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quant", default="fp32", choices=("fp32", "bf16"),
                         help="the preset's quant mode (bf16: bf16 weights and compute, the reward adapter's too)")
+    parser.add_argument("--only-default", action="store_true",
+                        help="time the defaults alone (bf16: a speed-up's rounding moves the sampled replies, so the "
+                             "variants cannot be checked against the same replies)")
     parser.add_argument("--out", type=Path)
     common.add_allow_dirty(parser)
     args = parser.parse_args(argv)
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
 
     result = {"machine": common.machine(), "rounds": args.rounds, "seed": args.seed, "quant": args.quant,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "wait_setting": wait_setting(),
-              "measured": measure(args.rounds, args.seed, quant=args.quant)}
+              "measured": measure(args.rounds, args.seed, quant=args.quant, only_default=args.only_default)}
     print(markdown(result))
     if args.out:
         common.write_json(args.out, result)
