@@ -130,7 +130,17 @@ def summarize(results: dict) -> dict:
                "busy_over_best_quiet": r["busy"]["median_s"] / best_quiet,
                "parallel_job_over_quiet": [job["median_s"] / r["quiet"]["median_s"] for job in r["parallel"]["jobs"]]}
         for name, r in runs.items()}
+    if "marl-exp threads=N" in runs:  # the short spin against the passive wait explicit threads=N had before
+        spin, passive = runs["marl-exp threads=N"], runs["all cores, passive wait"]
+        results["short_spin_over_passive"] = {
+            "quiet": spin["quiet"]["median_s"] / passive["quiet"]["median_s"],
+            "busy": spin["busy"]["median_s"] / passive["busy"]["median_s"],
+            "parallel": _parallel(spin) / _parallel(passive)}
     return results
+
+
+def _parallel(run: dict) -> float:
+    return common.median([job["median_s"] for job in run["parallel"]["jobs"]])
 
 
 def report(results: dict) -> str:
@@ -154,16 +164,10 @@ def report(results: dict) -> str:
     ratio = auto["busy"]["median_s"] / auto["quiet"]["median_s"]
     lines += ["", f"goal: marl-exp auto busy ÷ quiet ≤ {TARGET_BUSY_OVER_QUIET}: "
                   f"{ratio:.2f} -> {'met' if ratio <= TARGET_BUSY_OVER_QUIET else 'NOT met'}"]
-    if "marl-exp threads=N" in runs:  # the short spin against the passive wait explicit threads=N had before
-        spin, passive = runs["marl-exp threads=N"], runs["all cores, passive wait"]
-
-        def parallel(run: dict) -> float:
-            return common.median([job["median_s"] for job in run["parallel"]["jobs"]])
-
-        lines.append("explicit threads=N, short spin ÷ passive wait: quiet "
-                     f"{spin['quiet']['median_s'] / passive['quiet']['median_s']:.2f}, busy "
-                     f"{spin['busy']['median_s'] / passive['busy']['median_s']:.2f}, parallel "
-                     f"{parallel(spin) / parallel(passive):.2f}")
+    ratio = results.get("short_spin_over_passive")
+    if ratio:
+        lines.append(f"explicit threads=N, short spin ÷ passive wait: quiet {ratio['quiet']:.2f}, busy "
+                     f"{ratio['busy']:.2f}, parallel {ratio['parallel']:.2f}")
     return "\n".join(lines)
 
 
