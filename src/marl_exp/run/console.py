@@ -297,7 +297,8 @@ def eval_line(tag: str, step: int, steps: int, values: dict[str, Any], policy: s
     0.5 × great 0.000`` (each source's mean score, unweighted). ``judge`` names the share the task's judge accepts
     (``config.judge_label``)."""
     names = {"reward_score": "reward", "oracle_strict": "strict gold", "well_formed": judge,
-             "on_task": "on task", "well_formed_on_task": f"{judge} and on task", "oracle_score": "oracle", "kl": "KL", "response_length": "length"}
+             "on_task": "on task", "well_formed_on_task": f"{judge} and on task", "oracle_score": "oracle",
+             "kl": "KL", "response_length": "length"}
     shown = [f"{label} {_number(values[key])}" for key, label in names.items() if key in values]
     if weights and shown and shown[0].startswith("reward "):
         shown[0] += " = " + _weighted_sum({name: (weight, values.get(f"rewards/{name}/mean"))
